@@ -1,0 +1,92 @@
+"""Small file helpers shared by every stage: all-or-nothing outputs, JSON and table writers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["StagedOutputs", "staged_outputs", "write_json", "read_json", "setup_logging"]
+
+log = logging.getLogger(__name__)
+
+
+class StagedOutputs:
+    """Collects a stage's output files in a hidden temporary folder next to `out_dir`.
+
+    Files are written under `tmp_dir` through `path(name)`; `commit()` moves each one into
+    `out_dir` with an atomic rename. Nothing reaches `out_dir` unless the whole stage succeeded.
+    """
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+
+    def path(self, name: str) -> Path:
+        """Where to write output `name` (may contain sub-folders) before the commit."""
+        target = self.tmp_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def commit(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for src in sorted(self.tmp_dir.iterdir()):
+            dst = self.out_dir / src.name
+            if dst.is_dir() and not dst.is_symlink():
+                shutil.rmtree(dst)
+            os.replace(src, dst)
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+@contextmanager
+def staged_outputs(out_dir: Path | str) -> Iterator[StagedOutputs]:
+    """Context manager: write into `.path(name)`, committed to `out_dir` only on success."""
+    staged = StagedOutputs(Path(out_dir))
+    try:
+        yield staged
+    except BaseException:
+        staged.discard()
+        raise
+    staged.commit()
+
+
+def _to_builtin(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json(path: Path | str, data: Any) -> None:
+    """Write `data` as indented JSON (numpy scalars and paths converted)."""
+    Path(path).write_text(json.dumps(data, indent=2, default=_to_builtin, allow_nan=True) + "\n")
+
+
+def read_json(path: Path | str) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Console logging for people; tables and TensorBoard carry the numbers."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )

@@ -1,0 +1,111 @@
+# Validation first, then the paths and input functions the rules share.
+import copy
+import json
+import os
+
+from snakemake.utils import validate
+
+
+# Experiment overrides are validated against the same keys as `train`/`blend`, but filling them
+# with defaults would override the user's section values: keep the overrides as written.
+_experiments_as_written = copy.deepcopy(config.get("experiments"))
+validate(config, schema="../schemas/config.schema.yaml")
+if _experiments_as_written is not None:
+    config["experiments"] = _experiments_as_written
+
+DS = config["dataset"]["name"]
+RESULTS = f"results/{DS}"
+PREPARED = f"{RESULTS}/prepared"
+GENERATOR = f"{RESULTS}/generator"
+SYNTHETIC = f"{RESULTS}/synthetic"
+EMBED = f"{RESULTS}/embed"
+LOGS = f"{RESULTS}/logs"
+EXPERIMENTS = config["experiments"]
+SEEDS = config["seeds"]
+
+# Which shared inputs each method consumes (so labeled_only never builds the generator).
+METHOD_NEEDS = {
+    "labeled_only": set(),
+    "bcp_real": set(),
+    "bcp_synthetic": {"synthetic"},
+    "sraseg": {"synthetic", "embed", "blend"},
+}
+
+
+wildcard_constraints:
+    exp="|".join(EXPERIMENTS) if EXPERIMENTS else "none",
+    seed=r"\d+",
+
+
+def raw_dir():
+    """The ACDC-layout folder: generated for the phantom, the user's download otherwise."""
+    if config["dataset"]["source"] == "phantom":
+        return f"resources/{DS}/raw"
+    return config["dataset"]["raw_dir"]
+
+
+def as_json(settings):
+    """Settings for a rule's params: JSON with sorted keys, so equal settings compare equal."""
+    return json.dumps(settings, sort_keys=True)
+
+
+def method_of(exp):
+    return EXPERIMENTS[exp]["method"]
+
+
+def needs(exp, what):
+    return what in METHOD_NEEDS[method_of(exp)]
+
+
+def train_settings(wildcards):
+    """The experiment's training settings: config `train`, its overrides, and its method."""
+    exp = EXPERIMENTS[wildcards.exp]
+    return as_json({**config["train"], **exp.get("train", {}), "method": exp["method"]})
+
+
+def blend_settings(wildcards):
+    return as_json({**config["blend"], **EXPERIMENTS[wildcards.exp].get("blend", {})})
+
+
+def train_inputs(wildcards):
+    """Only what the experiment's method reads."""
+    inputs = {"prepared": f"{PREPARED}/slices.parquet"}
+    if needs(wildcards.exp, "synthetic"):
+        inputs["synthetic"] = f"{SYNTHETIC}/images.npy"
+    if needs(wildcards.exp, "embed"):
+        inputs["neighbours"] = f"{EMBED}/neighbours.parquet"
+    if needs(wildcards.exp, "blend"):
+        inputs["blend"] = f"{RESULTS}/blend/{wildcards.exp}/pairs.parquet"
+    return inputs
+
+
+def input_dir(key):
+    """A params function: the folder holding input `key` (keeps paths tied to declared files)."""
+    return lambda wildcards, input: os.path.dirname(input[key])
+
+
+def output_dir(key):
+    """A params function: the folder holding output `key`."""
+    return lambda wildcards, output: os.path.dirname(output[key])
+
+
+def optional_dir(flag, path_key):
+    """A `--flag DIR` argument when the train input `path_key` is present (its parent folder)."""
+
+    def render(wildcards, input):
+        return f"{flag} {os.path.dirname(input[path_key])}" if path_key in input.keys() else ""
+
+    return render
+
+
+def get_final_output():
+    return expand(
+        f"{RESULTS}/{{exp}}/seed{{seed}}/eval/summary.json",
+        exp=list(EXPERIMENTS),
+        seed=SEEDS,
+    )
+
+
+# Rules run `python -m sraseg` from this checkout, inside the venv or a per-rule conda env alike.
+SRC_DIR = os.path.abspath(os.path.join(workflow.basedir, "..", "src"))
+shell.prefix("export PYTHONPATH={}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ".format(SRC_DIR))

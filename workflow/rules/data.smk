@@ -1,0 +1,48 @@
+# Data: the built-in phantom (only for source: phantom) and the prepare stage.
+
+
+rule phantom:
+    output:
+        directory(f"resources/{DS}/raw"),
+    params:
+        patients=lookup(dpath="phantom/patients", within=config),
+        seed=lookup(dpath="phantom/seed", within=config),
+    log:
+        f"{LOGS}/phantom.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "python -m sraseg phantom --out {output} --patients {params.patients} --seed {params.seed} > {log} 2>&1"
+
+
+rule prepare:
+    input:
+        raw=raw_dir(),
+        splits=[f"{config['dataset']['splits_dir']}/{s}.txt" for s in ("train", "val", "test")],
+        labeled=f"{config['dataset']['splits_dir']}/{config['dataset']['labeled']}",
+    output:
+        slices=f"{PREPARED}/slices.parquet",
+        images=f"{PREPARED}/images.npy",
+        labels=f"{PREPARED}/labels.npy",
+        volumes=f"{PREPARED}/volumes.parquet",
+        settings=f"{PREPARED}/prepare.json",
+    params:
+        splits_dir=input_dir("labeled"),
+        image_size=lookup(dpath="prepare/image_size", within=config),
+        out_dir=output_dir("slices"),
+    log:
+        f"{LOGS}/prepare.log",
+    threads: 1
+    resources:
+        # Every slice of the dataset is held in memory once (ACDC at 256 px: about 1 GB).
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "python -m sraseg prepare --raw-dir {input.raw} --splits-dir {params.splits_dir} --labeled {input.labeled}"
+        " --image-size {params.image_size} --out-dir {params.out_dir} > {log} 2>&1"

@@ -1,0 +1,87 @@
+# Frozen DINOv2 embeddings, the FAISS index of real neighbours, and the blend bank.
+
+
+rule embed:
+    input:
+        prepared=f"{PREPARED}/slices.parquet",
+        synthetic=f"{SYNTHETIC}/images.npy",
+    output:
+        real=f"{EMBED}/real.npy",
+        real_table=f"{EMBED}/real.parquet",
+        synthetic=f"{EMBED}/synthetic.npy",
+        synthetic_table=f"{EMBED}/synthetic.parquet",
+        encoder=f"{EMBED}/encoder.json",
+    params:
+        settings=as_json(config["embed"]),
+        prepared=input_dir("prepared"),
+        synthetic=input_dir("synthetic"),
+        out_dir=output_dir("real"),
+    log:
+        f"{LOGS}/embed.log",
+    benchmark:
+        f"{LOGS}/benchmarks/embed.tsv"
+    threads: 4
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=120,
+    conda:
+        "../../envs/gpu.yaml"
+    shell:
+        "python -m sraseg embed --prepared {params.prepared} --synthetic {params.synthetic} --out-dir {params.out_dir}"
+        " --settings {params.settings:q} > {log} 2>&1"
+
+
+rule index:
+    input:
+        real=f"{EMBED}/real.npy",
+        synthetic=f"{EMBED}/synthetic.npy",
+        prepared=f"{PREPARED}/slices.parquet",
+    output:
+        index=f"{EMBED}/real.faiss",
+        neighbours=f"{EMBED}/neighbours.parquet",
+        fd=f"{EMBED}/fd_dinov2.json",
+        projection=f"{EMBED}/projection.png",
+    params:
+        settings=as_json(config["index"]),
+        embed_dir=input_dir("real"),
+        prepared=input_dir("prepared"),
+        out_dir=output_dir("neighbours"),
+    log:
+        f"{LOGS}/index.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "python -m sraseg index --embed-dir {params.embed_dir} --prepared {params.prepared} --out-dir {params.out_dir}"
+        " --settings {params.settings:q} > {log} 2>&1"
+
+
+rule blend:
+    input:
+        synthetic=f"{SYNTHETIC}/images.npy",
+        neighbours=f"{EMBED}/neighbours.parquet",
+        prepared=f"{PREPARED}/slices.parquet",
+    output:
+        maps=f"{RESULTS}/blend/{{exp}}/maps.npy",
+        pairs=f"{RESULTS}/blend/{{exp}}/pairs.parquet",
+        preview=f"{RESULTS}/blend/{{exp}}/preview.png",
+    params:
+        settings=blend_settings,
+        synthetic=input_dir("synthetic"),
+        prepared=input_dir("prepared"),
+        out_dir=output_dir("pairs"),
+    log:
+        f"{LOGS}/blend_{{exp}}.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "python -m sraseg blend --synthetic {params.synthetic} --prepared {params.prepared}"
+        " --neighbours {input.neighbours} --out-dir {params.out_dir} --settings {params.settings:q} > {log} 2>&1"

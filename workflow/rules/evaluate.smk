@@ -1,0 +1,45 @@
+# Predict the test volumes and score them with the shared metric code.
+
+
+rule predict:
+    input:
+        model=f"{RESULTS}/{{exp}}/seed{{seed}}/model.safetensors",
+        volumes=f"{PREPARED}/volumes.parquet",
+    output:
+        directory(f"{RESULTS}/{{exp}}/seed{{seed}}/predictions"),
+    params:
+        prepared=input_dir("volumes"),
+    log:
+        f"{LOGS}/predict_{{exp}}_seed{{seed}}.log",
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "../../envs/gpu.yaml"
+    shell:
+        "python -m sraseg predict --model {input.model} --prepared {params.prepared} --split test"
+        " --out-dir {output} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        predictions=f"{RESULTS}/{{exp}}/seed{{seed}}/predictions",
+        raw=raw_dir(),
+    output:
+        per_case=f"{RESULTS}/{{exp}}/seed{{seed}}/eval/metrics_per_case.csv",
+        summary=f"{RESULTS}/{{exp}}/seed{{seed}}/eval/summary.json",
+    params:
+        out_dir=output_dir("summary"),
+    log:
+        f"{LOGS}/evaluate_{{exp}}_seed{{seed}}.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "python -m sraseg evaluate --pred-dir {input.predictions} --gt-dir {input.raw} --out-dir {params.out_dir}"
+        " > {log} 2>&1"

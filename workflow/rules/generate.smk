@@ -1,0 +1,58 @@
+# Synthetic images: train the diffusion generator on real training slices, then sample.
+
+
+rule train_generator:
+    input:
+        prepared=f"{PREPARED}/slices.parquet",
+    output:
+        model=f"{GENERATOR}/model/config.json",
+        scheduler=f"{GENERATOR}/scheduler/scheduler_config.json",
+        log_table=f"{GENERATOR}/train_log.csv",
+    params:
+        settings=as_json(config["generator"]),
+        prepared=input_dir("prepared"),
+        out_dir=output_dir("log_table"),
+    log:
+        f"{LOGS}/train_generator.log",
+    benchmark:
+        f"{LOGS}/benchmarks/train_generator.tsv"
+    threads: 4
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        # The paper-sized generator trains for hours; resume from last.ckpt covers preemption.
+        runtime=720,
+    conda:
+        "../../envs/gpu.yaml"
+    shell:
+        "python -m sraseg train-generator --prepared {params.prepared} --out-dir {params.out_dir}"
+        " --settings {params.settings:q} > {log} 2>&1"
+
+
+rule sample:
+    input:
+        model=f"{GENERATOR}/model/config.json",
+        prepared=f"{PREPARED}/slices.parquet",
+    output:
+        images=f"{SYNTHETIC}/images.npy",
+        table=f"{SYNTHETIC}/synthetic.parquet",
+        preview=f"{SYNTHETIC}/preview.png",
+    params:
+        settings=as_json(config["sample"]),
+        generator=lambda wildcards, input: os.path.dirname(os.path.dirname(input.model)),
+        prepared=input_dir("prepared"),
+        out_dir=output_dir("images"),
+    log:
+        f"{LOGS}/sample.log",
+    benchmark:
+        f"{LOGS}/benchmarks/sample.tsv"
+    threads: 4
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=240,
+    conda:
+        "../../envs/gpu.yaml"
+    shell:
+        "python -m sraseg sample --generator {params.generator} --prepared {params.prepared} --out-dir {params.out_dir}"
+        " --settings {params.settings:q} > {log} 2>&1"
