@@ -1,0 +1,282 @@
+"""The blend stage: materialise the soft-edge blend bank, the blend maps and their real pairings.
+
+For every synthetic image and each of its K maps (SRA-Seg soft edge blending, after BCP):
+1. a blend map `a` from `make_blend_maps` (a BCP box hole of ratio*H x ratio*W, softened by the
+   kernel with reflection padding; exactly 1 away from the hole);
+2. a real LABELED train slice to pair it with:
+   - "nearest": the synthetic image's rows of neighbours.parquet, kept only where real_id is a
+     labeled train slice, in rank order; map k takes neighbour k mod (number of such neighbours),
+     so with K maps and n >= K neighbours the K nearest are each used once;
+   - "random": uniform over all labeled train slices (seeded), cosine NaN and rank -1.
+At training time x = a * synthetic + (1 - a) * real and y = a * Y(synthetic) + (1 - a) * Y(real):
+`a` = 1 keeps the synthetic image, the hole shows the real one.
+
+Maps and pairings come from two independent streams of `seed`, so the maps are identical whichever
+pairing is chosen (a clean ablation).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from sraseg.blend.maps import KERNELS, make_blend_maps, mix
+from sraseg.errors import ConfigError, DatasetError
+from sraseg.io import staged_outputs, write_json
+from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
+
+__all__ = ["BlendSettings", "PAIRINGS", "LABEL_COLOURS", "blend_labels", "pair_nearest", "pair_random", "run"]
+
+log = logging.getLogger(__name__)
+
+PAIRINGS = ("nearest", "random")
+# Background black, RV red, MYO green, LV blue (preview only).
+LABEL_COLOURS = np.array([[0, 0, 0], [1, 0.2, 0.2], [0.2, 0.9, 0.2], [0.3, 0.5, 1.0]], dtype=np.float32)
+_CHUNK = 256  # maps generated per call: bounds memory at S=256 (part of the seeded sequence)
+_PREVIEW_ROWS = 4
+
+
+@dataclass
+class BlendSettings:
+    """Settings of the blend stage.
+
+    Args:
+        maps_per_image (`int`, 2): blend maps (and pairings) per synthetic image, K.
+        kernel (`str`, "gaussian"): edge softening: "gaussian", "box" or "hard" (a plain BCP mask).
+        kernel_size (`int`, 5): odd side of the smoothing kernel.
+        sigma (`float`, 1.0): std of the Gaussian kernel in pixels.
+        ratio (`float`, 2/3): side of the hole relative to the image, in (0, 1).
+        pairing (`str`, "nearest"): "nearest" (DINOv2 neighbours) or "random" labeled slices.
+        seed (`int`, 0): seed of the maps and of random pairing.
+    """
+
+    maps_per_image: int = 2
+    kernel: str = "gaussian"
+    kernel_size: int = 5
+    sigma: float = 1.0
+    ratio: float = 2 / 3
+    pairing: str = "nearest"
+    seed: int = 0
+
+    def __post_init__(self):
+        check_positive("blend", "maps_per_image", self.maps_per_image)
+        check_choice("blend", "kernel", self.kernel, KERNELS)
+        check_choice("blend", "pairing", self.pairing, PAIRINGS)
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ConfigError(f"'blend.kernel_size' must be a positive odd integer; got {self.kernel_size!r}")
+        check_positive("blend", "sigma", self.sigma)
+        if not 0.0 < self.ratio < 1.0:
+            raise ConfigError(f"'blend.ratio' must lie in (0, 1); got {self.ratio!r}")
+
+
+def blend_labels(blend: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Continuous label of a blend: a * first + (1 - a) * second.
+
+    Args:
+        blend: float [B,1,H,W] in [0,1]; first, second: one-hot (or soft) labels [B,C,H,W].
+
+    Returns:
+        float [B,C,H,W]; sums to 1 over C wherever both inputs do.
+    """
+    return mix(blend, first, second)
+
+
+def _read_synthetic(synthetic_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    images_path, table_path = synthetic_dir / "images.npy", synthetic_dir / "synthetic.parquet"
+    for path in (images_path, table_path):
+        if not path.is_file():
+            raise DatasetError(f"{path}: file not found (run the sample stage first)")
+    images = np.load(images_path, mmap_mode="r")
+    if images.ndim != 3 or images.shape[1] != images.shape[2]:
+        raise DatasetError(f"{images_path}: expected float32 [M,S,S], got shape {images.shape}")
+    ids = pd.read_parquet(table_path, columns=["synthetic_id"])["synthetic_id"].to_numpy(dtype=np.int64)
+    if len(ids) != len(images) or not np.array_equal(ids, np.arange(len(images))):
+        raise DatasetError(
+            f"{table_path}: synthetic_id must equal the row index of {images_path.name} ({len(images)} rows)"
+        )
+    return images, ids
+
+
+def _read_prepared(prepared_dir: Path, size: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    slices_path = prepared_dir / "slices.parquet"
+    if not slices_path.is_file():
+        raise DatasetError(f"{slices_path}: file not found (run the prepare stage first)")
+    slices = pd.read_parquet(slices_path, columns=["slice_id", "split", "labeled"])
+    images = np.load(prepared_dir / "images.npy", mmap_mode="r")
+    labels = np.load(prepared_dir / "labels.npy", mmap_mode="r")
+    if images.shape[1:] != (size, size):
+        raise DatasetError(
+            f"{prepared_dir / 'images.npy'}: slices are {images.shape[1:]}, synthetic images {size}x{size}"
+        )
+    return slices, images, labels
+
+
+def _read_neighbours(path: Path, synthetic_ids: np.ndarray, slices: pd.DataFrame) -> pd.DataFrame:
+    """neighbours.parquet checked against the synthetic set and the prepared table, restricted to
+    labeled real ids, sorted by (synthetic_id, rank)."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found (run the index stage first)")
+    table = pd.read_parquet(path)
+    missing = {"synthetic_id", "rank", "real_id", "cosine"} - set(table.columns)
+    if missing:
+        raise DatasetError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+    unknown = np.setdiff1d(table["synthetic_id"].to_numpy(), synthetic_ids)
+    if len(unknown):
+        raise DatasetError(
+            f"{path}: synthetic id(s) {unknown[:5].tolist()} not in the synthetic set of {len(synthetic_ids)}"
+        )
+    split = slices.set_index("slice_id")["split"]
+    train_ids = split.index[split.to_numpy() == "train"].to_numpy()
+    not_train = np.setdiff1d(table["real_id"].to_numpy(), train_ids)
+    if len(not_train):
+        raise DatasetError(f"{path}: real id(s) {not_train[:5].tolist()} are not train slices of the prepared data")
+    labeled = slices["slice_id"].to_numpy()[slices["labeled"].to_numpy(dtype=bool)]
+    kept = table[table["real_id"].isin(labeled)].sort_values(["synthetic_id", "rank"], kind="stable")
+    without = np.setdiff1d(synthetic_ids, kept["synthetic_id"].to_numpy())
+    if len(without):
+        raise DatasetError(
+            f"{path}: synthetic id(s) {without[:5].tolist()} have no labeled train slice among their neighbours "
+            "(index with bank 'labeled' or more neighbours)"
+        )
+    return kept
+
+
+def pair_nearest(neighbours: pd.DataFrame, synthetic_ids: np.ndarray, maps_per_image: int) -> pd.DataFrame:
+    """Map k of synthetic image s takes its labeled neighbour k mod n (n = its number of labeled neighbours).
+
+    Args:
+        neighbours: rows (synthetic_id, rank, real_id, cosine) restricted to labeled real ids.
+
+    Returns:
+        pairs (blend_id, synthetic_id, real_id, map_index, rank, cosine), blend_id = s * K + k.
+    """
+    groups = {sid: g for sid, g in neighbours.groupby("synthetic_id", sort=True)}
+    rows = []
+    for sid in synthetic_ids:
+        group = groups[int(sid)]
+        for k in range(maps_per_image):
+            pick = group.iloc[k % len(group)]
+            rows.append((int(sid), int(pick["real_id"]), k, int(pick["rank"]), float(pick["cosine"])))
+    return _pairs_table(rows)
+
+
+def pair_random(
+    labeled_ids: np.ndarray, synthetic_ids: np.ndarray, maps_per_image: int, rng: np.random.Generator
+) -> pd.DataFrame:
+    """Uniform labeled partners; rank -1 and cosine NaN mark them as unranked."""
+    picks = rng.choice(labeled_ids, size=len(synthetic_ids) * maps_per_image, replace=True)
+    rows = [
+        (int(sid), int(picks[i * maps_per_image + k]), k, -1, float("nan"))
+        for i, sid in enumerate(synthetic_ids)
+        for k in range(maps_per_image)
+    ]
+    return _pairs_table(rows)
+
+
+def _pairs_table(rows: list[tuple]) -> pd.DataFrame:
+    table = pd.DataFrame(rows, columns=["synthetic_id", "real_id", "map_index", "rank", "cosine"])
+    table.insert(0, "blend_id", np.arange(len(table), dtype=np.int64))
+    return table.astype(dict(blend_id="int64", synthetic_id="int64", real_id="int64", map_index="int64", rank="int64"))
+
+
+def _write_preview(
+    path: Path, maps: np.ndarray, pairs: pd.DataFrame, synthetic: np.ndarray, real: np.ndarray, labels: np.ndarray
+) -> None:
+    """Rows of: synthetic | paired real | blend map | blended image | (1 - a) * one-hot(real label) in colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = np.unique(np.linspace(0, len(pairs) - 1, num=min(_PREVIEW_ROWS, len(pairs))).round().astype(int))
+    titles = ["synthetic", "paired real", "blend map a", "a*syn + (1-a)*real", "(1-a) * real label"]
+    fig, axes = plt.subplots(len(chosen), 5, figsize=(10, 2.1 * len(chosen)), squeeze=False)
+    for row, blend_id in enumerate(chosen):
+        sid, rid = int(pairs["synthetic_id"].iloc[blend_id]), int(pairs["real_id"].iloc[blend_id])
+        a = maps[blend_id].astype(np.float32)
+        syn, rl = np.asarray(synthetic[sid]), np.asarray(real[rid])
+        onehot = np.eye(len(LABEL_COLOURS), dtype=np.float32)[np.asarray(labels[rid])]  # [S,S,C]
+        colour = ((1.0 - a)[..., None] * onehot) @ LABEL_COLOURS
+        panels = [syn, rl, a, a * syn + (1 - a) * rl, np.clip(colour, 0, 1)]
+        for col, panel in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(titles[col], fontsize=8)
+        axes[row, 0].set_ylabel(f"syn {sid} / real {rid}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def run(
+    synthetic_dir: Path | str,
+    prepared_dir: Path | str,
+    neighbours: Path | str,
+    out_dir: Path | str,
+    settings: dict | None = None,
+) -> None:
+    """Write the blend bank: maps.npy float16 [M*K,S,S] in [0,1], pairs.parquet, preview.png, blend.json.
+
+    Raises:
+        ConfigError: bad settings (names the key and the allowed values).
+        DatasetError: missing inputs; synthetic ids or shapes that disagree; neighbours.parquet with
+            synthetic ids outside the synthetic set, real ids that are not train slices, or a synthetic
+            image without any labeled neighbour (nearest pairing); no labeled train slices.
+    """
+    cfg = parse_settings(BlendSettings, settings, "blend")
+    synthetic_dir, prepared_dir, neighbours, out_dir = map(Path, (synthetic_dir, prepared_dir, neighbours, out_dir))
+    synthetic, synthetic_ids = _read_synthetic(synthetic_dir)
+    size = synthetic.shape[1]
+    slices, real, labels = _read_prepared(prepared_dir, size)
+    labeled_ids = slices["slice_id"].to_numpy()[
+        slices["labeled"].to_numpy(dtype=bool) & (slices["split"] == "train").to_numpy()
+    ]
+    if not len(labeled_ids):
+        raise DatasetError(f"{prepared_dir / 'slices.parquet'}: no labeled train slices to pair with")
+
+    map_seq, pair_seq = np.random.SeedSequence(cfg.seed).spawn(2)
+    if cfg.pairing == "nearest":
+        pairs = pair_nearest(_read_neighbours(neighbours, synthetic_ids, slices), synthetic_ids, cfg.maps_per_image)
+    else:
+        if neighbours.is_file():
+            _read_neighbours(neighbours, synthetic_ids, slices)  # still refuse an inconsistent file
+        pairs = pair_random(labeled_ids, synthetic_ids, cfg.maps_per_image, np.random.default_rng(pair_seq))
+
+    count = len(pairs)
+    rng = np.random.default_rng(map_seq)
+    with staged_outputs(out_dir) as st:
+        maps = np.lib.format.open_memmap(st.path("maps.npy"), mode="w+", dtype=np.float16, shape=(count, size, size))
+        for start in tqdm(range(0, count, _CHUNK), desc="blend maps", unit="chunk"):
+            n = min(_CHUNK, count - start)
+            chunk = make_blend_maps(n, size, size, rng, cfg.kernel, cfg.kernel_size, cfg.sigma, cfg.ratio)
+            maps[start : start + n] = chunk[:, 0].numpy().astype(np.float16)
+        maps.flush()
+        pairs.to_parquet(st.path("pairs.parquet"), index=False)
+        _write_preview(st.path("preview.png"), maps, pairs, synthetic, real, labels)
+        write_json(
+            st.path("blend.json"),
+            dict(
+                settings=settings_dict(cfg),
+                n_synthetic=int(len(synthetic_ids)),
+                n_maps=int(count),
+                image_size=int(size),
+                n_labeled_slices=int(len(labeled_ids)),
+                n_distinct_real=int(pairs["real_id"].nunique()),
+                mean_cosine=float(pairs["cosine"].mean()) if cfg.pairing == "nearest" else None,
+                neighbours=str(neighbours) if cfg.pairing == "nearest" else None,
+                pairing_rule="map k uses labeled neighbour k mod n in rank order"
+                if cfg.pairing == "nearest"
+                else "uniform over labeled train slices",
+            ),
+        )
+        del maps
+    log.info("blend bank: %d maps for %d synthetic images, %s pairing", count, len(synthetic_ids), cfg.pairing)

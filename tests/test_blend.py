@@ -1,0 +1,168 @@
+"""The blend stage on tiny fake prepared / synthetic / neighbours inputs in the shared formats."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import ndimage
+
+from sraseg.blend import run as blend
+from sraseg.blend.maps import make_blend_maps
+from sraseg.errors import ConfigError, DatasetError
+
+S = 32
+M = 4
+LABELED = [0, 1, 2]  # train, labeled
+UNLABELED = [3, 4, 5]  # train, unlabeled
+VAL = [6, 7]
+
+
+@pytest.fixture()
+def inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    prepared, synthetic = tmp_path / "prepared", tmp_path / "synthetic"
+    prepared.mkdir()
+    synthetic.mkdir()
+    n = 10
+    split = ["train"] * 6 + ["val"] * 2 + ["test"] * 2
+    pd.DataFrame(
+        dict(
+            slice_id=np.arange(n, dtype=np.int64),
+            case=[f"patient{i // 2 + 1:03d}_frame01" for i in range(n)],
+            patient=[f"patient{i // 2 + 1:03d}" for i in range(n)],
+            frame=1, phase="ED", slice=[i % 2 for i in range(n)], split=split,
+            labeled=[i in LABELED for i in range(n)],
+        )
+    ).to_parquet(prepared / "slices.parquet")  # fmt: skip
+    np.save(prepared / "images.npy", rng.random((n, S, S), dtype=np.float32))
+    np.save(prepared / "labels.npy", rng.integers(0, 4, size=(n, S, S)).astype(np.uint8))
+    np.save(synthetic / "images.npy", rng.random((M, S, S), dtype=np.float32))
+    pd.DataFrame(dict(synthetic_id=np.arange(M, dtype=np.int64), seed=np.arange(M, dtype=np.int64) + 100)).to_parquet(
+        synthetic / "synthetic.parquet"
+    )
+    # Ranked neighbours over the whole train bank; unlabeled ones must be skipped.
+    real_by_rank = {0: [2, 4, 0, 1], 1: [4, 1, 3, 5], 2: [0, 1, 2, 3], 3: [5, 2, 1, 0]}
+    rows = [(s, r, real, 0.9 - 0.1 * r) for s, reals in real_by_rank.items() for r, real in enumerate(reals)]
+    neighbours = tmp_path / "neighbours.parquet"
+    pd.DataFrame(rows, columns=["synthetic_id", "rank", "real_id", "cosine"]).to_parquet(neighbours)
+    return dict(synthetic_dir=synthetic, prepared_dir=prepared, neighbours=neighbours)
+
+
+def _run(inputs, out_dir, **settings):
+    blend.run(**inputs, out_dir=out_dir, settings=settings)
+    return np.load(out_dir / "maps.npy"), pd.read_parquet(out_dir / "pairs.parquet")
+
+
+def test_nearest_bank_formats_and_pairing(inputs, tmp_path):
+    maps, pairs = _run(inputs, tmp_path / "blend", maps_per_image=3)
+    assert maps.dtype == np.float16 and maps.shape == (M * 3, S, S)
+    assert maps.min() >= 0.0 and maps.max() <= 1.0
+    assert list(pairs.columns) == ["blend_id", "synthetic_id", "real_id", "map_index", "rank", "cosine"]
+    np.testing.assert_array_equal(pairs["blend_id"], np.arange(M * 3))
+    assert set(pairs["real_id"]) <= set(LABELED)
+    first = pairs[pairs["map_index"] == 0].set_index("synthetic_id")
+    # Map 0 takes the nearest labeled neighbour: rank 0 where it is labeled, else the next labeled one.
+    assert first.loc[0, "real_id"] == 2 and first.loc[0, "rank"] == 0 and first.loc[0, "cosine"] == pytest.approx(0.9)
+    assert first.loc[1, "real_id"] == 1 and first.loc[1, "rank"] == 1
+    # Synthetic 0 has labeled neighbours 2, 0, 1 (ranks 0, 2, 3); synthetic 1 has only 1: it wraps.
+    np.testing.assert_array_equal(pairs[pairs["synthetic_id"] == 0]["real_id"], [2, 0, 1])
+    np.testing.assert_array_equal(pairs[pairs["synthetic_id"] == 1]["real_id"], [1, 1, 1])
+    info = json.loads((tmp_path / "blend" / "blend.json").read_text())
+    assert info["settings"]["maps_per_image"] == 3 and info["settings"]["kernel"] == "gaussian"
+    assert info["n_maps"] == M * 3
+
+
+def test_soft_maps_exact_away_from_hole_and_hard_maps_binary(inputs, tmp_path):
+    soft, _ = _run(inputs, tmp_path / "soft", seed=5)
+    hard, _ = _run(inputs, tmp_path / "hard", seed=5, kernel="hard")
+    assert set(np.unique(hard)) == {0.0, 1.0}
+    side = round(2 / 3 * S)
+    assert ((hard == 0).sum(axis=(1, 2)) == side * side).all()
+    # Same seed, same holes: a 5x5 kernel reaches 2 px, beyond that the soft map equals the hard one.
+    reach = np.ones((5, 5), bool)
+    for h, s in zip(hard, soft):
+        hole = h == 0
+        far_outside = ~ndimage.binary_dilation(hole, structure=reach)
+        deep_inside = ndimage.binary_erosion(hole, structure=reach, border_value=1)
+        assert far_outside.any() and deep_inside.any()
+        assert (s[far_outside] == 1.0).all() and (s[deep_inside] == 0.0).all()
+        band = s[~far_outside & ~deep_inside]
+        assert ((band > 0) & (band < 1)).any()  # a soft edge, not a hard one
+
+
+def test_random_pairing_is_seeded_and_differs(inputs, tmp_path):
+    maps_near, near = _run(inputs, tmp_path / "near", maps_per_image=4, seed=1)
+    maps_r1, r1 = _run(inputs, tmp_path / "r1", maps_per_image=4, seed=1, pairing="random")
+    _, r1_again = _run(inputs, tmp_path / "r1b", maps_per_image=4, seed=1, pairing="random")
+    _, r2 = _run(inputs, tmp_path / "r2", maps_per_image=4, seed=2, pairing="random")
+    pd.testing.assert_frame_equal(r1, r1_again)
+    assert not np.array_equal(r1["real_id"], r2["real_id"])
+    assert not np.array_equal(r1["real_id"], near["real_id"])
+    assert set(r1["real_id"]) <= set(LABELED) and r1["cosine"].isna().all() and (r1["rank"] == -1).all()
+    np.testing.assert_array_equal(maps_near, maps_r1)  # maps do not depend on the pairing
+
+
+def test_continuous_labels_sum_to_one():
+    rng = np.random.default_rng(0)
+    a = make_blend_maps(3, S, S, rng)
+    first = torch.nn.functional.one_hot(torch.from_numpy(rng.integers(0, 4, (3, S, S))), 4).permute(0, 3, 1, 2).float()
+    second = torch.nn.functional.one_hot(torch.from_numpy(rng.integers(0, 4, (3, S, S))), 4).permute(0, 3, 1, 2).float()
+    y = blend.blend_labels(a, first, second)
+    assert y.shape == (3, 4, S, S)
+    torch.testing.assert_close(y.sum(dim=1), torch.ones(3, S, S))
+    assert ((y > 0) & (y < 1)).any()  # continuous on the soft edge
+    far = a[:, 0] == 1
+    torch.testing.assert_close(y.permute(0, 2, 3, 1)[far], first.permute(0, 2, 3, 1)[far])
+
+
+def test_preview_is_a_png(inputs, tmp_path):
+    import matplotlib.image
+
+    _run(inputs, tmp_path / "blend")
+    path = tmp_path / "blend" / "preview.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 300
+    assert image[..., :3].std() > 0.01
+
+
+def _rewrite_neighbours(inputs, rows):
+    pd.DataFrame(rows, columns=["synthetic_id", "rank", "real_id", "cosine"]).to_parquet(inputs["neighbours"])
+
+
+def test_bad_neighbours(inputs, tmp_path):
+    base = pd.read_parquet(inputs["neighbours"])
+    rows = [tuple(r) for r in base.itertuples(index=False)]
+    path = str(inputs["neighbours"])
+    _rewrite_neighbours(inputs, rows + [(99, 0, 0, 0.5)])
+    with pytest.raises(DatasetError, match=r"synthetic id\(s\) \[99\] not in the synthetic set") as info:
+        blend.run(**inputs, out_dir=tmp_path / "out", settings={})
+    assert path in str(info.value)
+    _rewrite_neighbours(inputs, rows + [(0, 9, VAL[0], 0.1)])
+    with pytest.raises(DatasetError, match=r"real id\(s\) \[6\] are not train slices") as info:
+        blend.run(**inputs, out_dir=tmp_path / "out", settings={})
+    assert path in str(info.value)
+    _rewrite_neighbours(inputs, [r for r in rows if r[0] != 3] + [(3, 0, UNLABELED[0], 0.5)])
+    with pytest.raises(DatasetError, match=r"\[3\] have no labeled train slice"):
+        blend.run(**inputs, out_dir=tmp_path / "out", settings={})
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "settings, needle",
+    [
+        (dict(kernel="triangle"), "blend.kernel"),
+        (dict(kernel_size=4), "blend.kernel_size"),
+        (dict(pairing="farthest"), "blend.pairing"),
+        (dict(ratio=1.5), "blend.ratio"),
+        (dict(maps_per_image=0), "blend.maps_per_image"),
+        (dict(colour="red"), "unknown key"),
+    ],
+)
+def test_bad_settings(inputs, tmp_path, settings, needle):
+    with pytest.raises(ConfigError, match=needle):
+        blend.run(**inputs, out_dir=tmp_path / "out", settings=settings)
