@@ -1,0 +1,268 @@
+"""The index stage: a FAISS inner-product index over the real bank's unit embeddings (cosine search),
+each synthetic image's k nearest real slices, FD-DINOv2 between real and synthetic, and a PCA plot."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sraseg.embed.frechet import frechet_distance
+from sraseg.errors import ConfigError, DatasetError
+from sraseg.io import read_json, staged_outputs, write_json
+from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
+
+__all__ = ["IndexSettings", "run", "cosine_knn", "faiss_has_gpu", "load_embeddings", "plot_projection"]
+
+log = logging.getLogger(__name__)
+
+BANKS = ("labeled", "all_train")
+
+
+@dataclass
+class IndexSettings:
+    """Settings of the index stage (config section `index`).
+
+    Args:
+        bank (`str`, "labeled"): which real slices can be neighbours: "labeled" train slices only (the
+            paper's setting: blends need labels) or "all_train".
+        k (`int`, 5): neighbours per synthetic image (capped at the bank size).
+        device (`str`, "auto"): "auto" (a FAISS GPU index when faiss was built with GPUs and sees one),
+            "cpu" or "cuda".
+    """
+
+    bank: str = "labeled"
+    k: int = 5
+    device: str = "auto"
+
+    def validate(self) -> None:
+        check_choice("index", "bank", self.bank, BANKS)
+        check_choice("index", "device", self.device, ("auto", "cpu", "cuda"))
+        check_positive("index", "k", self.k)
+
+
+def faiss_has_gpu() -> bool:
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def cosine_knn(bank: np.ndarray, queries: np.ndarray, k: int, use_gpu: bool = False):
+    """Exact cosine k-NN with FAISS (IndexFlatIP on unit vectors).
+
+    Args:
+        bank: float32 [R,D], unit rows.
+        queries: float32 [M,D], unit rows.
+        k: neighbours per query, 1 <= k <= R.
+        use_gpu: search on GPU 0 (needs a GPU build of faiss).
+
+    Returns:
+        (cpu_index, ids int64 [M,k] rows of `bank`, cosines float32 [M,k]); rank 0 is the nearest.
+    """
+    import faiss
+
+    bank = np.ascontiguousarray(bank, dtype=np.float32)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    index = faiss.IndexFlatIP(bank.shape[1])
+    index.add(bank)
+    searcher = index
+    if use_gpu:
+        resources = faiss.StandardGpuResources()
+        searcher = faiss.index_cpu_to_gpu(resources, 0, index)
+    cosines, ids = searcher.search(queries, k)
+    return index, ids.astype(np.int64), cosines.astype(np.float32)
+
+
+def _need(path: Path) -> Path:
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found (run the embed stage first)")
+    return path
+
+
+def _unit_rows(x: np.ndarray, path: Path) -> np.ndarray:
+    """Check finite, non-empty, 2-D; re-normalise rows (defensive: the embed stage already did)."""
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise DatasetError(f"{path}: expected a non-empty float array [N,D]; got shape {x.shape}")
+    x = x.astype(np.float32, copy=False)
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if bad.size:
+        raise DatasetError(f"{path}: {bad.size} row(s) hold NaN/inf embeddings (first row {bad[0]})")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise DatasetError(f"{path}: {int((norms == 0).sum())} all-zero embedding row(s)")
+    return x / norms
+
+
+def load_embeddings(embed_dir: Path) -> tuple[np.ndarray, pd.DataFrame, np.ndarray, pd.DataFrame]:
+    """real [R,D] unit rows, real table (row, slice_id, labeled), synthetic [M,D] unit rows, synthetic table.
+
+    Raises:
+        DatasetError: missing files, row counts that disagree, dimension mismatch, NaN rows.
+    """
+    embed_dir = Path(embed_dir)
+    arrays, tables = [], []
+    for name, id_col in (("real", "slice_id"), ("synthetic", "synthetic_id")):
+        npy, table_path = _need(embed_dir / f"{name}.npy"), _need(embed_dir / f"{name}.parquet")
+        try:
+            x = np.load(npy)
+        except (ValueError, OSError) as err:
+            raise DatasetError(f"{npy}: not a readable .npy array ({err})") from None
+        x = _unit_rows(x, npy)
+        table = pd.read_parquet(table_path)
+        if id_col not in table.columns or "row" not in table.columns:
+            raise DatasetError(f"{table_path}: needs columns row and {id_col}")
+        if len(table) != len(x) or not np.array_equal(table["row"].to_numpy(), np.arange(len(x))):
+            raise DatasetError(f"{table_path}: {len(table)} rows do not match the {len(x)} rows of {npy.name}")
+        arrays.append(x)
+        tables.append(table)
+    if arrays[0].shape[1] != arrays[1].shape[1]:
+        raise DatasetError(
+            f"{embed_dir / 'synthetic.npy'}: embedding dim {arrays[1].shape[1]} differs from real.npy's "
+            f"{arrays[0].shape[1]} (embedded with different encoders? rerun embed)"
+        )
+    return arrays[0], tables[0], arrays[1], tables[1]
+
+
+def _train_labeled(prepared_dir: Path, slice_ids: np.ndarray) -> np.ndarray:
+    """labeled flags of `slice_ids` from the prepared table; checks they are train slices."""
+    path = _need(Path(prepared_dir) / "slices.parquet")
+    slices = pd.read_parquet(path, columns=["slice_id", "split", "labeled"]).set_index("slice_id")
+    known = slices.reindex(slice_ids)
+    if known["split"].isna().any() or (known["split"] != "train").any():
+        raise DatasetError(f"{path}: the embeddings name slices that are not train slices here (stale embed? rerun it)")
+    return known["labeled"].to_numpy(dtype=bool)
+
+
+def plot_projection(real: np.ndarray, synthetic: np.ndarray, bank_mask: np.ndarray, path: Path, title: str) -> None:
+    """2-D PCA (numpy SVD over both sets) scatter: real (bank highlighted) vs synthetic, saved as PNG."""
+    from matplotlib.figure import Figure
+
+    both = np.concatenate([real, synthetic]).astype(np.float64)
+    centred = both - both.mean(axis=0)
+    _, sv, vt = np.linalg.svd(centred, full_matrices=False)
+    xy = centred @ vt[:2].T if vt.shape[0] >= 2 else np.pad(centred @ vt[:1].T, ((0, 0), (0, 1)))
+    var = sv**2 / max((sv**2).sum(), 1e-12)
+    r, s = xy[: len(real)], xy[len(real) :]
+    fig = Figure(figsize=(6, 5), dpi=120)
+    ax = fig.add_subplot()
+    ax.scatter(
+        r[~bank_mask, 0],
+        r[~bank_mask, 1],
+        s=6,
+        c="tab:blue",
+        alpha=0.35,
+        label=f"real, not in bank ({(~bank_mask).sum()})",
+    )
+    ax.scatter(r[bank_mask, 0], r[bank_mask, 1], s=8, c="tab:green", alpha=0.7, label=f"real bank ({bank_mask.sum()})")
+    ax.scatter(s[:, 0], s[:, 1], s=6, c="tab:orange", alpha=0.5, marker="^", label=f"synthetic ({len(s)})")
+    ax.set_xlabel(f"PC1 ({100 * var[0]:.1f}% var)")
+    ax.set_ylabel(f"PC2 ({100 * var[1]:.1f}% var)" if len(var) > 1 else "PC2")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def run(embed_dir: Path, prepared_dir: Path, out_dir: Path, settings: dict | None = None) -> None:
+    """Index the real bank, find each synthetic image's k nearest real slices, compute FD-DINOv2.
+
+    Writes to out_dir (usually the embed folder): real.faiss (CPU IndexFlatIP over the bank, row i ==
+    index.json bank_slice_ids[i]), neighbours.parquet (synthetic_id, rank, real_id, cosine), fd_dinov2.json,
+    projection.png, index.json.
+
+    Raises:
+        DatasetError: missing/inconsistent embed files, NaN embeddings, empty bank.
+        ConfigError: bad settings, or device "cuda" without a GPU build of faiss.
+    """
+    import faiss
+
+    cfg = parse_settings(IndexSettings, settings, "index")
+    cfg.validate()
+    embed_dir = Path(embed_dir)
+    real, real_table, syn, syn_table = load_embeddings(embed_dir)
+    labeled = _train_labeled(prepared_dir, real_table["slice_id"].to_numpy())
+    bank_mask = labeled if cfg.bank == "labeled" else np.ones(len(real), dtype=bool)
+    if not bank_mask.any():
+        raise DatasetError(
+            f"{Path(prepared_dir) / 'slices.parquet'}: no labeled train slices, the '{cfg.bank}' bank is empty"
+        )
+    bank_ids = real_table["slice_id"].to_numpy(dtype=np.int64)[bank_mask]
+    k = min(cfg.k, len(bank_ids))
+    if k < cfg.k:
+        log.warning("index.k=%d is larger than the bank (%d slices); using k=%d", cfg.k, len(bank_ids), k)
+
+    gpu = faiss_has_gpu()
+    if cfg.device == "cuda" and not gpu:
+        raise ConfigError(
+            "'index.device' is 'cuda' but this faiss has no GPU support or sees no GPU (install faiss-gpu)"
+        )
+    use_gpu = gpu and cfg.device != "cpu"
+    index, rows, cosines = cosine_knn(real[bank_mask], syn, k, use_gpu=use_gpu)
+    neighbours = pd.DataFrame(
+        {
+            "synthetic_id": np.repeat(syn_table["synthetic_id"].to_numpy(dtype=np.int64), k),
+            "rank": np.tile(np.arange(k, dtype=np.int64), len(syn)),
+            "real_id": bank_ids[rows.ravel()],
+            "cosine": cosines.ravel(),
+        }
+    )
+    # FD uses every train embedding (labeled and unlabeled): the real distribution, not just the bank.
+    fd = frechet_distance(real, syn)
+    encoder_path = embed_dir / "encoder.json"
+    encoder = read_json(encoder_path) if encoder_path.is_file() else {}
+    fd_report = {
+        "fd_dinov2": fd["fd"],
+        "mean_term": fd["mean_term"],
+        "trace_term": fd["trace_term"],
+        "eps_used": fd["eps_used"],
+        "real_set": "all_train",
+        "n_real": fd["n_a"],
+        "n_synthetic": fd["n_b"],
+        "dim": fd["dim"],
+        "model": encoder.get("model"),
+        "pooling": encoder.get("pooling"),
+        "untrained_encoder": encoder.get("untrained"),
+    }
+    if fd["n_a"] <= fd["dim"] or fd["n_b"] <= fd["dim"]:
+        log.warning(
+            "FD-DINOv2 from %d real / %d synthetic vectors in %d dims: covariances are singular, "
+            "the value is only comparable at equal set sizes",
+            fd["n_a"],
+            fd["n_b"],
+            fd["dim"],
+        )
+    title = f"{encoder.get('model', 'encoder')} ({encoder.get('pooling', '?')}), FD = {fd['fd']:.4f}"
+    if encoder.get("untrained"):
+        title += "  [UNTRAINED ENCODER]"
+
+    with staged_outputs(out_dir) as st:
+        faiss.write_index(index, str(st.path("real.faiss")))
+        neighbours.to_parquet(st.path("neighbours.parquet"), index=False)
+        write_json(st.path("fd_dinov2.json"), fd_report)
+        plot_projection(real, syn, bank_mask, st.path("projection.png"), title)
+        write_json(
+            st.path("index.json"),
+            {
+                "settings": settings_dict(cfg),
+                "k_used": k,
+                "bank_size": int(len(bank_ids)),
+                "n_real": int(len(real)),
+                "n_synthetic": int(len(syn)),
+                "dim": int(real.shape[1]),
+                "faiss_device": "cuda" if use_gpu else "cpu",
+                "faiss_version": faiss.__version__,
+                "metric": "cosine (inner product of L2-normalised vectors)",
+                "embed_dir": str(embed_dir.resolve()),
+                "bank_slice_ids": bank_ids,
+            },
+        )
+    log.info(
+        "bank %d slices, k=%d, mean top-1 cosine %.4f, FD-DINOv2 %.4f",
+        len(bank_ids),
+        k,
+        float(cosines[:, 0].mean()),
+        fd["fd"],
+    )

@@ -1,0 +1,151 @@
+"""Index stage: FAISS neighbours against brute force, FD-DINOv2, outputs and input errors."""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pandas as pd
+import pytest
+from embed_fixtures import make_embed_dir, make_prepared, unit_rows
+
+from sraseg.embed import index as index_stage
+from sraseg.embed.frechet import frechet_distance
+from sraseg.errors import DatasetError
+
+D = 16
+# 6 labeled + 14 unlabeled train slices (slice ids 0..19), then val/test slices that are never embedded.
+SPLITS = [("train", True)] * 6 + [("train", False)] * 14 + [("val", False)] * 3 + [("test", False)] * 3
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    rng = np.random.default_rng(0)
+    prepared = make_prepared(tmp_path, SPLITS, size=8)
+    real = unit_rows(rng, 20, D)
+    syn = unit_rows(rng, 9, D, shift=0.2)
+    labeled = np.array([True] * 6 + [False] * 14)
+    embed = make_embed_dir(tmp_path, real, np.arange(20), labeled, syn)
+    return prepared, embed, real, syn, labeled
+
+
+def _brute_force(bank: np.ndarray, queries: np.ndarray, k: int):
+    sims = queries.astype(np.float64) @ bank.astype(np.float64).T
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(sims, order, axis=1)
+
+
+@pytest.mark.parametrize("bank", ["labeled", "all_train"])
+def test_neighbours_equal_brute_force_cosine(dirs, bank):
+    prepared, embed, real, syn, labeled = dirs
+    index_stage.run(embed, prepared, embed, {"bank": bank, "k": 4, "device": "cpu"})
+    got = pd.read_parquet(embed / "neighbours.parquet")
+    assert list(got.columns) == ["synthetic_id", "rank", "real_id", "cosine"]
+    mask = labeled if bank == "labeled" else np.ones(20, bool)
+    bank_ids = np.flatnonzero(mask)
+    order, sims = _brute_force(real[mask], syn, 4)
+    got = got.sort_values(["synthetic_id", "rank"])
+    assert got["synthetic_id"].tolist() == np.repeat(np.arange(9), 4).tolist()
+    assert got["rank"].tolist() == np.tile(np.arange(4), 9).tolist()
+    np.testing.assert_array_equal(got["real_id"].to_numpy().reshape(9, 4), bank_ids[order])
+    np.testing.assert_allclose(got["cosine"].to_numpy().reshape(9, 4), sims, atol=1e-5)
+    if bank == "labeled":
+        assert set(got["real_id"]) <= set(range(6))
+    else:
+        assert got["real_id"].max() >= 6  # unlabeled slices do show up in the all_train bank
+
+    info = json.loads((embed / "index.json").read_text())
+    assert info["bank_size"] == mask.sum() and info["bank_slice_ids"] == bank_ids.tolist()
+    # real.faiss holds the bank; its rows map back to slice ids through index.json.
+    stored = faiss.read_index(str(embed / "real.faiss"))
+    assert stored.ntotal == mask.sum()
+    _, rows = stored.search(np.ascontiguousarray(syn), 1)
+    np.testing.assert_array_equal(np.asarray(info["bank_slice_ids"])[rows[:, 0]], bank_ids[order[:, 0]])
+    # Index outputs join the embed files without removing them.
+    assert (embed / "real.npy").is_file() and (embed / "encoder.json").is_file()
+    assert (embed / "projection.png").stat().st_size > 1000
+
+
+def test_k_is_capped_at_bank_size(dirs, caplog):
+    prepared, embed, *_ = dirs
+    with caplog.at_level("WARNING"):
+        index_stage.run(embed, prepared, embed, {"k": 50})
+    got = pd.read_parquet(embed / "neighbours.parquet")
+    assert got.groupby("synthetic_id").size().eq(6).all()
+    assert any("k=50" in r.getMessage() for r in caplog.records)
+    assert json.loads((embed / "index.json").read_text())["k_used"] == 6
+
+
+def test_renormalises_unnormalised_embeddings(dirs, tmp_path):
+    prepared, embed, real, syn, labeled = dirs
+    np.save(embed / "real.npy", real * np.linspace(0.5, 3, 20)[:, None].astype(np.float32))
+    index_stage.run(embed, prepared, tmp_path / "out", {"k": 2})
+    got = pd.read_parquet(tmp_path / "out" / "neighbours.parquet")
+    _, sims = _brute_force(real[labeled], syn, 2)
+    np.testing.assert_allclose(got["cosine"].to_numpy().reshape(9, 2), sims, atol=1e-5)
+
+
+def test_frechet_distance_self_zero_and_monotone_in_mean_shift():
+    rng = np.random.default_rng(1)
+    x = unit_rows(rng, 300, D).astype(np.float64)
+    y = unit_rows(rng, 40, 64).astype(np.float64)  # fewer rows than dims: singular covariance
+    for data in (x, y):
+        base = frechet_distance(data, data)
+        scale = np.trace(np.cov(data, rowvar=False))
+        assert abs(base["fd"]) < 1e-6 * scale
+        shifts = [0.01, 0.05, 0.2, 1.0]
+        fds = [frechet_distance(data, data + s)["fd"] for s in shifts]
+        assert all(b > a for a, b in zip(fds, fds[1:]))
+        # A pure mean shift changes only the mean term: ||s * 1||^2 = s^2 * D.
+        np.testing.assert_allclose(fds, [s * s * data.shape[1] for s in shifts], rtol=1e-4)
+    # Different covariances give a positive trace term.
+    z = frechet_distance(x, 0.5 * x)
+    assert z["trace_term"] > 0.1 * np.trace(np.cov(x, rowvar=False)) * 0.25
+    with pytest.raises(ValueError):
+        frechet_distance(x, y)
+
+
+def test_fd_report(dirs):
+    prepared, embed, real, syn, _ = dirs
+    index_stage.run(embed, prepared, embed, {})
+    fd = json.loads((embed / "fd_dinov2.json").read_text())
+    assert fd["n_real"] == 20 and fd["n_synthetic"] == 9 and fd["dim"] == D and fd["real_set"] == "all_train"
+    np.testing.assert_allclose(fd["fd_dinov2"], frechet_distance(real, syn)["fd"], rtol=1e-5)
+    assert fd["fd_dinov2"] > 0 and fd["untrained_encoder"] is True
+
+
+def _error_line(embed, prepared, out, settings=None) -> str:
+    with pytest.raises(DatasetError) as info:
+        index_stage.run(embed, prepared, out, settings or {})
+    text = str(info.value)
+    assert "\n" not in text
+    assert not out.exists()
+    return text
+
+
+def test_input_errors_name_the_file(dirs, tmp_path):
+    prepared, embed, real, syn, labeled = dirs
+    out = tmp_path / "out"
+    (embed / "synthetic.parquet").rename(embed / "moved.parquet")
+    assert str(embed / "synthetic.parquet") in _error_line(embed, prepared, out)
+    (embed / "moved.parquet").rename(embed / "synthetic.parquet")
+
+    np.save(embed / "synthetic.npy", unit_rows(np.random.default_rng(2), 9, D + 1))
+    text = _error_line(embed, prepared, out)
+    assert str(embed / "synthetic.npy") in text and str(D + 1) in text
+
+    bad = syn.copy()
+    bad[3, 0] = np.nan
+    np.save(embed / "synthetic.npy", bad)
+    text = _error_line(embed, prepared, out)
+    assert str(embed / "synthetic.npy") in text and "NaN" in text
+    np.save(embed / "synthetic.npy", syn)
+
+    slices = pd.read_parquet(prepared / "slices.parquet")
+    slices["labeled"] = False
+    slices.to_parquet(prepared / "slices.parquet", index=False)
+    text = _error_line(embed, prepared, out)
+    assert str(prepared / "slices.parquet") in text and "empty" in text
+    index_stage.run(embed, prepared, out, {"bank": "all_train"})  # the all_train bank still works
+    assert (out / "neighbours.parquet").is_file()
