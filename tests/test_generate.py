@@ -1,0 +1,339 @@
+"""Tests of the generator stages (train-generator, sample) on a tiny prepared folder.
+
+Everything is tiny (16 px, UNet channels [8, 16], a few steps) so the file runs in seconds on one core.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sraseg.device import seed_everything
+from sraseg.errors import ConfigError, DatasetError, WeightsError
+from sraseg.generate import sample, train
+from sraseg.generate.common import build_unet
+
+SIZE = 24  # prepared image size; the generator trains at 16 (area downsampling)
+TINY = dict(
+    resolution=16,
+    block_out_channels=[8, 16],
+    steps=6,
+    batch_size=4,
+    warmup_steps=0,
+    checkpoint_every=2,
+    log_every=2,
+    device="cpu",
+)
+# patient -> (split, labeled); 3 slices each
+PATIENTS = {
+    "patient001": ("train", True),
+    "patient002": ("train", False),
+    "patient003": ("train", False),
+    "patient004": ("val", False),
+    "patient005": ("test", False),
+}
+
+
+def _ring(rng: np.random.Generator) -> np.ndarray:
+    """A bright disc inside a grey ring on a dark background, with a little noise."""
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    cy, cx = SIZE / 2 + rng.uniform(-2, 2, size=2)
+    r = np.hypot(yy - cy, xx - cx)
+    inner = rng.uniform(3, 5)
+    img = 0.1 + 0.8 * (r < inner) + 0.4 * ((r >= inner) & (r < inner + 2.5))
+    return np.clip(img + rng.normal(0, 0.03, img.shape), 0, 1).astype(np.float32)
+
+
+def make_prepared(root, poison_held_out: bool = True, labeled: bool = True):
+    """A prepared folder in the CONTRACTS.md format; val/test images are NaN when `poison_held_out`,
+    so any code that reads them produces a non-finite loss or an error."""
+    rng = np.random.default_rng(0)
+    rows, images = [], []
+    for patient, (split, is_labeled) in PATIENTS.items():
+        for z in range(3):
+            rows.append(
+                dict(
+                    slice_id=len(rows),
+                    case=f"{patient}_frame01",
+                    patient=patient,
+                    frame=1,
+                    phase="ED",
+                    slice=z,
+                    split=split,
+                    labeled=bool(is_labeled and labeled and split == "train"),
+                )
+            )
+            img = _ring(rng)
+            if poison_held_out and split != "train":
+                img[:] = np.nan
+            images.append(img)
+    root.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(root / "slices.parquet", index=False)
+    np.save(root / "images.npy", np.stack(images))
+    np.save(root / "labels.npy", np.zeros((len(rows), SIZE, SIZE), np.uint8))
+    # nested as the prepare stage writes it
+    (root / "prepare.json").write_text(json.dumps({"settings": {"image_size": SIZE}}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return make_prepared(tmp_path_factory.mktemp("prepared"))
+
+
+@pytest.fixture(scope="module")
+def generator(prepared, tmp_path_factory):
+    """A generator trained 30 steps at a high learning rate (enough to move the loss)."""
+    out = tmp_path_factory.mktemp("generator")
+    train.run(prepared, out, dict(TINY, steps=30, lr=2e-3, batch_size=8, log_every=5, checkpoint_every=10))
+    return out
+
+
+def _fixed_loss(unet, prepared) -> float:
+    """Diffusion loss on every train slice with fixed noise and evenly spread timesteps."""
+    images, _ = train.load_training_images(prepared, "all_train", 16)
+    scheduler = train.make_scheduler(train.validate_settings(TINY))
+    gen = torch.Generator().manual_seed(123)
+    images = images.repeat(4, 1, 1, 1)
+    noise = torch.randn(images.shape, generator=gen)
+    timesteps = torch.linspace(0, 999, images.shape[0]).long()
+    with torch.no_grad():
+        return float(train.diffusion_loss(unet.eval(), scheduler, images, noise, timesteps))
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_training_lowers_loss_and_writes_outputs(generator, prepared):
+    seed_everything(0)
+    before = _fixed_loss(build_unet(16, [8, 16], 1, False, True), prepared)
+    unet, _ = sample.load_generator(generator)
+    after = _fixed_loss(unet, prepared)
+    assert after < 0.7 * before, (before, after)
+
+    for name in ("model/config.json", "model/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
+                 "train_log.csv", "generator.json", "last.ckpt"):  # fmt: skip
+        assert (generator / name).is_file(), name
+    assert any((generator / "tensorboard").iterdir())
+    log_table = pd.read_csv(generator / "train_log.csv")
+    assert list(log_table.columns) == ["step", "loss", "lr", "seconds"]
+    assert log_table["step"].tolist() == [5, 10, 15, 20, 25, 30]
+    assert np.isfinite(log_table["loss"]).all()
+    meta = json.loads((generator / "generator.json").read_text())
+    assert meta["n_images"] == 9  # 3 train patients x 3 slices
+    assert meta["settings"]["steps"] == 30 and np.isfinite(meta["final_loss"])
+
+
+def test_only_train_rows_are_read(prepared):
+    slices = pd.read_parquet(prepared / "slices.parquet")
+    train_rows = np.flatnonzero(slices["split"] == "train")
+    labeled_rows = np.flatnonzero(slices["labeled"])
+    assert train.select_rows(slices, "all_train").tolist() == train_rows.tolist()
+    assert train.select_rows(slices, "labeled").tolist() == labeled_rows.tolist() == [0, 1, 2]
+    # val/test images are NaN in this folder: reading any of them would show here
+    images, rows = train.load_training_images(prepared, "all_train", 16)
+    assert rows.tolist() == train_rows.tolist()
+    assert torch.isfinite(images).all() and images.shape == (9, 1, 16, 16)
+    assert images.min() >= -1 and images.max() <= 1 and images.std() > 0.1
+    labeled, rows = train.load_training_images(prepared, "labeled", 16)
+    assert rows.tolist() == [0, 1, 2] and torch.equal(labeled, images[:3])
+
+
+def test_no_labeled_train_slices_raises(tmp_path):
+    prepared = make_prepared(tmp_path / "prepared", labeled=False)
+    with pytest.raises(DatasetError, match="slices.parquet.*labeled"):
+        train.run(prepared, tmp_path / "gen", dict(TINY, source="labeled"))
+    assert not (tmp_path / "gen" / "model").exists()
+
+
+@pytest.mark.parametrize(
+    "bad, key",
+    [
+        (dict(resolution=18, block_out_channels=[8, 16, 16]), "resolution 18"),
+        (dict(resolution=4, block_out_channels=[8]), "resolution 4"),
+        (dict(source="val"), "source"),
+        (dict(steps=0), "steps"),
+        (dict(ema_decay=1.0), "ema_decay"),
+        (dict(colour=True), "colour"),
+    ],
+)
+def test_bad_generator_settings_raise(bad, key):
+    with pytest.raises(ConfigError, match=key):
+        train.validate_settings(dict(TINY, **bad))
+
+
+def test_resume_equals_uninterrupted(prepared, tmp_path, monkeypatch):
+    settings = dict(TINY, steps=7, checkpoint_every=3, log_every=2)
+    full = train.run(prepared, tmp_path / "full", settings)
+
+    # interrupt during step 5: the last checkpoint holds step 3, nothing final is published
+    calls = {"n": 0}
+    real_step = train.train_step
+
+    def failing_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(prepared, tmp_path / "resumed", settings)
+    monkeypatch.setattr(train, "train_step", real_step)
+    resumed_dir = tmp_path / "resumed"
+    assert (resumed_dir / "last.ckpt").is_file()
+    assert not (resumed_dir / "model").exists() and not (resumed_dir / "train_log.csv").exists()
+    assert torch.load(resumed_dir / "last.ckpt", weights_only=True)["step"] == 3
+
+    # other settings must not continue this checkpoint
+    with pytest.raises(ConfigError, match=r"last\.ckpt.*lr"):
+        train.run(prepared, resumed_dir, dict(settings, lr=1e-3))
+
+    train.run(prepared, resumed_dir, settings)
+    a = load_file(full / "model" / "diffusion_pytorch_model.safetensors")
+    b = load_file(resumed_dir / "model" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    log_a = pd.read_csv(full / "train_log.csv")
+    log_b = pd.read_csv(resumed_dir / "train_log.csv")
+    assert log_a["step"].tolist() == log_b["step"].tolist() == [2, 4, 6, 7]
+    np.testing.assert_array_equal(log_a["loss"], log_b["loss"])
+    # the EMA weights are what was saved, and they differ from a fresh init
+    seed_everything(0)
+    fresh = build_unet(16, [8, 16], 1, False, True).state_dict()
+    assert any(not torch.equal(fresh[k], a[k]) for k in a)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+@pytest.mark.parametrize("sampler, steps", [("ddim", 8), ("ddpm", 12)])
+def test_sampling_is_per_image_deterministic(generator, sampler, steps):
+    unet, train_scheduler = sample.load_generator(generator)
+    scheduler, _ = sample.make_sampler(train_scheduler, sampler, steps)
+    seeds = [sample.image_seed(3, i) for i in range(7)]
+    cpu = torch.device("cpu")
+    batched = sample.sample_images(unet, scheduler, seeds, cpu, batch_size=4)
+    alone = sample.sample_images(unet, scheduler, [seeds[5]], cpu)
+    again = sample.sample_images(unet, scheduler, seeds[4:6], cpu, batch_size=2)
+    assert batched.shape == (7, 1, 16, 16)
+    assert torch.isfinite(batched).all() and batched.min() >= 0 and batched.max() <= 1
+    assert batched.std(dim=0).mean() > 1e-3  # images differ from one another
+    torch.testing.assert_close(alone[0], batched[5], atol=1e-5, rtol=0)
+    torch.testing.assert_close(again, batched[4:6], atol=1e-5, rtol=0)
+
+
+def test_sample_run_writes_outputs(generator, prepared, tmp_path):
+    out = sample.run(
+        generator, prepared, tmp_path / "synthetic", dict(n_images=5, batch_size=2, inference_steps=6, seed=2)
+    )
+    images = np.load(out / "images.npy")
+    assert images.shape == (5, SIZE, SIZE) and images.dtype == np.float32
+    assert np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+    assert images.std(axis=0).mean() > 1e-3
+    table = pd.read_parquet(out / "synthetic.parquet")
+    assert table["synthetic_id"].tolist() == list(range(5))
+    assert table["seed"].tolist() == [sample.image_seed(2, i) for i in range(5)]
+    assert table["synthetic_id"].dtype == np.int64 and table["seed"].dtype == np.int64
+    meta = json.loads((out / "sample.json").read_text())
+    assert meta["sampler"] == "ddim" and meta["inference_steps"] == 6 and meta["image_size"] == SIZE
+    assert (out / "preview.png").stat().st_size > 1000
+
+    # the same seed gives the same images; image 3 regenerated alone matches too
+    again = sample.run(
+        generator, prepared, tmp_path / "again", dict(n_images=4, batch_size=4, inference_steps=6, seed=2)
+    )
+    np.testing.assert_allclose(np.load(again / "images.npy"), images[:4], atol=1e-5)
+    unet, train_scheduler = sample.load_generator(generator)
+    scheduler, _ = sample.make_sampler(train_scheduler, "ddim", 6)
+    one = sample.sample_images(unet, scheduler, [int(table["seed"][3])], torch.device("cpu"))
+    one = torch.nn.functional.interpolate(one, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(one[0, 0].numpy(), images[3], atol=1e-5)
+
+
+def test_sample_image_size_override(generator, prepared, tmp_path):
+    out = sample.run(generator, prepared, tmp_path / "s", dict(n_images=2, inference_steps=3, image_size=8))
+    assert np.load(out / "images.npy").shape == (2, 8, 8)
+    # the generator's own resolution: no resize at all
+    out = sample.run(generator, prepared, tmp_path / "t", dict(n_images=2, inference_steps=3, image_size=16))
+    assert np.load(out / "images.npy").shape == (2, 16, 16)
+
+
+def test_zero_images_raises(generator, prepared, tmp_path):
+    with pytest.raises(ConfigError, match="n_images"):
+        sample.run(generator, prepared, tmp_path / "s", dict(n_images=0))
+    assert not (tmp_path / "s").exists()
+
+
+def test_missing_generator_folder_raises(prepared, tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DatasetError, match=str(missing)):
+        sample.run(missing, prepared, tmp_path / "s", dict(n_images=1))
+
+
+def _copy_generator(generator, dst):
+    import shutil
+
+    shutil.copytree(generator / "model", dst / "model")
+    shutil.copytree(generator / "scheduler", dst / "scheduler")
+    return dst
+
+
+def test_missing_model_config_raises(generator, tmp_path):
+    broken = _copy_generator(generator, tmp_path / "g")
+    (broken / "model" / "config.json").unlink()
+    with pytest.raises(DatasetError, match=r"model/config\.json"):
+        sample.load_generator(broken)
+
+
+def test_truncated_weights_raise(generator, tmp_path):
+    broken = _copy_generator(generator, tmp_path / "g")
+    weights = broken / "model" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(WeightsError, match=str(broken / "model")):
+        sample.load_generator(broken)
+
+
+def test_corrupt_config_json_raises(generator, tmp_path):
+    broken = _copy_generator(generator, tmp_path / "g")
+    (broken / "model" / "config.json").write_text("{not json")
+    with pytest.raises(WeightsError, match=str(broken / "model")):
+        sample.load_generator(broken)
+
+
+def test_unusable_unet_resolution_raises(generator, tmp_path):
+    broken = _copy_generator(generator, tmp_path / "g")
+    config_path = broken / "model" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["sample_size"] = 15  # odd: the UNet halves it once
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match="resolution 15"):
+        sample.load_generator(broken)
+
+
+def test_bad_sample_settings_raise():
+    with pytest.raises(ConfigError, match="sampler"):
+        sample.validate_settings(dict(sampler="euler"))
+    with pytest.raises(ConfigError, match="inference_steps"):
+        sample.validate_settings(dict(inference_steps=0))
+
+
+def test_default_inference_steps(generator):
+    _, train_scheduler = sample.load_generator(generator)
+    ddim, steps = sample.make_sampler(train_scheduler, "ddim", None)
+    assert steps == 50 and len(ddim.timesteps) == 50
+    ddpm, steps = sample.make_sampler(train_scheduler, "ddpm", None)
+    assert steps == 1000 and len(ddpm.timesteps) == 1000
+    with pytest.raises(ConfigError, match="inference_steps"):
+        sample.make_sampler(train_scheduler, "ddim", 1001)
+
+
+def test_image_seeds_are_distinct():
+    seeds = {sample.image_seed(s, i) for s in range(3) for i in range(1000)}
+    assert len(seeds) == 3000 and min(seeds) >= 0
