@@ -106,6 +106,53 @@ def get_final_output():
     )
 
 
+def uses(what):
+    return any(needs(exp, what) for exp in EXPERIMENTS)
+
+
+def report_optional_inputs():
+    """Synthetic-data provenance shown in the report, when some experiment built it."""
+    inputs = []
+    if uses("synthetic"):
+        inputs.append(f"{SYNTHETIC}/images.npy")
+    if uses("embed"):
+        inputs += [f"{EMBED}/encoder.json", f"{EMBED}/fd_dinov2.json", f"{EMBED}/projection.png"]
+    inputs += [f"{RESULTS}/blend/{exp}/preview.png" for exp in EXPERIMENTS if needs(exp, "blend")]
+    return inputs
+
+
+def report_outputs():
+    """The report's files; each figure carries its caption for `snakemake --report`."""
+    out = f"{RESULTS}/report"
+    caption = "../report/{}.rst"
+    outputs = {
+        "table": report(f"{out}/results.csv", caption=caption.format("results"), category="Results"),
+        "markdown": f"{out}/results.md",
+        "curves": report(
+            f"{out}/figures/training_curves.png", caption=caption.format("curves"), category="Training"
+        ),
+        "overlays": report(
+            f"{out}/figures/overlays.png", caption=caption.format("overlays"), category="Predictions"
+        ),
+    }
+    if uses("synthetic"):
+        outputs["samples"] = report(
+            f"{out}/figures/real_vs_synthetic.png", caption=caption.format("samples"), category="Synthetic data"
+        )
+    if uses("embed"):
+        outputs["projection"] = report(
+            f"{out}/figures/embedding_projection.png",
+            caption=caption.format("projection"),
+            category="Synthetic data",
+        )
+    for exp in EXPERIMENTS:
+        if needs(exp, "blend"):
+            outputs[f"blend_{exp}"] = report(
+                f"{out}/figures/blend_{exp}.png", caption=caption.format("blend"), category="Blend bank"
+            )
+    return outputs
+
+
 # Rules run `python -m sraseg` from this checkout, inside the venv or a per-rule conda env alike.
 SRC_DIR = os.path.abspath(os.path.join(workflow.basedir, "..", "src"))
 shell.prefix("export PYTHONPATH={}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ".format(SRC_DIR))

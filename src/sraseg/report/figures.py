@@ -1,0 +1,113 @@
+"""Report figures (matplotlib, no display needed): training curves, prediction overlays, and real
+versus synthetic slices."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+__all__ = ["training_curves", "overlays", "real_vs_synthetic"]
+
+log = logging.getLogger(__name__)
+
+CLASS_COLOURS = {1: "tab:red", 2: "tab:green", 3: "tab:blue"}  # RV, MYO, LV
+
+
+def _val_dice_column(table: pd.DataFrame) -> str | None:
+    for name in ("val_dice_mean", "val_dice"):
+        if name in table.columns:
+            return name
+    candidates = [c for c in table.columns if c.startswith("val") and "mean" in c]
+    return candidates[0] if candidates else None
+
+
+def training_curves(results_dir: Path, experiments: dict, seeds: list[int], path: Path) -> None:
+    """Validation Dice against iteration, one line per experiment and seed."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for colour, name in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4, experiments):
+        for i, seed in enumerate(seeds):
+            log_path = results_dir / name / f"seed{seed}" / "train_log.csv"
+            if not log_path.is_file():
+                continue
+            table = pd.read_csv(log_path)
+            column = _val_dice_column(table)
+            if column is None or "iteration" not in table.columns:
+                continue
+            rows = table.dropna(subset=[column])
+            ax.plot(rows["iteration"], rows[column], color=colour, alpha=0.8, label=name if i == 0 else None)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("validation Dice (mean of RV, MYO, LV)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _contours(ax, labels: np.ndarray, style: str) -> None:
+    for value, colour in CLASS_COLOURS.items():
+        mask = (labels == value).astype(float)
+        if mask.any():
+            ax.contour(mask.T, levels=[0.5], colors=colour, linewidths=1.0, linestyles=style)
+
+
+def overlays(results_dir: Path, experiments: dict, seed: int, path: Path, n_cases: int = 3) -> None:
+    """Mid-ventricular test slices: ground truth dashed, each experiment's prediction solid."""
+    volumes = pd.read_parquet(results_dir / "prepared" / "volumes.parquet")
+    cases = volumes[volumes["split"] == "test"].head(n_cases)
+    names = list(experiments)
+    fig, axes = plt.subplots(len(cases), len(names), figsize=(2.6 * len(names), 2.6 * len(cases)), squeeze=False)
+    for row, (_, case) in enumerate(cases.iterrows()):
+        image = np.asanyarray(nib.load(case["image_path"]).dataobj, dtype=np.float32)
+        truth = np.asanyarray(nib.load(case["gt_path"]).dataobj).astype(np.uint8)
+        z = image.shape[2] // 2
+        for col, name in enumerate(names):
+            ax = axes[row, col]
+            ax.imshow(image[:, :, z].T, cmap="gray")
+            _contours(ax, truth[:, :, z], "dashed")
+            prediction_path = results_dir / name / f"seed{seed}" / "predictions" / f"{case['case']}.nii.gz"
+            if prediction_path.is_file():
+                prediction = np.asanyarray(nib.load(prediction_path).dataobj).astype(np.uint8)
+                _contours(ax, prediction[:, :, z], "solid")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name, fontsize=9)
+            if col == 0:
+                ax.set_ylabel(f"{case['case']} z={z}", fontsize=8)
+    fig.suptitle("test slices: truth dashed, prediction solid (RV red, MYO green, LV blue)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def real_vs_synthetic(results_dir: Path, path: Path, n: int = 8, seed: int = 0) -> None:
+    """A row of real training slices above a row of synthetic ones, picked at random."""
+    rng = np.random.default_rng(seed)
+    slices = pd.read_parquet(results_dir / "prepared" / "slices.parquet")
+    real = np.load(results_dir / "prepared" / "images.npy", mmap_mode="r")
+    synthetic = np.load(results_dir / "synthetic" / "images.npy", mmap_mode="r")
+    train_ids = slices.loc[slices["split"] == "train", "slice_id"].to_numpy()
+    picks = [
+        ("real", real, rng.choice(train_ids, size=min(n, len(train_ids)), replace=False)),
+        ("synthetic", synthetic, rng.choice(len(synthetic), size=min(n, len(synthetic)), replace=False)),
+    ]
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.6), squeeze=False)
+    for row, (label, images, ids) in enumerate(picks):
+        for col in range(n):
+            ax = axes[row, col]
+            ax.axis("off")
+            if col < len(ids):
+                ax.imshow(np.asarray(images[ids[col]]).T, cmap="gray", vmin=0, vmax=1)
+        axes[row, 0].set_title(label, fontsize=9, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

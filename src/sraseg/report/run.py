@@ -1,0 +1,170 @@
+"""The report stage: every experiment's evaluation, mean and standard deviation over seeds, in both
+metric modes, with the encoder's provenance and the synthetic set's FD-DINOv2 on top, plus figures.
+
+Reads (under results/{ds}/): {exp}/seed{seed}/eval/summary.json, {exp}/seed{seed}/train_log.csv,
+{exp}/seed{seed}/predictions/, prepared/, synthetic/, embed/encoder.json, embed/fd_dinov2.json,
+embed/projection.png, blend/{exp}/preview.png. Missing optional inputs (no synthetic data for a
+labeled-only study) leave their figure out; a missing summary is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sraseg.errors import DatasetError
+from sraseg.io import read_json, staged_outputs
+from sraseg.settings import parse_settings
+
+__all__ = ["ReportSettings", "collect_results", "run"]
+
+log = logging.getLogger(__name__)
+
+MODES = ("peer", "mm")
+METRICS = ("dice", "jaccard", "hd95", "asd")
+CLASSES = ("RV", "MYO", "LV", "mean")
+# Dice and Jaccard are fractions in summary.json; the tables show percentages as the papers do.
+PERCENT = {"dice", "jaccard"}
+
+
+@dataclass
+class ReportSettings:
+    """Args:
+    experiments (`dict`): name -> {method, description?, ...} as in the config.
+    seeds (`list[int]`): seeds every experiment ran with.
+    """
+
+    experiments: dict = field(default_factory=dict)
+    seeds: list = field(default_factory=lambda: [1337])
+
+
+def _summary_values(summary: dict, mode: str) -> dict[tuple[str, str], float]:
+    entry = summary[mode]
+    values = {}
+    for metric in METRICS:
+        for cls in CLASSES[:-1]:
+            values[(metric, cls)] = entry["per_class"][cls][metric]
+        values[(metric, "mean")] = entry["mean"][metric]
+    return {key: (np.nan if v is None else float(v)) for key, v in values.items()}
+
+
+def collect_results(results_dir: Path, experiments: dict, seeds: list[int]) -> pd.DataFrame:
+    """One row per experiment and mode: mean and std over seeds of every metric and class.
+
+    Raises:
+        DatasetError: an experiment's summary.json is missing or unreadable.
+    """
+    rows = []
+    for name, spec in experiments.items():
+        per_seed = []
+        for seed in seeds:
+            path = results_dir / name / f"seed{seed}" / "eval" / "summary.json"
+            if not path.is_file():
+                raise DatasetError(f"{path}: missing; evaluate experiment {name!r} seed {seed} first")
+            try:
+                per_seed.append(read_json(path))
+            except ValueError as err:
+                raise DatasetError(f"{path}: not valid JSON ({err})") from err
+        for mode in MODES:
+            values = [_summary_values(s, mode) for s in per_seed]
+            row = {"experiment": name, "method": spec.get("method", ""), "mode": mode, "n_seeds": len(values)}
+            row["n_cases"] = int(per_seed[0][mode]["n_cases"])
+            for metric in METRICS:
+                scale = 100.0 if metric in PERCENT else 1.0
+                for cls in CLASSES:
+                    samples = np.array([v[(metric, cls)] for v in values]) * scale
+                    finite = samples[np.isfinite(samples)]
+                    row[f"{metric}_{cls}_mean"] = float(finite.mean()) if finite.size else np.nan
+                    row[f"{metric}_{cls}_std"] = float(finite.std(ddof=1)) if finite.size > 1 else np.nan
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _cell(mean: float, std: float) -> str:
+    if not np.isfinite(mean):
+        return "n/a"
+    return f"{mean:.2f} ± {std:.2f}" if np.isfinite(std) else f"{mean:.2f}"
+
+
+def _markdown_table(frame: pd.DataFrame, columns: list[tuple[str, str, str]]) -> str:
+    """columns: (header, metric, class)."""
+    header = "| experiment | method | " + " | ".join(h for h, _, _ in columns) + " |"
+    lines = [header, "|" + "---|" * (2 + len(columns))]
+    for _, row in frame.iterrows():
+        cells = [_cell(row[f"{m}_{c}_mean"], row[f"{m}_{c}_std"]) for _, m, c in columns]
+        lines.append(f"| {row['experiment']} | {row['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _provenance_lines(results_dir: Path) -> list[str]:
+    """The encoder's weights source and the synthetic set's FD-DINOv2, when they exist."""
+    lines = []
+    encoder_path = results_dir / "embed" / "encoder.json"
+    if encoder_path.is_file():
+        encoder = read_json(encoder_path)
+        source = encoder.get("weights_source", "unknown")
+        where = encoder.get("weights_path") or ""
+        lines.append(f"- DINOv2 encoder: `{encoder.get('model')}` at {encoder.get('img_size')} px, weights: {source} {where}".rstrip())
+        if encoder.get("untrained"):
+            lines.append(
+                "- **WARNING: the DINOv2 encoder is UNTRAINED (random weights).** Neighbours, FD-DINOv2 and the "
+                "similarity-alignment targets come from random features; provide real weights "
+                "(`sraseg fetch-weights`) for results that mean what the paper means."
+            )
+    fd_path = results_dir / "embed" / "fd_dinov2.json"
+    if fd_path.is_file():
+        fd = read_json(fd_path)
+        value = fd.get("fd_dinov2", fd.get("fd"))
+        lines.append(f"- FD-DINOv2 of the synthetic set against the real training slices: {value:.4g}")
+    return lines
+
+
+def write_markdown(frame: pd.DataFrame, path: Path, title: str, provenance: list[str], seeds: list[int]) -> None:
+    overall = [(name.upper() if name in ("hd95", "asd") else name.capitalize(), name, "mean") for name in METRICS]
+    per_class = [(f"Dice {c}", "dice", c) for c in CLASSES[:-1]]
+    parts = [f"# {title}", ""]
+    parts += provenance + [f"- seeds: {', '.join(map(str, seeds))}; values are mean ± std over seeds", ""]
+    for mode in MODES:
+        sub = frame[frame["mode"] == mode]
+        n_cases = int(sub["n_cases"].iloc[0]) if len(sub) else 0
+        if mode == "peer":
+            parts.append(f"## Peer mode ({n_cases} test volumes; HD95/ASD in voxels, a missed class scores 0)")
+        else:
+            parts.append(f"## mm mode ({n_cases} test volumes; HD95/ASSD in mm, an empty prediction is left out)")
+        parts += ["", "Dice and Jaccard in %, mean over RV, MYO and LV:", "", _markdown_table(sub, overall), ""]
+        parts += ["Dice per class (%):", "", _markdown_table(sub, per_class), ""]
+    path.write_text("\n".join(parts))
+
+
+def run(results_dir: Path | str, out_dir: Path | str, settings: dict) -> pd.DataFrame:
+    """Write results.csv, results.md and figures/ for every experiment and seed in `settings`."""
+    from sraseg.report import figures
+
+    results_dir = Path(results_dir)
+    config = parse_settings(ReportSettings, settings, "report")
+    if not config.experiments:
+        raise DatasetError(f"{results_dir}: no experiments to report")
+    frame = collect_results(results_dir, config.experiments, list(config.seeds))
+    with staged_outputs(out_dir) as staged:
+        frame.to_csv(staged.path("results.csv"), index=False)
+        write_markdown(
+            frame, staged.path("results.md"), f"Results: {results_dir.name}", _provenance_lines(results_dir), config.seeds
+        )
+        figures.training_curves(results_dir, config.experiments, config.seeds, staged.path("figures/training_curves.png"))
+        figures.overlays(results_dir, config.experiments, config.seeds[0], staged.path("figures/overlays.png"))
+        if (results_dir / "synthetic" / "images.npy").is_file():
+            figures.real_vs_synthetic(results_dir, staged.path("figures/real_vs_synthetic.png"))
+        projection = results_dir / "embed" / "projection.png"
+        if projection.is_file():
+            shutil.copyfile(projection, staged.path("figures/embedding_projection.png"))
+        for name in config.experiments:
+            preview = results_dir / "blend" / name / "preview.png"
+            if preview.is_file():
+                shutil.copyfile(preview, staged.path(f"figures/blend_{name}.png"))
+    log.info("report for %d experiments written to %s", len(config.experiments), out_dir)
+    return frame
