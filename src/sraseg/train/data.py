@@ -1,0 +1,269 @@
+"""Training inputs: prepared slices, synthetic images, DINOv2 targets and the blend bank; augmentation
+and seeded batch sampling.
+
+Everything is held in memory as CPU tensors (ACDC at 256 px is a few hundred MB); a batch is indexed,
+then moved to the training device. All randomness comes from the loop's own `torch.Generator`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from sraseg.errors import DatasetError
+
+__all__ = [
+    "AUGMENTATIONS",
+    "Prepared",
+    "EmbedTargets",
+    "BlendBank",
+    "load_prepared",
+    "load_synthetic",
+    "load_embed",
+    "load_blend",
+    "sample_indices",
+    "augment",
+]
+
+log = logging.getLogger(__name__)
+
+AUGMENTATIONS = ("rot_flip_or_rotate", "none")
+MAX_ANGLE = 20.0  # degrees, rotation augmentation range [-20, 20]
+
+
+def _need(path: Path) -> Path:
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found")
+    return path
+
+
+def _read_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    table = pd.read_parquet(_need(path))
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}")
+    return table
+
+
+@dataclass
+class Prepared:
+    """The prepared slices a training run reads.
+
+    Attributes:
+        image_size: S.
+        labeled_images: float32 [L,S,S] in [0,1], train slices with labeled == True.
+        labeled_labels: uint8 [L,S,S] in {0..3}.
+        labeled_ids: int64 [L] slice ids of those rows.
+        unlabeled_images: float32 [U,S,S], train slices with labeled == False (bcp_real's pool).
+        val_images: float32 [V,S,S]; val_labels uint8 [V,S,S]; val_cases: str [V] (case of each slice).
+    """
+
+    image_size: int
+    labeled_images: torch.Tensor
+    labeled_labels: torch.Tensor
+    labeled_ids: np.ndarray
+    unlabeled_images: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    val_cases: np.ndarray
+
+    def labeled_position(self, slice_ids: np.ndarray, source: Path) -> np.ndarray:
+        """Row in `labeled_images` of each slice id; DatasetError naming `source` for an unlabeled id."""
+        lookup = pd.Series(np.arange(len(self.labeled_ids)), index=self.labeled_ids)
+        found = lookup.reindex(np.asarray(slice_ids))
+        if found.isna().any():
+            bad = sorted(set(np.asarray(slice_ids)[found.isna().to_numpy()].tolist()))[:5]
+            raise DatasetError(f"{source}: slice id(s) {bad} are not labeled train slices of the prepared data")
+        return found.to_numpy(dtype=np.int64)
+
+
+def load_prepared(prepared_dir: Path | str, num_classes: int = 4) -> Prepared:
+    """Read slices.parquet, images.npy and labels.npy; labels are read only for labeled and val rows.
+
+    Raises:
+        DatasetError: missing files or columns, row counts that disagree, no labeled or no val slices,
+            label values outside [0, num_classes).
+    """
+    prepared_dir = Path(prepared_dir)
+    table_path = prepared_dir / "slices.parquet"
+    table = _read_table(table_path, ("slice_id", "case", "split", "labeled"))
+    images = np.load(_need(prepared_dir / "images.npy"), mmap_mode="r")
+    labels = np.load(_need(prepared_dir / "labels.npy"), mmap_mode="r")
+    if images.ndim != 3 or images.shape[1] != images.shape[2]:
+        raise DatasetError(f"{prepared_dir / 'images.npy'}: expected [N,S,S], got shape {images.shape}")
+    if len(table) != len(images) or labels.shape != images.shape:
+        raise DatasetError(
+            f"{prepared_dir}: slices.parquet has {len(table)} rows, images.npy {images.shape}, labels.npy {labels.shape}"
+        )
+    split = table["split"].to_numpy()
+    labeled = table["labeled"].to_numpy(dtype=bool)
+    labeled_rows = np.flatnonzero((split == "train") & labeled)
+    unlabeled_rows = np.flatnonzero((split == "train") & ~labeled)
+    val_rows = np.flatnonzero(split == "val")
+    if len(labeled_rows) == 0:
+        raise DatasetError(f"{table_path}: no labeled train slices (split == 'train' and labeled == True)")
+    if len(val_rows) == 0:
+        raise DatasetError(f"{table_path}: no val slices; validation picks the model to keep")
+    labeled_labels = np.asarray(labels[labeled_rows])
+    val_labels = np.asarray(labels[val_rows])
+    for name, values in (("labeled", labeled_labels), ("val", val_labels)):
+        if values.size and int(values.max()) >= num_classes:
+            raise DatasetError(f"{prepared_dir / 'labels.npy'}: {name} label values up to {int(values.max())} "
+                               f"outside [0, {num_classes})")
+    as_tensor = lambda rows: torch.from_numpy(np.ascontiguousarray(images[rows], dtype=np.float32))  # noqa: E731
+    return Prepared(
+        image_size=int(images.shape[1]),
+        labeled_images=as_tensor(labeled_rows),
+        labeled_labels=torch.from_numpy(labeled_labels.astype(np.uint8)),
+        labeled_ids=table["slice_id"].to_numpy(dtype=np.int64)[labeled_rows],
+        unlabeled_images=as_tensor(unlabeled_rows),
+        val_images=as_tensor(val_rows),
+        val_labels=torch.from_numpy(val_labels.astype(np.uint8)),
+        val_cases=table["case"].to_numpy()[val_rows].astype(str),
+    )
+
+
+def load_synthetic(synthetic_dir: Path | str, image_size: int) -> torch.Tensor:
+    """synthetic images.npy -> float32 [M,S,S]; DatasetError for a wrong size or an empty set."""
+    path = Path(synthetic_dir) / "images.npy"
+    images = np.load(_need(path), mmap_mode="r")
+    if images.ndim != 3 or images.shape[1:] != (image_size, image_size) or len(images) == 0:
+        raise DatasetError(f"{path}: expected [M,{image_size},{image_size}] with M > 0, got shape {images.shape}")
+    return torch.from_numpy(np.array(images, dtype=np.float32))
+
+
+@dataclass
+class EmbedTargets:
+    """DINOv2 targets of the SA loss.
+
+    Attributes:
+        real: float32 [R,D] L2-normalised embeddings of the real train slices.
+        real_row: pandas Series slice_id -> row of `real`.
+        neighbour_row: int64 [M] row of `real` holding each synthetic image's rank-0 neighbour (-1: none).
+    """
+
+    real: torch.Tensor
+    real_row: pd.Series
+    neighbour_row: np.ndarray
+
+    @property
+    def dim(self) -> int:
+        return int(self.real.shape[1])
+
+    def rows_of(self, slice_ids: np.ndarray, source: Path) -> np.ndarray:
+        found = self.real_row.reindex(np.asarray(slice_ids))
+        if found.isna().any():
+            bad = sorted(set(np.asarray(slice_ids)[found.isna().to_numpy()].tolist()))[:5]
+            raise DatasetError(f"{source}: slice id(s) {bad} have no embedding in real.parquet")
+        return found.to_numpy(dtype=np.int64)
+
+
+def load_embed(embed_dir: Path | str, synthetic_count: int) -> EmbedTargets:
+    """Read real.npy/real.parquet and neighbours.parquet (rank 0 = nearest real slice)."""
+    embed_dir = Path(embed_dir)
+    real = np.load(_need(embed_dir / "real.npy"))
+    table = _read_table(embed_dir / "real.parquet", ("row", "slice_id"))
+    if real.ndim != 2 or len(table) != len(real):
+        raise DatasetError(f"{embed_dir / 'real.npy'}: shape {real.shape} does not match {len(table)} rows of real.parquet")
+    real_row = pd.Series(table["row"].to_numpy(dtype=np.int64), index=table["slice_id"].to_numpy(dtype=np.int64))
+    neighbours_path = embed_dir / "neighbours.parquet"
+    neighbours = _read_table(neighbours_path, ("synthetic_id", "rank", "real_id"))
+    nearest = neighbours[neighbours["rank"] == 0]
+    neighbour_row = np.full(synthetic_count, -1, dtype=np.int64)
+    ids = nearest["synthetic_id"].to_numpy(dtype=np.int64)
+    if len(ids) and (ids.min() < 0 or ids.max() >= synthetic_count):
+        raise DatasetError(f"{neighbours_path}: synthetic ids outside [0, {synthetic_count})")
+    targets = EmbedTargets(torch.from_numpy(real.astype(np.float32)), real_row, neighbour_row)
+    neighbour_row[ids] = targets.rows_of(nearest["real_id"].to_numpy(dtype=np.int64), neighbours_path)
+    return targets
+
+
+@dataclass
+class BlendBank:
+    """The materialised blend bank.
+
+    Attributes:
+        maps: float16 [B,S,S] in [0,1] (1 keeps the synthetic image in the a-half mix).
+        synthetic_ids: int64 [B]; real_ids: int64 [B] (labeled slice ids).
+    """
+
+    maps: torch.Tensor
+    synthetic_ids: np.ndarray
+    real_ids: np.ndarray
+
+
+def load_blend(blend_dir: Path | str, image_size: int, synthetic_count: int) -> BlendBank:
+    """Read maps.npy + pairs.parquet, checking shapes and id ranges."""
+    blend_dir = Path(blend_dir)
+    maps_path, pairs_path = blend_dir / "maps.npy", blend_dir / "pairs.parquet"
+    maps = np.load(_need(maps_path))
+    pairs = _read_table(pairs_path, ("blend_id", "synthetic_id", "real_id"))
+    if maps.ndim != 3 or maps.shape[1:] != (image_size, image_size) or len(maps) == 0:
+        raise DatasetError(f"{maps_path}: expected [B,{image_size},{image_size}] with B > 0, got shape {maps.shape}")
+    pairs = pairs.sort_values("blend_id")
+    if not np.array_equal(pairs["blend_id"].to_numpy(), np.arange(len(maps))):
+        raise DatasetError(f"{pairs_path}: blend_id must be 0..{len(maps) - 1}, one row per map of maps.npy")
+    synthetic_ids = pairs["synthetic_id"].to_numpy(dtype=np.int64)
+    if synthetic_ids.min() < 0 or synthetic_ids.max() >= synthetic_count:
+        raise DatasetError(f"{pairs_path}: synthetic ids outside [0, {synthetic_count}) of the synthetic set")
+    return BlendBank(torch.from_numpy(maps.astype(np.float16)), synthetic_ids, pairs["real_id"].to_numpy(dtype=np.int64))
+
+
+def sample_indices(population: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` indices into range(population): without replacement when the pool is large enough.
+
+    Returns:
+        int64 [count] on the CPU.
+    """
+    if count <= population:
+        return torch.randperm(population, generator=generator)[:count]
+    return torch.randint(population, (count,), generator=generator)
+
+
+def augment(
+    images: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator, mode: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-sample geometric augmentation (as BCP's generator): with probability 1/2 a random rot90 then
+    a flip along a random axis; else with probability 1/2 a rotation by an angle in [-20, 20] degrees;
+    else nothing. All channels of a sample get the same transform.
+
+    Args:
+        images: float [B,K,H,W] with H == W, resampled bilinearly (zeros outside).
+        labels: float [B,L,H,W] class-index maps, resampled nearest (background outside), or None.
+        generator: CPU generator all random draws come from (a fixed number per sample).
+        mode: "rot_flip_or_rotate" or "none".
+    Returns:
+        (images, labels) transformed, same shapes.
+    """
+    if mode == "none":
+        return images, labels
+    count = images.shape[0]
+    choice = torch.rand(count, generator=generator)
+    turns = torch.randint(0, 4, (count,), generator=generator)
+    axis = torch.randint(2, 4, (count,), generator=generator)
+    angle = (torch.rand(count, generator=generator) * 2 - 1) * math.radians(MAX_ANGLE)
+    images, labels = images.clone(), None if labels is None else labels.clone()
+    for i in torch.nonzero(choice < 0.5).flatten().tolist():
+        k, dim = int(turns[i]), int(axis[i])
+        images[i] = torch.rot90(images[i], k, dims=(1, 2)).flip(dim - 1)
+        if labels is not None:
+            labels[i] = torch.rot90(labels[i], k, dims=(1, 2)).flip(dim - 1)
+    rotate = torch.nonzero((choice >= 0.5) & (choice < 0.75)).flatten()
+    if len(rotate):
+        cos, sin = torch.cos(angle[rotate]), torch.sin(angle[rotate])
+        theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1),
+                             torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1).to(images)
+        index = rotate.to(images.device)
+        grid = F.affine_grid(theta, [len(rotate), images.shape[1], *images.shape[2:]], align_corners=False)
+        images[index] = F.grid_sample(images[index], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if labels is not None:
+            labels[index] = F.grid_sample(labels[index], grid.to(labels.dtype), mode="nearest", padding_mode="zeros",
+                                          align_corners=False)
+    return images, labels

@@ -1,0 +1,240 @@
+"""The train stage: EMA teacher, pseudo-label LCC, augmentation, SA gradients, every method end to end,
+published files, resume exactness and input checks, on tiny 32x32 fixtures."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_fixtures import TINY, make_all, make_blend, make_prepared, student_weights
+
+from sraseg.errors import ConfigError, DatasetError, SrasegError
+from sraseg.train import loop
+from sraseg.train.alignment import ProjectionHead, sa_loss
+from sraseg.train.data import augment
+from sraseg.train.teacher import largest_components, pseudo_labels, update_ema
+from sraseg.train.unet import UNet, load_model
+
+SMALL_NET = dict(channels=[8, 16, 32], dropout=[0.05, 0.1, 0.2])
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return make_all(tmp_path_factory.mktemp("inputs"))
+
+
+@pytest.fixture(scope="module")
+def runs(inputs, tmp_path_factory):
+    """One tiny run per method (seed 5), shared by the tests that only read outputs."""
+    root = tmp_path_factory.mktemp("runs")
+    return {m: loop.run(out_dir=root / m, settings=dict(TINY, method=m), seed=5, **inputs) for m in loop.METHODS}
+
+
+def _params(out_dir):
+    return {k: v for k, v in student_weights(out_dir).items() if "running" not in k and "num_batches" not in k}
+
+
+# --- teacher --------------------------------------------------------------------------------------
+
+
+def test_ema_update_is_exact():
+    torch.manual_seed(0)
+    teacher, student = UNet(**SMALL_NET), UNet(**SMALL_NET)
+    student.train()
+    student(torch.rand(2, 1, 16, 16))  # running stats and num_batches_tracked move
+    before_t = {k: v.clone() for k, v in teacher.state_dict().items()}
+    s = student.state_dict()
+    update_ema(teacher, student, 0.99)
+    after = teacher.state_dict()
+    assert not teacher.training
+    for key, value in after.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, 0.99 * before_t[key] + 0.01 * s[key], rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(value, s[key])
+    assert not torch.equal(after["encoder.0.0.weight"], before_t["encoder.0.0.weight"])
+
+
+def test_largest_component_per_class_per_slice():
+    labels = np.zeros((2, 10, 10), np.int64)
+    labels[0, 1:4, 1:4] = 3  # 9 px
+    labels[0, 6:8, 6:8] = 3  # 4 px, dropped
+    labels[0, 8, 8] = 3  # touches the 4-px blob diagonally (8-connectivity): part of it, dropped too
+    labels[0, 5, 0:2] = 1  # only RV blob of slice 0: kept
+    labels[1, 6:9, 6:9] = 3  # slice 1: the 9-px blob is the bottom one ...
+    labels[1, 0:2, 0:2] = 3  # ... and this 4-px blob is dropped, independently of slice 0
+    out = largest_components(labels, 4)
+    assert (out[0] == 3).sum() == 9 and out[0, 2, 2] == 3 and out[0, 7, 7] == 0 and out[0, 8, 8] == 0
+    assert (out[0] == 1).sum() == 2
+    assert (out[1] == 3).sum() == 9 and out[1, 7, 7] == 3 and out[1, 0, 0] == 0
+    assert set(np.unique(out)) <= {0, 1, 3}
+
+
+def test_pseudo_labels_shape_and_range():
+    teacher = UNet(**SMALL_NET).eval()
+    out = pseudo_labels(teacher, torch.rand(3, 1, 16, 16), 4)
+    assert out.shape == (3, 16, 16) and out.dtype == torch.long
+    assert 0 <= out.min() and out.max() < 4
+
+
+# --- augmentation -----------------------------------------------------------------------------------
+
+
+def test_augment_keeps_labels_integer_and_pairs_aligned():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (16, 1, 16, 16)).float()
+    images = torch.cat([labels / 3, labels / 3], 1)  # two channels, both the label scaled
+    out_images, out_labels = augment(images, labels, gen, "rot_flip_or_rotate")
+    assert torch.equal(out_labels, out_labels.round()) and out_labels.max() <= 3
+    assert torch.equal(out_images[:, 0], out_images[:, 1])  # channels share the transform
+    changed = [(out_labels[i] != labels[i]).any().item() for i in range(16)]
+    assert any(changed) and not all(changed)  # some samples untouched (1/4), most changed
+    same, _ = augment(images, labels, gen, "none")
+    assert torch.equal(same, images)
+
+
+# --- SA loss ----------------------------------------------------------------------------------------
+
+
+def test_sa_loss_trains_the_encoder():
+    torch.manual_seed(0)
+    net, head = UNet(**SMALL_NET), ProjectionHead(32, 8)
+    targets = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    features = net.encode(torch.rand(4, 1, 16, 16))
+    loss = sa_loss(head, features[:2], targets[:2], features[2:], targets[2:])
+    loss.backward()
+    assert 0 < loss.item() < 4
+    first_conv = net.encoder[0][0].weight.grad
+    assert first_conv is not None and first_conv.abs().sum() > 0
+    assert net.head.weight.grad is None  # no decoder pass needed
+
+
+def test_sa_changes_the_trained_weights(inputs, runs, tmp_path):
+    base = dict(TINY, method="sraseg")
+    off = loop.run(out_dir=tmp_path / "off", settings=dict(base, sa=False), seed=5, **inputs)
+    zero = loop.run(out_dir=tmp_path / "zero", settings=dict(base, sa_weight=0.0), seed=5, **inputs)
+    on, off, zero = _params(runs["sraseg"]), _params(off), _params(zero)
+    assert any(not torch.equal(on[k], off[k]) for k in on)
+    # same random draws, only the SA gradient differs
+    assert any(not torch.equal(on[k], zero[k]) for k in on if k.startswith("encoder"))
+    rows = list(csv.DictReader(open(runs["sraseg"] / "train_log.csv")))
+    assert float(rows[-1]["sa_loss"]) > 0
+
+
+# --- every method end to end --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", loop.METHODS)
+def test_method_publishes_outputs(method, runs, inputs):
+    out = runs[method]
+    for name in ("model.safetensors", "model.json", "train_log.csv", "train.json", "last.ckpt"):
+        assert (out / name).is_file(), name
+    assert any((out / "tensorboard").iterdir())
+    model, meta = load_model(out / "model.safetensors")
+    assert meta["method"] == method and meta["image_size"] == 32 and meta["num_classes"] == 4
+    rows = list(csv.DictReader(open(out / "train_log.csv")))
+    phases = [r["phase"] for r in rows]
+    assert phases == (["supervised"] * 2 if method == "labeled_only" else ["pretrain", "selftrain"])
+    assert all(0 <= float(r["val_dice_mean"]) <= 1 and float(r["loss"]) > 0 for r in rows)
+    saved = json.loads((out / "train.json").read_text())
+    assert saved["settings"]["method"] == method and saved["seed"] == 5
+    # the published weights are the best-val student; loading them gives the same logits
+    x = torch.from_numpy(np.load(inputs["prepared_dir"] / "images.npy")[:2])[:, None]
+    state = load_file(str(out / "model.safetensors"))
+    again = UNet()
+    again.load_state_dict(state)
+    assert torch.equal(again.eval()(x), model(x))
+
+
+def test_sraseg_hard_blend_bank_ablation(inputs, tmp_path):
+    hard = make_blend(tmp_path, inputs["prepared_dir"], inputs["synthetic_dir"], kind="hard")
+    out = loop.run(out_dir=tmp_path / "out", settings=dict(TINY, method="sraseg"), seed=5,
+                   **dict(inputs, blend_dir=hard))
+    assert (out / "model.safetensors").is_file()
+
+
+# --- resume -----------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["labeled_only", "sraseg"])
+def test_interrupted_run_resumes_exactly(method, runs, inputs, tmp_path, monkeypatch):
+    real_save = loop.save_checkpoint
+
+    def save_then_stop(path, state):
+        real_save(path, state)
+        if state["step"] == 3:
+            raise _Stop
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
+    with pytest.raises(_Stop):
+        loop.run(out_dir=tmp_path, settings=dict(TINY, method=method), seed=5, **inputs)
+    assert not (tmp_path / "model.safetensors").exists()  # nothing published before the end
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    calls, real_loss = [], loop.soft_dice_ce
+    monkeypatch.setattr(loop, "soft_dice_ce", lambda *a: calls.append(1) or real_loss(*a))
+    loop.run(out_dir=tmp_path, settings=dict(TINY, method=method), seed=5, **inputs)
+    assert len(calls) == {"labeled_only": 1, "sraseg": 2}[method]  # only iteration 4 was trained again
+    resumed, straight = student_weights(tmp_path), student_weights(runs[method])
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    a, b = load_file(str(tmp_path / "model.safetensors")), load_file(str(runs[method] / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(csv.DictReader(open(tmp_path / "train_log.csv"))) == drop(
+        csv.DictReader(open(runs[method] / "train_log.csv"))
+    )
+
+
+def test_resume_refuses_other_settings(runs, inputs):
+    with pytest.raises(ConfigError, match="lr"):
+        loop.run(out_dir=runs["labeled_only"], settings=dict(TINY, lr=0.02), seed=5, **inputs)
+    with pytest.raises(ConfigError, match="seed"):
+        loop.run(out_dir=runs["labeled_only"], settings=dict(TINY), seed=6, **inputs)
+
+
+# --- input and settings checks -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "drop", "missing"),
+    [("bcp_synthetic", "synthetic_dir", "synthetic_dir"), ("sraseg", "blend_dir", "blend_dir"),
+     ("sraseg", "embed_dir", "embed_dir")],
+)
+def test_missing_inputs_named(method, drop, missing, inputs, tmp_path):
+    given = {k: v for k, v in inputs.items() if k != drop}
+    with pytest.raises(ConfigError, match=f"{method}.*{missing}"):
+        loop.run(out_dir=tmp_path, settings=dict(TINY, method=method), seed=0, **given)
+
+
+def test_bad_settings_refused(inputs, tmp_path):
+    with pytest.raises(ConfigError, match="method"):
+        loop.run(out_dir=tmp_path, settings=dict(TINY, method="fixmatch"), seed=0, **inputs)
+    with pytest.raises(ConfigError, match="unknown"):
+        loop.run(out_dir=tmp_path, settings=dict(TINY, learning_rate=0.1), seed=0, **inputs)
+
+
+def test_no_labeled_slices(tmp_path):
+    prepared = make_prepared(tmp_path)
+    table = pd.read_parquet(prepared / "slices.parquet")
+    table["labeled"] = False
+    table.to_parquet(prepared / "slices.parquet")
+    with pytest.raises(DatasetError, match="no labeled"):
+        loop.run(prepared_dir=prepared, out_dir=tmp_path / "out", settings=TINY, seed=0)
+
+
+def test_nan_loss_aborts(inputs, tmp_path, monkeypatch):
+    def nan_loss(logits, target):
+        nan = logits.sum() * float("nan")
+        return nan, nan, nan
+
+    monkeypatch.setattr(loop, "soft_dice_ce", nan_loss)
+    with pytest.raises(SrasegError, match="nan"):
+        loop.run(out_dir=tmp_path, settings=TINY, seed=0, **inputs)
