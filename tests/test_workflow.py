@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -68,7 +69,10 @@ def test_configs_validate_and_plan(workdir: Path, config: str):
 
 
 def test_labeled_only_plan_never_builds_the_generator(workdir: Path):
-    result = snakemake(workdir, "-n", "--config", "experiments={'base': {'method': 'labeled_only'}}")
+    config = yaml.safe_load((workdir / "config" / "tiny.yaml").read_text())
+    config["experiments"] = {"base": {"method": "labeled_only"}, "bcp": {"method": "bcp_real"}}
+    (workdir / "config" / "supervised.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(workdir, "-n", "--configfile", str(workdir / "config" / "supervised.yaml"))
     assert "prepare" in result.stdout
     for rule in ("train_generator", "sample", "embed", "index", "blend"):
         assert f"rule {rule}:" not in result.stdout
