@@ -132,7 +132,7 @@ def test_bad_inputs_raise_dataset_error(tmp_path):
     bad_labels = reference_volume()
     bad_labels[0, 0, 0] = 7
     path = write_nifti(tmp_path / "p1" / "a.nii.gz", bad_labels)
-    with pytest.raises(DatasetError, match=r"a\.nii\.gz: label values 7 outside"):
+    with pytest.raises(DatasetError, match=r"a\.nii\.gz: label values \[7\] outside"):
         evaluate.run(tmp_path / "p1", gt, tmp_path / "out")
 
     broken = tmp_path / "p2" / "a.nii.gz"

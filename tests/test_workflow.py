@@ -100,6 +100,17 @@ def test_tiny_workflow_end_to_end(workdir: Path):
         assert set(per_case["mode"]) == {"peer", "mm"}
         predictions = sorted((results / exp / "seed1" / "predictions").glob("*.nii.gz"))
         assert len(predictions) == 4
+    report = pd.read_csv(results / "report" / "results.csv")
+    assert sorted(report["experiment"].unique()) == ["labeled_only", "sraseg"]
+    assert report["dice_mean_mean"].between(0, 100).all()
+    markdown = (results / "report" / "results.md").read_text()
+    assert "UNTRAINED" in markdown  # the tiny config runs on a random-init encoder, and says so
+    for figure in ("training_curves", "overlays", "real_vs_synthetic", "embedding_projection", "blend_sraseg"):
+        assert (results / "report" / "figures" / f"{figure}.png").stat().st_size > 1000
     # Nothing is left to do after a complete run.
     dry = snakemake(workdir, "-n")
     assert "Nothing to be done" in dry.stdout + dry.stderr
+    # One command gives the browsable HTML report.
+    snakemake(workdir, "--report", str(workdir / "report.html"))
+    html = (workdir / "report.html").read_text(errors="replace")
+    assert "results.csv" in html and "overlays.png" in html

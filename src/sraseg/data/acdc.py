@@ -159,11 +159,11 @@ def _read_nifti(path: Path) -> nib.Nifti1Image | nib.Nifti2Image:
     raise ImageFileError("not a NIfTI-1/2 file (bad header size)")
 
 
-def load_volume(path: Path | str) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """Load a 3-D NIfTI volume (header and all data).
+def read_nifti(path: Path | str) -> tuple[np.ndarray, nib.Nifti1Image | nib.Nifti2Image]:
+    """Read a whole 3-D NIfTI file (header and data), checked.
 
     Returns:
-        (data [X,Y,Z] in the file's dtype, affine float64 [4,4], spacing (sx, sy, sz) mm).
+        (data [X,Y,Z] in the file's dtype, the nibabel image for its affine and header).
 
     Raises:
         DatasetError: the file is missing, unreadable, truncated or not 3-D.
@@ -181,11 +181,22 @@ def load_volume(path: Path | str) -> tuple[np.ndarray, np.ndarray, tuple[float, 
         data = data[..., 0]
     if data.ndim != 3:
         raise DatasetError(f"{path}: expected a 3-D volume, got shape {tuple(data.shape)}")
+    return data, img
+
+
+def load_volume(path: Path | str) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """Load a 3-D NIfTI volume (see `read_nifti`).
+
+    Returns:
+        (data [X,Y,Z] in the file's dtype, affine float64 [4,4], spacing (sx, sy, sz) mm).
+    """
+    data, img = read_nifti(path)
     spacing = tuple(float(s) for s in img.header.get_zooms()[:3])
     return data, np.asarray(img.affine, dtype=np.float64), spacing
 
 
-def _label_problem(label: np.ndarray) -> str | None:
+def label_problem(label: np.ndarray) -> str | None:
+    """What is wrong with a label volume (non-integer, NaN, values outside {0,1,2,3}), or None."""
     if not np.issubdtype(label.dtype, np.integer):
         if not np.all(np.isfinite(label)):
             return "label volume has NaN or infinite values"
@@ -221,7 +232,7 @@ def _load_pair(image_path: Path, gt_path: Path) -> tuple[list[str], tuple | None
         problems.append(f"{image_path}: NaN or infinite intensities")
     elif float(image.max()) == float(image.min()):
         problems.append(f"{image_path}: constant intensities (cannot min-max normalise)")
-    problem = _label_problem(label)
+    problem = label_problem(label)
     if problem:
         problems.append(f"{gt_path}: {problem}")
     if image.shape != label.shape:

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from sraseg.data.acdc import read_nifti
 from sraseg.data.prepare import normalise, slices_from_volume, volume_from_slices
 from sraseg.device import autocast, pick_device
 from sraseg.errors import ConfigError, DatasetError, WeightsError
@@ -61,26 +62,16 @@ def predict_volume(
 
 
 def load_image(path: Path | str):
-    """Read an image NIfTI.
+    """Read an image NIfTI (checked by the dataset reader).
 
     Returns:
         (float32 [X,Y,Z] raw intensities, the nibabel image for its affine and header).
 
     Raises:
-        DatasetError: unreadable, not 3-D.
+        DatasetError: missing, unreadable, truncated or not 3-D.
     """
-    import nibabel as nib
-
-    try:
-        image = nib.load(str(path))
-        data = np.asarray(image.dataobj, dtype=np.float32)
-    except Exception as err:  # nibabel raises many types for truncated or foreign files
-        raise DatasetError(f"{path}: cannot read NIfTI ({type(err).__name__}: {err})") from err
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise DatasetError(f"{path}: expected a 3-D image, got shape {data.shape}")
-    return data, image
+    data, image = read_nifti(path)
+    return np.asarray(data, dtype=np.float32), image
 
 
 def write_prediction(path: Path, labels: np.ndarray, reference) -> None:

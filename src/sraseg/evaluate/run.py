@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from sraseg.data.acdc import label_problem, read_nifti
 from sraseg.errors import DatasetError
 from sraseg.evaluate.metrics import CLASS_NAMES, METRICS, MODES, score_case
 from sraseg.io import staged_outputs, write_json
@@ -59,21 +60,11 @@ def load_labels(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     Raises:
         DatasetError: unreadable file, not 3-D, or label values outside {0,1,2,3}.
     """
-    image = _open(path)
-    try:
-        data = np.asanyarray(image.dataobj)
-        zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
-    except Exception as err:  # nibabel raises many types for truncated or foreign files
-        raise DatasetError(f"{path}: cannot read NIfTI ({type(err).__name__}: {err})") from err
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise DatasetError(f"{path}: expected a 3-D label volume, got shape {data.shape}")
-    values = np.unique(data)
-    bad = [v for v in values.tolist() if v not in (0, 1, 2, 3)]
-    if bad:
-        shown = ", ".join(f"{v:g}" for v in bad[:5]) + (" ..." if len(bad) > 5 else "")
-        raise DatasetError(f"{path}: label values {shown} outside {{0,1,2,3}}")
+    data, image = read_nifti(path)
+    problem = label_problem(data)
+    if problem:
+        raise DatasetError(f"{path}: {problem}")
+    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
     return data.astype(np.uint8), zooms  # type: ignore[return-value]
 
 
