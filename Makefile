@@ -14,17 +14,22 @@ $(BIN)/sraseg: pyproject.toml requirements/constraints.txt
 
 setup: $(BIN)/sraseg
 
+# Rules call `python -m sraseg`: the venv's python must come first on PATH.
+RUN := PATH="$(abspath $(BIN)):$$PATH"
+SNAKEMAKE := $(RUN) $(BIN)/snakemake --snakefile workflow/Snakefile
+
 demo: setup
-	$(BIN)/snakemake --snakefile workflow/Snakefile --configfile config/config.yaml --cores $(CORES)
+	$(SNAKEMAKE) --configfile config/config.yaml --cores $(CORES)
+	$(SNAKEMAKE) --configfile config/config.yaml --report results/phantom/report/report.html
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/ruff check src tests benchmarks
-	HF_HUB_OFFLINE=1 $(BIN)/snakemake --snakefile workflow/Snakefile --configfile config/config.yaml --lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
+	HF_HUB_OFFLINE=1 $(SNAKEMAKE) --lint
+	HF_HUB_OFFLINE=1 $(RUN) $(BIN)/python -m pytest tests
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/snakemake --snakefile workflow/Snakefile --lint
+	$(SNAKEMAKE) --lint
 
 clean:
 	rm -rf results resources .snakemake
