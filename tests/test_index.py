@@ -149,3 +149,12 @@ def test_input_errors_name_the_file(dirs, tmp_path):
     assert str(prepared / "slices.parquet") in text and "empty" in text
     index_stage.run(embed, prepared, out, {"bank": "all_train"})  # the all_train bank still works
     assert (out / "neighbours.parquet").is_file()
+
+
+def test_neighbour_hubness_counts_the_nearest_slices():
+    from sraseg.embed.index import neighbour_hubness
+
+    neighbours = pd.DataFrame(
+        {"synthetic_id": [0, 0, 1, 1, 2, 2, 3, 3], "rank": [0, 1] * 4, "real_id": [7, 8, 7, 9, 7, 8, 5, 7]}
+    )
+    assert neighbour_hubness(neighbours) == {"distinct_nearest": 2, "top_share": 0.75, "top_real_id": 7}

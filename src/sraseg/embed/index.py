@@ -15,7 +15,7 @@ from sraseg.errors import ConfigError, DatasetError
 from sraseg.io import read_json, staged_outputs, write_json
 from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
 
-__all__ = ["IndexSettings", "run", "cosine_knn", "faiss_has_gpu", "load_embeddings", "plot_projection"]
+__all__ = ["IndexSettings", "run", "cosine_knn", "faiss_has_gpu", "load_embeddings", "neighbour_hubness", "plot_projection"]
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,23 @@ def plot_projection(real: np.ndarray, synthetic: np.ndarray, bank_mask: np.ndarr
     fig.savefig(path)
 
 
+HUB_WARNING_SHARE = 0.25  # one real slice as the nearest neighbour of over a quarter of the synthetic set
+
+
+def neighbour_hubness(neighbours: pd.DataFrame) -> dict:
+    """How concentrated the nearest (rank 0) real neighbours are: the number of distinct nearest real
+    slices and the share of synthetic images whose nearest slice is the most common one. A high share
+    means nearest-neighbour pairing collapses onto a few real slices (an untrained encoder, or a
+    synthetic set far from every real slice)."""
+    nearest = neighbours.loc[neighbours["rank"] == 0, "real_id"]
+    counts = nearest.value_counts()
+    return {
+        "distinct_nearest": int(len(counts)),
+        "top_share": float(counts.iloc[0] / len(nearest)) if len(nearest) else 0.0,
+        "top_real_id": int(counts.index[0]) if len(nearest) else -1,
+    }
+
+
 def run(embed_dir: Path, prepared_dir: Path, out_dir: Path, settings: dict | None = None) -> None:
     """Index the real bank, find each synthetic image's k nearest real slices, compute FD-DINOv2.
 
@@ -213,6 +230,16 @@ def run(embed_dir: Path, prepared_dir: Path, out_dir: Path, settings: dict | Non
     fd = frechet_distance(real, syn)
     encoder_path = embed_dir / "encoder.json"
     encoder = read_json(encoder_path) if encoder_path.is_file() else {}
+    hubness = neighbour_hubness(neighbours)
+    if hubness["top_share"] > HUB_WARNING_SHARE:
+        log.warning(
+            "%.0f%% of the synthetic images have the same nearest real slice (%d distinct nearest slices in a "
+            "bank of %d): nearest-neighbour pairing will show the segmenter very few real slices%s",
+            100 * hubness["top_share"],
+            hubness["distinct_nearest"],
+            len(bank_ids),
+            " (the encoder is UNTRAINED)" if encoder.get("untrained") else "",
+        )
     fd_report = {
         "fd_dinov2": fd["fd"],
         "mean_term": fd["mean_term"],
@@ -256,6 +283,7 @@ def run(embed_dir: Path, prepared_dir: Path, out_dir: Path, settings: dict | Non
                 "faiss_version": faiss.__version__,
                 "metric": "cosine (inner product of L2-normalised vectors)",
                 "embed_dir": str(embed_dir.resolve()),
+                "neighbour_hubness": hubness,
                 "bank_slice_ids": bank_ids,
             },
         )

@@ -121,6 +121,15 @@ def _provenance_lines(results_dir: Path) -> list[str]:
         fd = read_json(fd_path)
         value = fd.get("fd_dinov2", fd.get("fd"))
         lines.append(f"- FD-DINOv2 of the synthetic set against the real training slices: {value:.4g}")
+    index_path = results_dir / "embed" / "index.json"
+    hubness = read_json(index_path).get("neighbour_hubness") if index_path.is_file() else None
+    if hubness:
+        share = 100 * hubness["top_share"]
+        lines.append(
+            f"- Nearest-neighbour pairing: {hubness['distinct_nearest']} distinct nearest real slices; the most "
+            f"common one is nearest to {share:.0f}% of the synthetic images"
+            + (" (**collapsed**: the blend bank pairs almost everything with the same few real slices)" if share > 25 else "")
+        )
     return lines
 
 
