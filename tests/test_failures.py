@@ -2,37 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+from workflow_run import scratch, snakemake_command, snakemake_env
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     """Run the workflow on the scratch config with the default (local) profile."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    cmd = [
-        str(SNAKEMAKE),
-        "--snakefile",
-        str(REPO / "workflow" / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config" / "failures.yaml"),
-        "--cores",
-        "2",
-        *args,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    cmd = snakemake_command(workdir, "failures.yaml", "--cores", "2", *args)
+    return subprocess.run(cmd, capture_output=True, text=True, env=snakemake_env(), timeout=600)
 
 
 def ok(result: subprocess.CompletedProcess) -> str:
@@ -54,7 +37,7 @@ def mtimes(root: Path) -> dict[Path, int]:
 
 @pytest.mark.slow
 def test_bad_ground_truth_fails_evaluate_and_only_evaluate_reruns(tmp_path: Path):
-    shutil.copytree(REPO / "config", tmp_path / "config")
+    scratch(tmp_path)
     # The tiny config with its cheapest experiment: phantom -> prepare -> train -> predict -> evaluate.
     config = yaml.safe_load((tmp_path / "config" / "tiny.yaml").read_text())
     config["experiments"] = {"base": {"method": "labeled_only"}}

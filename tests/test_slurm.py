@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -26,10 +25,8 @@ import pandas as pd
 import pytest
 import yaml
 from slurm_cluster import Cluster, ClusterUnavailable, running_cluster
+from workflow_run import REPO, VENV_BIN, scratch, snakemake_command, snakemake_env
 
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-SNAKEMAKE = VENV_BIN / "snakemake"
 PROFILE = REPO / "workflow" / "profiles" / "slurm"
 TIMEOUT = 15 * 60
 # Rules whose jobs ask SLURM for a GPU: the rules declare gpu=1, the profile's set-resources tune them.
@@ -38,24 +35,6 @@ GPU_RULES = {
     for rule, res in yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"].items()
     if res.get("gpu")
 }
-
-
-def snakemake_command(workdir: Path, *args: str) -> list[str]:
-    return [
-        str(SNAKEMAKE),
-        "--snakefile",
-        str(REPO / "workflow" / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config" / "tiny.yaml"),
-        *args,
-    ]
-
-
-def scratch(path: Path) -> Path:
-    shutil.copytree(REPO / "config", path / "config")
-    return path
 
 
 def tail(path: Path, size: int = 4000) -> str:
@@ -73,11 +52,11 @@ def local_run(tmp_path_factory):
     Yields a function that waits for the run and returns its working directory.
     """
     workdir = scratch(tmp_path_factory.mktemp("local"))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
+    env = snakemake_env()
     log = workdir / "snakemake.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            snakemake_command(workdir, "--cores", "2"), stdout=out, stderr=subprocess.STDOUT, env=env
+            snakemake_command(workdir, "tiny.yaml", "--cores", "2"), stdout=out, stderr=subprocess.STDOUT, env=env
         )
 
     def finish() -> Path:
@@ -145,8 +124,8 @@ def test_profile_asks_a_gpu_for_exactly_the_rules_that_declare_one():
 
 def test_profile_plans_the_workflow_without_a_cluster(tmp_path: Path):
     """A dry run reads the profile (executor, resources, limits) and needs no SLURM."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
-    cmd = snakemake_command(scratch(tmp_path), "--workflow-profile", str(PROFILE), "-n")
+    env = snakemake_env()
+    cmd = snakemake_command(scratch(tmp_path), "tiny.yaml", "--workflow-profile", str(PROFILE), "-n")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
@@ -162,6 +141,7 @@ def test_tiny_workflow_on_slurm_matches_local_run(cluster: Cluster, local_run, t
     env = dict(cluster.env, HF_HUB_OFFLINE="1", PATH=path)
     cmd = snakemake_command(
         workdir,
+        "tiny.yaml",
         "--workflow-profile",
         str(PROFILE),
         "--slurm-status-command",

@@ -3,36 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+from workflow_run import REPO, SNAKEMAKE, scratch, snakemake_command, snakemake_env
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, config: str = "tiny.yaml", check: bool = True) -> subprocess.CompletedProcess:
     """Run the repository's workflow with `workdir` as its working directory."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    cmd = [
-        str(SNAKEMAKE),
-        "--snakefile",
-        str(REPO / "workflow" / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config" / "tiny.yaml"),
-        "--cores",
-        "2",
-        *args,
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    cmd = snakemake_command(workdir, config, "--cores", "2", *args)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=snakemake_env(), timeout=1200)
     if check and result.returncode != 0:
         logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted(workdir.glob("results/*/logs/*.log")))
         pytest.fail(f"snakemake {' '.join(args)} failed:\n{result.stderr[-5000:]}\n{logs}")
@@ -41,8 +24,7 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
 
 @pytest.fixture()
 def workdir(tmp_path: Path) -> Path:
-    shutil.copytree(REPO / "config", tmp_path / "config")
-    return tmp_path
+    return scratch(tmp_path)
 
 
 def test_lint_is_clean():
@@ -64,7 +46,7 @@ def test_configs_validate_and_plan(workdir: Path, config: str):
         extra = ["--config", f"dataset={{'name': 'acdc', 'source': 'acdc', 'raw_dir': '{workdir / 'acdc'}'}}"]
     else:
         extra = []
-    result = snakemake(workdir, "-n", "--configfile", str(workdir / "config" / config), *extra)
+    result = snakemake(workdir, "-n", *extra, config=config)
     assert "train" in result.stdout
 
 
@@ -72,7 +54,7 @@ def test_labeled_only_plan_never_builds_the_generator(workdir: Path):
     config = yaml.safe_load((workdir / "config" / "tiny.yaml").read_text())
     config["experiments"] = {"base": {"method": "labeled_only"}, "bcp": {"method": "bcp_real"}}
     (workdir / "config" / "supervised.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake(workdir, "-n", "--configfile", str(workdir / "config" / "supervised.yaml"))
+    result = snakemake(workdir, "-n", config="supervised.yaml")
     assert "prepare" in result.stdout
     for rule in ("train_generator", "sample", "embed", "index", "blend"):
         assert f"rule {rule}:" not in result.stdout

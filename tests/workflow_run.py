@@ -1,0 +1,38 @@
+"""Running the repository's Snakemake workflow from tests: in a scratch working directory holding a
+copy of config/, with the venv's python first on PATH (the rules call `python -m sraseg`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+SNAKEMAKE = VENV_BIN / "snakemake"
+
+
+def scratch(path: Path) -> Path:
+    """A working directory with a copy of the repository's config/ (configs and split lists)."""
+    shutil.copytree(REPO / "config", path / "config")
+    return path
+
+
+def snakemake_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    base = dict(os.environ if base is None else base)
+    return dict(base, HF_HUB_OFFLINE="1", PATH=f"{VENV_BIN}{os.pathsep}{base['PATH']}")
+
+
+def snakemake_command(workdir: Path, config: str, *args: str) -> list[str]:
+    """`snakemake` on this repository's workflow, run in `workdir` with workdir/config/<config>."""
+    return [
+        str(SNAKEMAKE),
+        "--snakefile",
+        str(REPO / "workflow" / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config" / config),
+        *args,
+    ]
