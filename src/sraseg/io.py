@@ -1,4 +1,4 @@
-"""Small file helpers shared by every stage: all-or-nothing outputs, JSON and table writers."""
+"""Small file helpers shared by every stage: all-or-nothing outputs, checked JSON and table readers."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
-__all__ = ["StagedOutputs", "staged_outputs", "write_json", "read_json", "setup_logging"]
+from sraseg.errors import DatasetError
+
+__all__ = ["StagedOutputs", "staged_outputs", "write_json", "need_file", "read_json", "read_table", "load_array", "setup_logging"]
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +82,55 @@ def write_json(path: Path | str, data: Any) -> None:
     Path(path).write_text(json.dumps(data, indent=2, default=_to_builtin, allow_nan=True) + "\n")
 
 
-def read_json(path: Path | str) -> Any:
-    return json.loads(Path(path).read_text())
+def need_file(path: Path | str, hint: str = "") -> Path:
+    """`path` as a Path; a DatasetError naming it (and `hint`, e.g. which stage writes it) when missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found" + (f" ({hint})" if hint else ""))
+    return path
+
+
+def read_json(path: Path | str, hint: str = "") -> Any:
+    """A JSON file's content.
+
+    Raises:
+        DatasetError: the file is missing or not valid JSON.
+    """
+    path = need_file(path, hint)
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DatasetError(f"{path}: not valid JSON ({err})") from None
+
+
+def read_table(path: Path | str, columns: tuple[str, ...] = (), hint: str = "") -> pd.DataFrame:
+    """A parquet table that must hold `columns` (other columns are kept).
+
+    Raises:
+        DatasetError: the file is missing, unreadable, or lacks one of `columns`.
+    """
+    path = need_file(path, hint)
+    try:
+        table = pd.read_parquet(path)
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise DatasetError(f"{path}: unreadable parquet file ({type(err).__name__}: {err})") from None
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}")
+    return table
+
+
+def load_array(path: Path | str, hint: str = "", mmap: bool = True) -> np.ndarray:
+    """A .npy array, memory-mapped unless `mmap` is False (shape checks stay with the caller).
+
+    Raises:
+        DatasetError: the file is missing or not a readable .npy array.
+    """
+    path = need_file(path, hint)
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None)
+    except (ValueError, OSError) as err:
+        raise DatasetError(f"{path}: not a readable .npy array ({err})") from None
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from sraseg.blend.maps import KERNELS, make_blend_maps, mix
 from sraseg.errors import ConfigError, DatasetError
-from sraseg.io import staged_outputs, write_json
+from sraseg.io import load_array, read_table, staged_outputs, write_json
 from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
 
 __all__ = ["BlendSettings", "PAIRINGS", "LABEL_COLOURS", "blend_labels", "pair_nearest", "pair_random", "run"]
@@ -89,13 +89,11 @@ def blend_labels(blend: torch.Tensor, first: torch.Tensor, second: torch.Tensor)
 
 def _read_synthetic(synthetic_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     images_path, table_path = synthetic_dir / "images.npy", synthetic_dir / "synthetic.parquet"
-    for path in (images_path, table_path):
-        if not path.is_file():
-            raise DatasetError(f"{path}: file not found (run the sample stage first)")
-    images = np.load(images_path, mmap_mode="r")
+    hint = "run the sample stage first"
+    images = load_array(images_path, hint)
     if images.ndim != 3 or images.shape[1] != images.shape[2]:
         raise DatasetError(f"{images_path}: expected float32 [M,S,S], got shape {images.shape}")
-    ids = pd.read_parquet(table_path, columns=["synthetic_id"])["synthetic_id"].to_numpy(dtype=np.int64)
+    ids = read_table(table_path, ("synthetic_id",), hint)["synthetic_id"].to_numpy(dtype=np.int64)
     if len(ids) != len(images) or not np.array_equal(ids, np.arange(len(images))):
         raise DatasetError(
             f"{table_path}: synthetic_id must equal the row index of {images_path.name} ({len(images)} rows)"
@@ -104,12 +102,10 @@ def _read_synthetic(synthetic_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_prepared(prepared_dir: Path, size: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    slices_path = prepared_dir / "slices.parquet"
-    if not slices_path.is_file():
-        raise DatasetError(f"{slices_path}: file not found (run the prepare stage first)")
-    slices = pd.read_parquet(slices_path, columns=["slice_id", "split", "labeled"])
-    images = np.load(prepared_dir / "images.npy", mmap_mode="r")
-    labels = np.load(prepared_dir / "labels.npy", mmap_mode="r")
+    hint = "run the prepare stage first"
+    slices = read_table(prepared_dir / "slices.parquet", ("slice_id", "split", "labeled"), hint)
+    images = load_array(prepared_dir / "images.npy", hint)
+    labels = load_array(prepared_dir / "labels.npy", hint)
     if images.shape[1:] != (size, size):
         raise DatasetError(
             f"{prepared_dir / 'images.npy'}: slices are {images.shape[1:]}, synthetic images {size}x{size}"
@@ -120,12 +116,7 @@ def _read_prepared(prepared_dir: Path, size: int) -> tuple[pd.DataFrame, np.ndar
 def _read_neighbours(path: Path, synthetic_ids: np.ndarray, slices: pd.DataFrame) -> pd.DataFrame:
     """neighbours.parquet checked against the synthetic set and the prepared table, restricted to
     labeled real ids, sorted by (synthetic_id, rank)."""
-    if not path.is_file():
-        raise DatasetError(f"{path}: file not found (run the index stage first)")
-    table = pd.read_parquet(path)
-    missing = {"synthetic_id", "rank", "real_id", "cosine"} - set(table.columns)
-    if missing:
-        raise DatasetError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+    table = read_table(path, ("synthetic_id", "rank", "real_id", "cosine"), "run the index stage first")
     unknown = np.setdiff1d(table["synthetic_id"].to_numpy(), synthetic_ids)
     if len(unknown):
         raise DatasetError(

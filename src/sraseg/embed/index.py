@@ -12,7 +12,7 @@ import pandas as pd
 
 from sraseg.embed.frechet import frechet_distance
 from sraseg.errors import ConfigError, DatasetError
-from sraseg.io import read_json, staged_outputs, write_json
+from sraseg.io import load_array, read_json, read_table, staged_outputs, write_json
 from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
 
 __all__ = ["IndexSettings", "run", "cosine_knn", "faiss_has_gpu", "load_embeddings", "neighbour_hubness", "plot_projection"]
@@ -20,6 +20,7 @@ __all__ = ["IndexSettings", "run", "cosine_knn", "faiss_has_gpu", "load_embeddin
 log = logging.getLogger(__name__)
 
 BANKS = ("labeled", "all_train")
+_EMBED_HINT = "run the embed stage first"
 
 
 @dataclass
@@ -76,12 +77,6 @@ def cosine_knn(bank: np.ndarray, queries: np.ndarray, k: int, use_gpu: bool = Fa
     return index, ids.astype(np.int64), cosines.astype(np.float32)
 
 
-def _need(path: Path) -> Path:
-    if not path.is_file():
-        raise DatasetError(f"{path}: file not found (run the embed stage first)")
-    return path
-
-
 def _unit_rows(x: np.ndarray, path: Path) -> np.ndarray:
     """Check finite, non-empty, 2-D; re-normalise rows (defensive: the embed stage already did)."""
     if x.ndim != 2 or x.shape[0] == 0:
@@ -105,15 +100,9 @@ def load_embeddings(embed_dir: Path) -> tuple[np.ndarray, pd.DataFrame, np.ndarr
     embed_dir = Path(embed_dir)
     arrays, tables = [], []
     for name, id_col in (("real", "slice_id"), ("synthetic", "synthetic_id")):
-        npy, table_path = _need(embed_dir / f"{name}.npy"), _need(embed_dir / f"{name}.parquet")
-        try:
-            x = np.load(npy)
-        except (ValueError, OSError) as err:
-            raise DatasetError(f"{npy}: not a readable .npy array ({err})") from None
-        x = _unit_rows(x, npy)
-        table = pd.read_parquet(table_path)
-        if id_col not in table.columns or "row" not in table.columns:
-            raise DatasetError(f"{table_path}: needs columns row and {id_col}")
+        npy, table_path = embed_dir / f"{name}.npy", embed_dir / f"{name}.parquet"
+        x = _unit_rows(load_array(npy, _EMBED_HINT, mmap=False), npy)
+        table = read_table(table_path, ("row", id_col), _EMBED_HINT)
         if len(table) != len(x) or not np.array_equal(table["row"].to_numpy(), np.arange(len(x))):
             raise DatasetError(f"{table_path}: {len(table)} rows do not match the {len(x)} rows of {npy.name}")
         arrays.append(x)
@@ -128,8 +117,8 @@ def load_embeddings(embed_dir: Path) -> tuple[np.ndarray, pd.DataFrame, np.ndarr
 
 def _train_labeled(prepared_dir: Path, slice_ids: np.ndarray) -> np.ndarray:
     """labeled flags of `slice_ids` from the prepared table; checks they are train slices."""
-    path = _need(Path(prepared_dir) / "slices.parquet")
-    slices = pd.read_parquet(path, columns=["slice_id", "split", "labeled"]).set_index("slice_id")
+    path = Path(prepared_dir) / "slices.parquet"
+    slices = read_table(path, ("slice_id", "split", "labeled"), "run the prepare stage first").set_index("slice_id")
     known = slices.reindex(slice_ids)
     if known["split"].isna().any() or (known["split"] != "train").any():
         raise DatasetError(f"{path}: the embeddings name slices that are not train slices here (stale embed? rerun it)")

@@ -12,7 +12,7 @@ import pandas as pd
 
 from sraseg.embed.common import POOLINGS, fetch_hint
 from sraseg.errors import DatasetError, WeightsError
-from sraseg.io import staged_outputs, write_json
+from sraseg.io import load_array, read_table, staged_outputs, write_json
 from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
 
 __all__ = ["EmbedSettings", "run", "load_prepared_train", "load_synthetic"]
@@ -54,17 +54,8 @@ class EmbedSettings:
         check_positive("embed", "batch_size", self.batch_size)
 
 
-def _need(path: Path) -> Path:
-    if not path.is_file():
-        raise DatasetError(f"{path}: file not found")
-    return path
-
-
 def _images(path: Path) -> np.ndarray:
-    try:
-        images = np.load(_need(path), mmap_mode="r")
-    except (ValueError, OSError) as err:
-        raise DatasetError(f"{path}: not a readable .npy array ({err})") from None
+    images = load_array(path)
     if images.ndim != 3 or images.shape[0] == 0:
         raise DatasetError(f"{path}: expected a non-empty float array [N,H,W]; got shape {images.shape}")
     return images
@@ -73,11 +64,8 @@ def _images(path: Path) -> np.ndarray:
 def load_prepared_train(prepared_dir: Path) -> tuple[np.ndarray, pd.DataFrame]:
     """The prepared images (memmap, all splits) and the table of its train rows (slice_id, labeled)."""
     images = _images(Path(prepared_dir) / "images.npy")
-    table_path = _need(Path(prepared_dir) / "slices.parquet")
-    slices = pd.read_parquet(table_path)
-    missing = {"slice_id", "split", "labeled"} - set(slices.columns)
-    if missing:
-        raise DatasetError(f"{table_path}: missing column(s) {', '.join(sorted(missing))}")
+    table_path = Path(prepared_dir) / "slices.parquet"
+    slices = read_table(table_path, ("slice_id", "split", "labeled"))
     if len(slices) != len(images):
         raise DatasetError(f"{table_path}: {len(slices)} rows but images.npy holds {len(images)} slices")
     if not np.array_equal(slices["slice_id"].to_numpy(), np.arange(len(slices))):
@@ -91,10 +79,8 @@ def load_prepared_train(prepared_dir: Path) -> tuple[np.ndarray, pd.DataFrame]:
 def load_synthetic(synthetic_dir: Path) -> tuple[np.ndarray, pd.DataFrame]:
     """The synthetic images (memmap) and their ids (synthetic_id == row)."""
     images = _images(Path(synthetic_dir) / "images.npy")
-    table_path = _need(Path(synthetic_dir) / "synthetic.parquet")
-    table = pd.read_parquet(table_path)
-    if "synthetic_id" not in table.columns:
-        raise DatasetError(f"{table_path}: missing column synthetic_id")
+    table_path = Path(synthetic_dir) / "synthetic.parquet"
+    table = read_table(table_path, ("synthetic_id",))
     if len(table) != len(images):
         raise DatasetError(f"{table_path}: {len(table)} rows but images.npy holds {len(images)} images")
     return images, table[["synthetic_id"]].reset_index(drop=True)

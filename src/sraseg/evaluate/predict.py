@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -20,7 +19,7 @@ from sraseg.data.acdc import read_nifti
 from sraseg.data.prepare import normalise, slices_from_volume, volume_from_slices
 from sraseg.device import autocast, pick_device
 from sraseg.errors import ConfigError, DatasetError, WeightsError
-from sraseg.io import read_json, staged_outputs
+from sraseg.io import read_json, read_table, staged_outputs
 
 __all__ = ["predict_volume", "load_image", "write_prediction", "run"]
 
@@ -116,9 +115,7 @@ def run(
     if split not in ("train", "val", "test"):
         raise ConfigError(f"predict split must be one of train, val, test; got {split!r}")
     volumes_path = prepared_dir / "volumes.parquet"
-    if not volumes_path.is_file():
-        raise DatasetError(f"{volumes_path}: file not found (run the prepare stage first)")
-    volumes = pd.read_parquet(volumes_path)
+    volumes = read_table(volumes_path, ("case", "split", "image_path", "nx", "ny", "nz"), "run the prepare stage first")
     cases = volumes[volumes["split"] == split]
     if cases.empty:
         raise DatasetError(f"{volumes_path}: no cases in split {split!r}")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DModel
 
 from sraseg.errors import ConfigError, DatasetError
-from sraseg.io import read_json
+from sraseg.io import read_json, read_table
 
 __all__ = [
     "read_slices",
@@ -33,16 +33,7 @@ def read_slices(prepared_dir: Path) -> pd.DataFrame:
         DatasetError: the file is missing, unreadable or lacks the split/labeled columns.
     """
     path = Path(prepared_dir) / "slices.parquet"
-    if not path.is_file():
-        raise DatasetError(f"{path}: missing (run the prepare stage first)")
-    try:
-        table = pd.read_parquet(path)
-    except Exception as err:  # pyarrow raises several types for a damaged file
-        raise DatasetError(f"{path}: unreadable parquet file ({type(err).__name__}: {err})") from err
-    missing = sorted({"slice_id", "split", "labeled"} - set(table.columns))
-    if missing:
-        raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}")
-    return table
+    return read_table(path, ("slice_id", "split", "labeled"), hint="run the prepare stage first")
 
 
 def open_images(prepared_dir: Path, n_rows: int) -> np.ndarray:
@@ -70,10 +61,7 @@ def prepared_image_size(prepared_dir: Path) -> int:
     prepared_dir = Path(prepared_dir)
     meta_path = prepared_dir / "prepare.json"
     if meta_path.is_file():
-        try:
-            meta = read_json(meta_path)
-        except ValueError as err:
-            raise DatasetError(f"{meta_path}: not valid JSON ({err})") from err
+        meta = read_json(meta_path)
         # top level or under "settings" (the prepare stage nests its resolved settings)
         size = meta.get("image_size", (meta.get("settings") or {}).get("image_size"))
         if isinstance(size, int) and size > 0:

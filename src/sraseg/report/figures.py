@@ -14,6 +14,8 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from sraseg.io import load_array, read_table  # noqa: E402
+
 __all__ = ["training_curves", "overlays", "real_vs_synthetic"]
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ def _contours(ax, labels: np.ndarray, style: str) -> None:
 
 def overlays(results_dir: Path, experiments: dict, seed: int, path: Path, n_cases: int = 3) -> None:
     """Mid-ventricular test slices: ground truth dashed, each experiment's prediction solid."""
-    volumes = pd.read_parquet(results_dir / "prepared" / "volumes.parquet")
+    volumes = read_table(results_dir / "prepared" / "volumes.parquet", ("case", "split", "image_path", "gt_path"))
     cases = volumes[volumes["split"] == "test"].head(n_cases)
     names = list(experiments)
     fig, axes = plt.subplots(len(cases), len(names), figsize=(2.6 * len(names), 2.6 * len(cases)), squeeze=False)
@@ -92,9 +94,9 @@ def overlays(results_dir: Path, experiments: dict, seed: int, path: Path, n_case
 def real_vs_synthetic(results_dir: Path, path: Path, n: int = 8, seed: int = 0) -> None:
     """A row of real training slices above a row of synthetic ones, picked at random."""
     rng = np.random.default_rng(seed)
-    slices = pd.read_parquet(results_dir / "prepared" / "slices.parquet")
-    real = np.load(results_dir / "prepared" / "images.npy", mmap_mode="r")
-    synthetic = np.load(results_dir / "synthetic" / "images.npy", mmap_mode="r")
+    slices = read_table(results_dir / "prepared" / "slices.parquet", ("slice_id", "split"))
+    real = load_array(results_dir / "prepared" / "images.npy")
+    synthetic = load_array(results_dir / "synthetic" / "images.npy")
     train_ids = slices.loc[slices["split"] == "train", "slice_id"].to_numpy()
     picks = [
         ("real", real, rng.choice(train_ids, size=min(n, len(train_ids)), replace=False)),

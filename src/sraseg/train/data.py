@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sraseg.errors import DatasetError
+from sraseg.io import load_array, read_table
 
 __all__ = [
     "AUGMENTATIONS",
@@ -36,20 +37,6 @@ log = logging.getLogger(__name__)
 
 AUGMENTATIONS = ("rot_flip_or_rotate", "none")
 MAX_ANGLE = 20.0  # degrees, rotation augmentation range [-20, 20]
-
-
-def _need(path: Path) -> Path:
-    if not path.is_file():
-        raise DatasetError(f"{path}: file not found")
-    return path
-
-
-def _read_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    table = pd.read_parquet(_need(path))
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}")
-    return table
 
 
 @dataclass
@@ -93,9 +80,9 @@ def load_prepared(prepared_dir: Path | str, num_classes: int = 4) -> Prepared:
     """
     prepared_dir = Path(prepared_dir)
     table_path = prepared_dir / "slices.parquet"
-    table = _read_table(table_path, ("slice_id", "case", "split", "labeled"))
-    images = np.load(_need(prepared_dir / "images.npy"), mmap_mode="r")
-    labels = np.load(_need(prepared_dir / "labels.npy"), mmap_mode="r")
+    table = read_table(table_path, ("slice_id", "case", "split", "labeled"))
+    images = load_array(prepared_dir / "images.npy")
+    labels = load_array(prepared_dir / "labels.npy")
     if images.ndim != 3 or images.shape[1] != images.shape[2]:
         raise DatasetError(f"{prepared_dir / 'images.npy'}: expected [N,S,S], got shape {images.shape}")
     if len(table) != len(images) or labels.shape != images.shape:
@@ -133,7 +120,7 @@ def load_prepared(prepared_dir: Path | str, num_classes: int = 4) -> Prepared:
 def load_synthetic(synthetic_dir: Path | str, image_size: int) -> torch.Tensor:
     """synthetic images.npy -> float32 [M,S,S]; DatasetError for a wrong size or an empty set."""
     path = Path(synthetic_dir) / "images.npy"
-    images = np.load(_need(path), mmap_mode="r")
+    images = load_array(path)
     if images.ndim != 3 or images.shape[1:] != (image_size, image_size) or len(images) == 0:
         raise DatasetError(f"{path}: expected [M,{image_size},{image_size}] with M > 0, got shape {images.shape}")
     return torch.from_numpy(np.array(images, dtype=np.float32))
@@ -168,13 +155,13 @@ class EmbedTargets:
 def load_embed(embed_dir: Path | str, synthetic_count: int) -> EmbedTargets:
     """Read real.npy/real.parquet and neighbours.parquet (rank 0 = nearest real slice)."""
     embed_dir = Path(embed_dir)
-    real = np.load(_need(embed_dir / "real.npy"))
-    table = _read_table(embed_dir / "real.parquet", ("row", "slice_id"))
+    real = load_array(embed_dir / "real.npy", mmap=False)
+    table = read_table(embed_dir / "real.parquet", ("row", "slice_id"))
     if real.ndim != 2 or len(table) != len(real):
         raise DatasetError(f"{embed_dir / 'real.npy'}: shape {real.shape} does not match {len(table)} rows of real.parquet")
     real_row = pd.Series(table["row"].to_numpy(dtype=np.int64), index=table["slice_id"].to_numpy(dtype=np.int64))
     neighbours_path = embed_dir / "neighbours.parquet"
-    neighbours = _read_table(neighbours_path, ("synthetic_id", "rank", "real_id"))
+    neighbours = read_table(neighbours_path, ("synthetic_id", "rank", "real_id"))
     nearest = neighbours[neighbours["rank"] == 0]
     neighbour_row = np.full(synthetic_count, -1, dtype=np.int64)
     ids = nearest["synthetic_id"].to_numpy(dtype=np.int64)
@@ -203,8 +190,8 @@ def load_blend(blend_dir: Path | str, image_size: int, synthetic_count: int) -> 
     """Read maps.npy + pairs.parquet, checking shapes and id ranges."""
     blend_dir = Path(blend_dir)
     maps_path, pairs_path = blend_dir / "maps.npy", blend_dir / "pairs.parquet"
-    maps = np.load(_need(maps_path))
-    pairs = _read_table(pairs_path, ("blend_id", "synthetic_id", "real_id"))
+    maps = load_array(maps_path, mmap=False)
+    pairs = read_table(pairs_path, ("blend_id", "synthetic_id", "real_id"))
     if maps.ndim != 3 or maps.shape[1:] != (image_size, image_size) or len(maps) == 0:
         raise DatasetError(f"{maps_path}: expected [B,{image_size},{image_size}] with B > 0, got shape {maps.shape}")
     pairs = pairs.sort_values("blend_id")
