@@ -43,14 +43,18 @@ class ReportSettings:
     seeds: list = field(default_factory=lambda: [1337])
 
 
-def _summary_values(summary: dict, mode: str) -> dict[tuple[str, str], float]:
-    entry = summary[mode]
+def _summary_values(summary: dict, mode: str, path: Path) -> dict[tuple[str, str], float]:
     values = {}
-    for metric in METRICS:
-        for cls in CLASSES[:-1]:
-            values[(metric, cls)] = entry["per_class"][cls][metric]
-        values[(metric, "mean")] = entry["mean"][metric]
-    return {key: (np.nan if v is None else float(v)) for key, v in values.items()}
+    try:
+        entry = summary[mode]
+        for metric in METRICS:
+            for cls in CLASSES[:-1]:
+                values[(metric, cls)] = entry["per_class"][cls][metric]
+            values[(metric, "mean")] = entry["mean"][metric]
+        values[("n_cases", "")] = entry["n_cases"]
+        return {key: (np.nan if v is None else float(v)) for key, v in values.items()}
+    except (KeyError, TypeError, ValueError) as err:
+        raise DatasetError(f"{path}: not an evaluate summary (no usable {mode!r} metrics: {err!r}); rerun evaluate") from None
 
 
 def collect_results(results_dir: Path, experiments: dict, seeds: list[int]) -> pd.DataFrame:
@@ -61,19 +65,14 @@ def collect_results(results_dir: Path, experiments: dict, seeds: list[int]) -> p
     """
     rows = []
     for name, spec in experiments.items():
-        per_seed = []
+        per_seed = {}
         for seed in seeds:
             path = results_dir / name / f"seed{seed}" / "eval" / "summary.json"
-            if not path.is_file():
-                raise DatasetError(f"{path}: missing; evaluate experiment {name!r} seed {seed} first")
-            try:
-                per_seed.append(read_json(path))
-            except ValueError as err:
-                raise DatasetError(f"{path}: not valid JSON ({err})") from err
+            per_seed[path] = read_json(path, hint=f"evaluate experiment {name!r} seed {seed} first")
         for mode in MODES:
-            values = [_summary_values(s, mode) for s in per_seed]
+            values = [_summary_values(summary, mode, path) for path, summary in per_seed.items()]
             row = {"experiment": name, "method": spec.get("method", ""), "mode": mode, "n_seeds": len(values)}
-            row["n_cases"] = int(per_seed[0][mode]["n_cases"])
+            row["n_cases"] = int(values[0][("n_cases", "")])
             for metric in METRICS:
                 scale = 100.0 if metric in PERCENT else 1.0
                 for cls in CLASSES:
