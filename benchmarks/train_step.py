@@ -40,7 +40,7 @@ from sraseg.device import autocast, pick_device, seed_everything  # noqa: E402
 from sraseg.settings import parse_settings  # noqa: E402
 from sraseg.train.alignment import ProjectionHead  # noqa: E402
 from sraseg.train.data import BlendBank, EmbedTargets, Prepared  # noqa: E402
-from sraseg.train.loop import TrainSettings, _check_settings, _Context, _make_optimizer, _phases  # noqa: E402
+from sraseg.train.loop import TrainContext, TrainSettings, check_settings, make_optimizer, training_phases  # noqa: E402
 from sraseg.train.teacher import update_ema  # noqa: E402
 from sraseg.train.unet import UNet  # noqa: E402
 
@@ -127,13 +127,13 @@ class Bench:
     """One method ready to step: the loop's context, the self-train step function and the optimizer."""
 
     name: str
-    ctx: _Context
+    ctx: TrainContext
     step_fn: object
     optimizer: torch.optim.Optimizer
 
 
 def make_bench(name: str, inputs: Inputs, device: torch.device, seed: int = 0, **settings) -> Bench:
-    """A `_Context` as `run` builds it, in self-training (fresh EMA teacher = copy of the student).
+    """A `TrainContext` as `run` builds it, in self-training (fresh EMA teacher = copy of the student).
 
     Args:
         name: label of the variant.
@@ -142,9 +142,9 @@ def make_bench(name: str, inputs: Inputs, device: torch.device, seed: int = 0, *
         Bench with the last phase's step function (self-train; labeled_only's single supervised phase).
     """
     cfg = parse_settings(TrainSettings, {**settings, "device": device.type}, "train")
-    _check_settings(cfg)
+    check_settings(cfg)
     torch.manual_seed(seed)  # same initial weights for every variant
-    ctx = _Context(cfg=cfg, seed=seed, device=device, generator=torch.Generator().manual_seed(seed),
+    ctx = TrainContext(cfg=cfg, seed=seed, device=device, generator=torch.Generator().manual_seed(seed),
                    prepared=inputs.prepared, student=None)
     if cfg.method == "bcp_real":
         ctx.unlabeled = inputs.prepared.unlabeled_images
@@ -161,8 +161,8 @@ def make_bench(name: str, inputs: Inputs, device: torch.device, seed: int = 0, *
     ctx.head = ProjectionHead(student.feature_dim, ctx.embed.dim).to(device) if ctx.embed is not None else None
     if cfg.method != "labeled_only":
         ctx.teacher = copy.deepcopy(student).eval()
-    _, _, step_fn = _phases(cfg)[-1]
-    return Bench(name, ctx, step_fn, _make_optimizer(cfg, student, ctx.head))
+    _, _, step_fn = training_phases(cfg)[-1]
+    return Bench(name, ctx, step_fn, make_optimizer(cfg, student, ctx.head))
 
 
 def _sync(device: torch.device) -> None:

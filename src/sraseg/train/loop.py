@@ -45,7 +45,7 @@ from sraseg.train.losses import one_hot, soft_dice_ce
 from sraseg.train.teacher import pseudo_labels, update_ema
 from sraseg.train.unet import UNet, save_model
 
-__all__ = ["METHODS", "TrainSettings", "run", "validate"]
+__all__ = ["METHODS", "TrainSettings", "TrainContext", "check_settings", "make_optimizer", "training_phases", "run", "validate"]
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class TrainSettings:
     val_batch: int = 32
 
 
-def _check_settings(cfg: TrainSettings) -> None:
+def check_settings(cfg: TrainSettings) -> None:
     check_choice("train", "method", cfg.method, METHODS)
     check_choice("train", "blend_kernel", cfg.blend_kernel, KERNELS)
     check_choice("train", "augment", cfg.augment, AUGMENTATIONS)
@@ -141,7 +141,12 @@ def _check_settings(cfg: TrainSettings) -> None:
 
 
 @dataclass
-class _Context:
+class TrainContext:
+    """Everything one training iteration reads: settings, data, models and the step counter.
+
+    `run` builds it; `benchmarks/train_step.py` builds one the same way to time the step functions.
+    """
+
     cfg: TrainSettings
     seed: int
     device: torch.device
@@ -190,13 +195,13 @@ def _sum_terms(*terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: sum(t[k] for t in terms) for k in terms[0]}
 
 
-def _supervised_step(ctx: _Context) -> dict[str, torch.Tensor]:
+def _supervised_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
     """labeled_only: Dice + CE on augmented labeled slices."""
     images, labels = ctx.labeled_batch(ctx.cfg.labeled_batch)
     return _loss_terms(ctx.student(images), one_hot(labels, ctx.cfg.num_classes))
 
 
-def _pretrain_step(ctx: _Context, kind: str) -> dict[str, torch.Tensor]:
+def _pretrain_step(ctx: TrainContext, kind: str) -> dict[str, torch.Tensor]:
     """Pre-train: x = a*l_first + (1-a)*l_second, y = a*Y(l_first) + (1-a)*Y(l_second) over the two halves
     of the labeled batch (BCP's pre-training; a soft map gives a continuous label)."""
     images, labels = ctx.labeled_batch(ctx.cfg.labeled_batch)
@@ -208,7 +213,7 @@ def _pretrain_step(ctx: _Context, kind: str) -> dict[str, torch.Tensor]:
     return _loss_terms(ctx.student(x_mix), y_mix)
 
 
-def _bcp_selftrain_step(ctx: _Context) -> dict[str, torch.Tensor]:
+def _bcp_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
     """BCP self-train, bidirectional hard copy-paste with teacher pseudo-labels of the unlabeled images:
     x1 = a*u_a + (1-a)*l_a, x2 = a*l_b + (1-a)*u_b (one fresh hard map per mixed image)."""
     cfg = ctx.cfg
@@ -228,7 +233,7 @@ def _bcp_selftrain_step(ctx: _Context) -> dict[str, torch.Tensor]:
     return _sum_terms(_loss_terms(logits[:half], y1), _loss_terms(logits[half:], y2))
 
 
-def _sraseg_selftrain_step(ctx: _Context) -> dict[str, torch.Tensor]:
+def _sraseg_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
     """SRA-Seg self-train on blend-bank entries (synthetic s, its paired labeled real r, map a):
     1. augment s and r with the same transform (the pair was chosen to match);
     2. Y(s) = teacher argmax + largest component on the un-mixed s, Y(r) = true label;
@@ -265,7 +270,7 @@ def _sraseg_selftrain_step(ctx: _Context) -> dict[str, torch.Tensor]:
     return terms
 
 
-def _phases(cfg: TrainSettings) -> list[tuple[str, int, Callable[[_Context], dict]]]:
+def training_phases(cfg: TrainSettings) -> list[tuple[str, int, Callable[[TrainContext], dict]]]:
     """(phase name, iterations, step function) in order; empty phases dropped."""
     pretrain_kind = "hard" if cfg.method.startswith("bcp") else cfg.blend_kernel
     table = {
@@ -279,7 +284,7 @@ def _phases(cfg: TrainSettings) -> list[tuple[str, int, Callable[[_Context], dic
     return [p for p in table[cfg.method] if p[1] > 0]
 
 
-def _phase_at(phases: list, step: int) -> tuple[str, int, int, Callable[[_Context], dict]]:
+def _phase_at(phases: list, step: int) -> tuple[str, int, int, Callable[[TrainContext], dict]]:
     """(phase name, first global step of the phase, its length, its step function) for global `step`."""
     offset = 0
     for name, length, step_fn in phases:
@@ -342,7 +347,7 @@ def _comparable(settings: dict) -> dict:
     return {k: v for k, v in json.loads(json.dumps(settings)).items() if k != "device"}
 
 
-def _make_optimizer(cfg: TrainSettings, student: UNet, head: ProjectionHead | None) -> torch.optim.SGD:
+def make_optimizer(cfg: TrainSettings, student: UNet, head: ProjectionHead | None) -> torch.optim.SGD:
     params = list(student.parameters()) + (list(head.parameters()) if head is not None else [])
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
@@ -377,7 +382,7 @@ def run(
     """
     # --- settings and inputs -------------------------------------------------------------------
     cfg = parse_settings(TrainSettings, settings, "train")
-    _check_settings(cfg)
+    check_settings(cfg)
     out_dir = Path(out_dir)
     needs = {"synthetic_dir": cfg.method in ("bcp_synthetic", "sraseg"), "blend_dir": cfg.method == "sraseg",
              "embed_dir": cfg.method == "sraseg" and cfg.sa}
@@ -391,7 +396,7 @@ def run(
     seed_everything(seed)
     generator = torch.Generator().manual_seed(seed)
     prepared = load_prepared(prepared_dir, cfg.num_classes)
-    ctx = _Context(cfg=cfg, seed=seed, device=device, generator=generator, prepared=prepared, student=None)
+    ctx = TrainContext(cfg=cfg, seed=seed, device=device, generator=generator, prepared=prepared, student=None)
     if cfg.method == "bcp_real":
         if len(prepared.unlabeled_images) == 0:
             raise DatasetError(f"{Path(prepared_dir) / 'slices.parquet'}: no unlabeled train slices for bcp_real")
@@ -416,8 +421,8 @@ def run(
     if device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
     ctx.student, ctx.head = student, head
-    optimizer = _make_optimizer(cfg, student, head)
-    phases = _phases(cfg)
+    optimizer = make_optimizer(cfg, student, head)
+    phases = training_phases(cfg)
     total = sum(n for _, n, _ in phases)
     resolved = settings_dict(cfg)
 
@@ -471,7 +476,7 @@ def run(
                     student.load_state_dict(state["best_state"])
                     log.info("%s: self-training from the best %s weights", cfg.method, state["phase"])
                 ctx.teacher = copy.deepcopy(student).eval()
-                optimizer = _make_optimizer(cfg, student, head)
+                optimizer = make_optimizer(cfg, student, head)
                 state.update(best_dice=-1.0, best_iteration=0, best_state={})
             state["phase"] = phase
 
