@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from sraseg.errors import WeightsError
+from sraseg.errors import SrasegError, WeightsError
 from sraseg.train.unet import UNet, load_model, save_model
 
 
@@ -58,4 +58,7 @@ def test_load_errors(tmp_path):
     meta["channels"] = [8, 32]
     (tmp_path / "model.json").write_text(json.dumps(meta))
     with pytest.raises(WeightsError, match="do not match"):
+        load_model(path)
+    (tmp_path / "model.json").write_text('{"channels": [8, 32], "dropo')  # cut off mid-write
+    with pytest.raises(SrasegError, match=r"model\.json: not valid JSON"):
         load_model(path)

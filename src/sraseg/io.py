@@ -17,7 +17,7 @@ import pandas as pd
 
 from sraseg.errors import DatasetError
 
-__all__ = ["StagedOutputs", "staged_outputs", "write_json", "need_file", "read_json", "read_table", "load_array", "setup_logging"]
+__all__ = ["StagedOutputs", "staged_outputs", "write_json", "read_json", "read_table", "load_array", "setup_logging"]
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def write_json(path: Path | str, data: Any) -> None:
     Path(path).write_text(json.dumps(data, indent=2, default=_to_builtin, allow_nan=True) + "\n")
 
 
-def need_file(path: Path | str, hint: str = "") -> Path:
+def _need_file(path: Path | str, hint: str = "") -> Path:
     """`path` as a Path; a DatasetError naming it (and `hint`, e.g. which stage writes it) when missing."""
     path = Path(path)
     if not path.is_file():
@@ -96,7 +96,7 @@ def read_json(path: Path | str, hint: str = "") -> Any:
     Raises:
         DatasetError: the file is missing or not valid JSON.
     """
-    path = need_file(path, hint)
+    path = _need_file(path, hint)
     try:
         return json.loads(path.read_text())
     except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -109,7 +109,7 @@ def read_table(path: Path | str, columns: tuple[str, ...] = (), hint: str = "") 
     Raises:
         DatasetError: the file is missing, unreadable, or lacks one of `columns`.
     """
-    path = need_file(path, hint)
+    path = _need_file(path, hint)
     try:
         table = pd.read_parquet(path)
     except Exception as err:  # pyarrow raises several types for a damaged file
@@ -126,7 +126,7 @@ def load_array(path: Path | str, hint: str = "", mmap: bool = True) -> np.ndarra
     Raises:
         DatasetError: the file is missing or not a readable .npy array.
     """
-    path = need_file(path, hint)
+    path = _need_file(path, hint)
     try:
         return np.load(path, mmap_mode="r" if mmap else None)
     except (ValueError, OSError) as err:

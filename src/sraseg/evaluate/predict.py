@@ -91,8 +91,9 @@ def _image_size(meta: dict, model_path: Path, prepared_dir: Path) -> int:
     if "image_size" in meta:
         return int(meta["image_size"])
     prepare_json = prepared_dir / "prepare.json"
-    if prepare_json.is_file() and "image_size" in read_json(prepare_json):
-        return int(read_json(prepare_json)["image_size"])
+    prepared_size = read_json(prepare_json).get("image_size") if prepare_json.is_file() else None
+    if prepared_size is not None:
+        return int(prepared_size)
     raise WeightsError(f"{model_path}: model description has no image_size (nor has {prepare_json})")
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DModel
 
 from sraseg.errors import ConfigError, DatasetError
-from sraseg.io import read_json, read_table
+from sraseg.io import load_array, read_json, read_table
 
 __all__ = [
     "read_slices",
@@ -43,12 +43,7 @@ def open_images(prepared_dir: Path, n_rows: int) -> np.ndarray:
         DatasetError: the file is missing, unreadable, not [N,S,S], or N differs from slices.parquet.
     """
     path = Path(prepared_dir) / "images.npy"
-    if not path.is_file():
-        raise DatasetError(f"{path}: missing (run the prepare stage first)")
-    try:
-        images = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as err:
-        raise DatasetError(f"{path}: unreadable .npy file ({err})") from err
+    images = load_array(path, "run the prepare stage first")
     if images.ndim != 3 or images.shape[1] != images.shape[2]:
         raise DatasetError(f"{path}: expected shape [N,S,S], got {list(images.shape)}")
     if images.shape[0] != n_rows:
@@ -69,10 +64,7 @@ def prepared_image_size(prepared_dir: Path) -> int:
     path = prepared_dir / "images.npy"
     if not path.is_file():
         raise DatasetError(f"{prepared_dir}: neither prepare.json (key image_size) nor images.npy found")
-    try:
-        return int(np.load(path, mmap_mode="r").shape[-1])
-    except (OSError, ValueError) as err:
-        raise DatasetError(f"{path}: unreadable .npy file ({err})") from err
+    return int(load_array(path).shape[-1])
 
 
 def resize_stack(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sraseg.embed.index import HUB_WARNING_SHARE
 from sraseg.errors import DatasetError
 from sraseg.io import read_json, staged_outputs
 from sraseg.settings import parse_settings
@@ -43,7 +44,8 @@ class ReportSettings:
     seeds: list = field(default_factory=lambda: [1337])
 
 
-def _summary_values(summary: dict, mode: str, path: Path) -> dict[tuple[str, str], float]:
+def _summary_values(summary: dict, mode: str, path: Path) -> tuple[int, dict[tuple[str, str], float]]:
+    """(n_cases, {(metric, class): value}) of one mode of one summary.json; None becomes NaN."""
     values = {}
     try:
         entry = summary[mode]
@@ -51,8 +53,7 @@ def _summary_values(summary: dict, mode: str, path: Path) -> dict[tuple[str, str
             for cls in CLASSES[:-1]:
                 values[(metric, cls)] = entry["per_class"][cls][metric]
             values[(metric, "mean")] = entry["mean"][metric]
-        values[("n_cases", "")] = entry["n_cases"]
-        return {key: (np.nan if v is None else float(v)) for key, v in values.items()}
+        return int(entry["n_cases"]), {key: (np.nan if v is None else float(v)) for key, v in values.items()}
     except (KeyError, TypeError, ValueError) as err:
         raise DatasetError(f"{path}: not an evaluate summary (no usable {mode!r} metrics: {err!r}); rerun evaluate") from None
 
@@ -70,9 +71,9 @@ def collect_results(results_dir: Path, experiments: dict, seeds: list[int]) -> p
             path = results_dir / name / f"seed{seed}" / "eval" / "summary.json"
             per_seed[path] = read_json(path, hint=f"evaluate experiment {name!r} seed {seed} first")
         for mode in MODES:
-            values = [_summary_values(summary, mode, path) for path, summary in per_seed.items()]
+            n_cases, values = zip(*(_summary_values(summary, mode, path) for path, summary in per_seed.items()))
             row = {"experiment": name, "method": spec.get("method", ""), "mode": mode, "n_seeds": len(values)}
-            row["n_cases"] = int(values[0][("n_cases", "")])
+            row["n_cases"] = n_cases[0]
             for metric in METRICS:
                 scale = 100.0 if metric in PERCENT else 1.0
                 for cls in CLASSES:
@@ -127,7 +128,8 @@ def _provenance_lines(results_dir: Path) -> list[str]:
         lines.append(
             f"- Nearest-neighbour pairing: {hubness['distinct_nearest']} distinct nearest real slices; the most "
             f"common one is nearest to {share:.0f}% of the synthetic images"
-            + (" (**collapsed**: the blend bank pairs almost everything with the same few real slices)" if share > 25 else "")
+            + (" (**collapsed**: the blend bank pairs almost everything with the same few real slices)"
+               if hubness["top_share"] > HUB_WARNING_SHARE else "")
         )
     return lines
 

@@ -8,7 +8,6 @@ the skip and runs a block without dropout; a 3x3 conv gives the class logits. Ab
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sraseg.errors import WeightsError
+from sraseg.io import read_json, write_json
 
 __all__ = ["ConvBlock", "UNet", "build_unet", "save_model", "load_model", "model_meta_path"]
 
@@ -145,7 +145,7 @@ def save_model(path: Path | str, model: UNet, meta: dict | None = None) -> None:
         channels=model.channels, dropout=model.dropout, in_channels=model.in_channels, num_classes=model.num_classes
     )
     description.update(meta or {})
-    model_meta_path(path).write_text(json.dumps(description, indent=2) + "\n")
+    write_json(model_meta_path(path), description)
 
 
 def load_model(path: Path | str, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
@@ -161,7 +161,7 @@ def load_model(path: Path | str, device: torch.device | str = "cpu") -> tuple[UN
     for needed in (path, meta_path):
         if not needed.is_file():
             raise WeightsError(f"{needed}: file not found")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
     missing = [k for k in ("channels", "dropout", "in_channels", "num_classes") if k not in meta]
     if missing:
         raise WeightsError(f"{meta_path}: missing key(s) {', '.join(missing)}")
