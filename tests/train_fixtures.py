@@ -27,12 +27,14 @@ TINY = dict(
 
 
 def disc_slice(rng: np.random.Generator, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """A cardiac-like slice: LV disc, MYO ring around it, RV disc to one side; image in [0,1]."""
+    """A cardiac-like slice: LV disc, MYO ring around it, RV disc up and to the left (no mirror or
+    transpose symmetry, so a label moved differently from its image shows); image intensities follow the
+    label (one level per class plus a little noise), in [0,1]."""
     yy, xx = np.mgrid[:size, :size]
     cy, cx = size / 2 + rng.uniform(-3, 3, size=2)
     r_lv = rng.uniform(3, 5)
     dist = np.hypot(yy - cy, xx - cx)
-    rv_dist = np.hypot(yy - cy, xx - (cx - r_lv - 5))
+    rv_dist = np.hypot(yy - (cy - 3), xx - (cx - r_lv - 5))
     label = np.zeros((size, size), np.uint8)
     label[rv_dist < 4] = 1
     label[(dist >= r_lv) & (dist < r_lv + 2.5)] = 2

@@ -1,0 +1,527 @@
+"""The training method itself, pinned down on tiny tensors in-process: what each step mixes with what,
+where pseudo-labels come from, the teacher's life in the real loop, model selection, which slices may
+enter training, and resume for the semi-supervised methods.
+
+The mixing tests do not depend on the loss: the student is an oracle that recognises each mixed
+image it is given and predicts, for it, either the label mixed the same way as the image or the label
+mixed the opposite way. Whatever loss the step uses, it must be (much) lower for the first.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from train_fixtures import TINY, make_all, make_blend
+
+from sraseg.errors import SrasegError
+from sraseg.settings import parse_settings
+from sraseg.train import loop
+from sraseg.train.data import augment, load_blend, load_prepared, load_synthetic, sample_indices
+from sraseg.train.losses import one_hot, soft_dice_ce
+from sraseg.train.teacher import pseudo_labels, update_ema
+from sraseg.train.unet import UNet
+
+LEVELS = torch.tensor([0.1, 0.8, 0.4, 0.9])  # train_fixtures.disc_slice: intensity of each class
+SMALL_NET = dict(channels=[8, 16, 32], dropout=[0.05, 0.1, 0.2])
+C = 4
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return make_all(tmp_path_factory.mktemp("inputs"))
+
+
+class IntensityTeacher(nn.Module):
+    """A teacher with real structure: each pixel's class is the nearest class intensity level."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(400.0))
+
+    def forward(self, x):
+        return -self.scale * (x - LEVELS.to(x)[None, :, None, None]) ** 2
+
+
+def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- pseudo-labels ------------------------------------------------------------------------------------
+
+
+def test_pseudo_labels_keep_the_largest_blob_of_the_teachers_argmax():
+    image = torch.full((1, 1, 12, 12), float(LEVELS[0]))
+    image[0, 0, 1:5, 1:5] = LEVELS[3]  # LV 16 px
+    image[0, 0, 8:10, 8:10] = LEVELS[3]  # LV 4 px, a second component: dropped
+    image[0, 0, 8:11, 1:3] = LEVELS[1]  # the only RV blob: kept
+    teacher = IntensityTeacher()
+    raw = teacher(image).argmax(1)
+    assert (raw == 3).sum() == 20  # the teacher's argmax really has two LV components
+    out = pseudo_labels(teacher, image, C)
+    assert out.shape == (1, 12, 12) and out.dtype == torch.long
+    want = raw.clone()
+    want[0, 8:10, 8:10] = 0
+    assert torch.equal(out, want)
+
+
+# --- augmentation ---------------------------------------------------------------------------------------
+
+
+def _asymmetric_labels(count: int, size: int = 16) -> torch.Tensor:
+    """Label maps with no mirror, rotation or transpose symmetry (an L shape and two blocks)."""
+    labels = torch.zeros(count, 1, size, size)
+    labels[:, 0, 2:12, 2:5] = 3
+    labels[:, 0, 9:12, 5:10] = 3
+    labels[:, 0, 2:5, 9:14] = 1
+    labels[:, 0, 6:8, 11:13] = 2
+    return labels
+
+
+def test_augment_moves_image_and_label_together():
+    """Image = label / 3 before augmentation, so after it the label must still read off the image:
+    exactly for rot90 + flip, and wherever the bilinear image sits on a class level for rotations."""
+    labels = _asymmetric_labels(48)
+    images = torch.cat([labels / 3, 1 - labels / 3], 1)  # two channels: both must follow the label
+    out_images, out_labels = augment(images, labels, torch.Generator().manual_seed(0), "rot_flip_or_rotate")
+    assert torch.equal(out_labels, out_labels.round()) and set(out_labels.unique().tolist()) <= {0, 1, 2, 3}
+    dihedral = [torch.rot90(labels[0], k, (1, 2)).flip(d) for k in range(4) for d in (1, 2)]
+    kinds = []
+    for i in range(len(labels)):
+        img, lab = out_images[i], out_labels[i]
+        if torch.equal(img, images[i]):
+            kinds.append("none")
+            assert torch.equal(lab, labels[i])
+        elif any(torch.equal(lab, d) for d in dihedral) and not torch.equal(lab, labels[i]):
+            kinds.append("flip")
+            assert torch.equal(img[0] * 3, lab[0]), f"sample {i}: image and label flipped differently"
+            assert torch.equal(img[1], 1 - lab[0] / 3), f"sample {i}: the channels moved differently"
+        else:
+            kinds.append("rotate")
+            inside = (img[0] + img[1] - 1).abs() < 1e-4  # away from the zero padding
+            on_level = inside & ((img[0] * 3 - (img[0] * 3).round()).abs() < 1e-4)
+            for channel, read in ((0, img[0] * 3), (1, 3 - img[1] * 3)):
+                agree = (read.round() == lab[0])[on_level].float().mean()
+                assert on_level.sum() > 100 and agree > 0.99, f"sample {i}, channel {channel}: agrees on {agree:.1%}"
+            assert (lab[0] > 0).sum() > 0.8 * (labels[i] > 0).sum()
+    assert {"none", "flip", "rotate"} <= set(kinds), kinds
+    # every flip/rot90 variant drawn is distinct from the identity for an asymmetric shape
+    assert len({tuple(out_labels[i].flatten().tolist()) for i in range(len(labels)) if kinds[i] == "flip"}) > 3
+
+
+# --- the steps: a context as run builds it, spies on every input of the mix ------------------------------
+
+
+def make_ctx(inputs: dict, method: str, blend_dir=None, **settings) -> loop.TrainContext:
+    cfg = parse_settings(loop.TrainSettings, dict(TINY, method=method, sa=False, **SMALL_NET, **settings), "train")
+    prepared = load_prepared(inputs["prepared_dir"])
+    ctx = loop.TrainContext(cfg=cfg, seed=7, device=torch.device("cpu"), generator=torch.Generator().manual_seed(7),
+                            prepared=prepared, student=None)
+    if method == "bcp_real":
+        ctx.unlabeled = prepared.unlabeled_images
+    if method in ("bcp_synthetic", "sraseg"):
+        ctx.synthetic = ctx.unlabeled = load_synthetic(inputs["synthetic_dir"], prepared.image_size)
+    if method == "sraseg":
+        blend_dir = blend_dir or inputs["blend_dir"]
+        ctx.bank = load_blend(blend_dir, prepared.image_size, len(ctx.synthetic))
+        ctx.bank_real_pos = prepared.labeled_position(ctx.bank.real_ids, blend_dir / "pairs.parquet")
+    ctx.teacher = IntensityTeacher()
+    ctx.step = 3
+    return ctx
+
+
+@dataclass
+class Calls:
+    augment: list = field(default_factory=list)  # (images in, labels in, images out, labels out)
+    maps: list = field(default_factory=list)
+    indices: list = field(default_factory=list)
+    pseudo: list = field(default_factory=list)  # (teacher, images, pseudo-labels)
+    targets: list = field(default_factory=list)  # soft_dice_ce targets
+
+
+def spy(monkeypatch, ctx: loop.TrainContext) -> Calls:
+    calls = Calls()
+
+    def augment_spy(images, labels, generator, mode):
+        out = augment(images, labels, generator, mode)
+        calls.augment.append((images.clone(), None if labels is None else labels.clone(), *out))
+        return out
+
+    def pseudo_spy(teacher, images, num_classes):
+        out = pseudo_labels(teacher, images, num_classes)
+        calls.pseudo.append((teacher, images.clone(), out))
+        return out
+
+    def indices_spy(population, count, generator):
+        out = sample_indices(population, count, generator)
+        calls.indices.append(out)
+        return out
+
+    def loss_spy(logits, target, *args, **kwargs):
+        calls.targets.append(target.detach().clone())
+        return soft_dice_ce(logits, target, *args, **kwargs)
+
+    maps = ctx.blend_maps
+
+    def maps_spy(count, kind):
+        calls.maps.append(maps(count, kind))
+        return calls.maps[-1]
+
+    monkeypatch.setattr(loop, "augment", augment_spy)
+    monkeypatch.setattr(loop, "pseudo_labels", pseudo_spy)
+    monkeypatch.setattr(loop, "sample_indices", indices_spy)
+    monkeypatch.setattr(loop, "soft_dice_ce", loss_spy)
+    ctx.blend_maps = maps_spy
+    return calls
+
+
+class Oracle(nn.Module):
+    """A student that recognises each input row among the expected mixed images and predicts the label
+    `expect` gives for it (log of the target distribution); rows it does not recognise are recorded."""
+
+    def __init__(self, expect):
+        super().__init__()
+        self.expect = expect
+        self.zero = nn.Parameter(torch.zeros(()))
+        self.inputs: list[torch.Tensor] = []
+        self.unmatched = 0
+
+    def forward(self, x):
+        want_x, want_y = self.expect()
+        self.inputs.append(x.detach().clone())
+        rows = []
+        for row in x:
+            hits = [j for j in range(len(want_x)) if torch.allclose(row, want_x[j], atol=1e-6)]
+            self.unmatched += not hits
+            y = want_y[hits[0]] if hits else torch.full_like(want_y[0], 1 / C)
+            rows.append(torch.log(y.clamp_min(1e-6)))
+        return torch.stack(rows) + self.zero
+
+
+def blend(a, first, second):
+    return a * first + (1 - a) * second
+
+
+def run_step(monkeypatch, inputs, method, step, expect, **ctx_args):
+    """The step twice on the same draws: oracle predicting the label mixed as the image, then mixed the
+    opposite way. Returns (calls, ctx, losses) of the first."""
+    losses, first = {}, None
+    for way in ("same", "opposite"):
+        ctx = make_ctx(inputs, method, **ctx_args)
+        calls = spy(monkeypatch, ctx)
+        ctx.student = Oracle(lambda calls=calls, ctx=ctx, way=way: expect(calls, ctx)[0 if way == "same" else 1])
+        losses[way] = float(step(ctx)["loss"].detach())
+        assert ctx.student.inputs, "the step never ran the student"
+        assert ctx.student.unmatched == 0, "the student was given images that are not the expected mixes"
+        first = first or (calls, ctx)
+    assert losses["same"] * 3 < losses["opposite"], f"the loss follows the label mixed the other way: {losses}"
+    return (*first, losses)
+
+
+def _labels(t: torch.Tensor) -> torch.Tensor:
+    return one_hot(t[:, 0].round().long(), C)
+
+
+def pretrain_expect(calls, ctx):
+    _, _, images, labels = calls.augment[0]
+    a = calls.maps[0]
+    h = len(a)
+    y = _labels(labels)
+    x = blend(a, images[:h], images[h : 2 * h])
+    return (x, blend(a, y[:h], y[h : 2 * h])), (x, blend(a, y[h : 2 * h], y[:h]))
+
+
+@pytest.mark.parametrize(("method", "kind"), [("bcp_real", "hard"), ("sraseg", "soft")])
+def test_pretrain_mixes_image_and_label_alike(method, kind, inputs, monkeypatch):
+    name, _, step = loop.training_phases(make_ctx(inputs, method).cfg)[0]
+    assert name == "pretrain"
+    calls, ctx, _ = run_step(monkeypatch, inputs, method, step, pretrain_expect)
+    a = calls.maps[0]
+    assert len(calls.augment) == 1 and len(a) == ctx.cfg.labeled_batch // 2
+    hard = torch.equal(a, a.round())
+    assert hard == (kind == "hard") and 0 < a.mean() < 1
+    # the labeled pool, augmented (a rot90/flip changes the slice)
+    pool = ctx.prepared.labeled_images
+    assert all(any(torch.equal(row[0], p) for p in pool) for row in calls.augment[0][0])
+    if method == "sraseg":  # SRA-Seg keeps its soft loss: the target is exactly the continuous label mix
+        torch.testing.assert_close(torch.cat(calls.targets), pretrain_expect(calls, ctx)[0][1])
+
+
+def bcp_expect(calls, ctx):
+    (_, _, l_img, l_lab), (_, _, u_img, _) = calls.augment[:2]
+    _, _, pseudo = calls.pseudo[0]
+    a = calls.maps[0]
+    h = len(a) // 2
+    yl, yu = _labels(l_lab), one_hot(pseudo, C)
+    a1, a2 = a[:h], a[h : 2 * h]
+    x = torch.cat([blend(a1, u_img[:h], l_img[:h]), blend(a2, l_img[h : 2 * h], u_img[h : 2 * h])])
+    same = torch.cat([blend(a1, yu[:h], yl[:h]), blend(a2, yl[h : 2 * h], yu[h : 2 * h])])
+    opposite = torch.cat([blend(a1, yl[:h], yu[:h]), blend(a2, yu[h : 2 * h], yl[h : 2 * h])])
+    return (x, same), (x, opposite)
+
+
+@pytest.mark.parametrize("method", ["bcp_real", "bcp_synthetic"])
+def test_bcp_selftrain_mixes_both_ways_with_teacher_labels_of_unmixed_images(method, inputs, monkeypatch):
+    calls, ctx, _ = run_step(monkeypatch, inputs, method, loop._bcp_selftrain_step, bcp_expect)
+    (_, _, l_img, _), (u_in, u_lab_in, u_img, _) = calls.augment[:2]
+    # unlabeled rows come from the method's pool: real unlabeled slices or synthetic images
+    pool = ctx.unlabeled
+    assert u_lab_in is None and all(any(torch.equal(row[0], p) for p in pool) for row in u_in)
+    assert not any(torch.equal(row[0], p) for row in u_in for p in ctx.prepared.labeled_images)
+    # one teacher call, on the un-mixed augmented unlabeled images
+    assert len(calls.pseudo) == 1
+    teacher, seen, _ = calls.pseudo[0]
+    assert teacher is ctx.teacher and torch.equal(seen, u_img)
+    assert not torch.equal(u_img, u_in)  # augmentation did act on this draw
+    a = calls.maps[0]
+    assert torch.equal(a, a.round()) and len(a) == 2 * (len(l_img) // 2)  # one hard map per mixed image
+
+
+def sraseg_expect(calls, ctx):
+    idx = calls.indices[0].numpy()
+    _, _, pair, r_lab = calls.augment[0]
+    s, r = pair[:, :1], pair[:, 1:]
+    a = ctx.bank.maps[torch.from_numpy(idx)][:, None].float()
+    _, _, pseudo = calls.pseudo[0]
+    ys, yr = one_hot(pseudo, C), _labels(r_lab)
+    h = len(idx) // 2
+    x = torch.cat([blend(a[:h], s[:h], r[:h]), blend(a[h:], r[h:], s[h:])])
+    same = torch.cat([blend(a[:h], ys[:h], yr[:h]), blend(a[h:], yr[h:], ys[h:])])
+    opposite = torch.cat([blend(a[:h], yr[:h], ys[:h]), blend(a[h:], ys[h:], yr[h:])])
+    return (x, same), (x, opposite)
+
+
+def _check_sraseg_sources(calls, ctx):
+    idx = calls.indices[0].numpy()
+    pair_in, r_lab_in, pair, _ = calls.augment[0]
+    bank, prepared = ctx.bank, ctx.prepared
+    rows = torch.from_numpy(ctx.bank_real_pos[idx])
+    # each bank entry's synthetic image, its paired labeled slice and that slice's label, one transform
+    assert torch.equal(pair_in[:, 0], ctx.synthetic[torch.from_numpy(bank.synthetic_ids[idx])])
+    assert torch.equal(pair_in[:, 1], prepared.labeled_images[rows])
+    assert torch.equal(r_lab_in[:, 0], prepared.labeled_labels[rows].float())
+    assert np.array_equal(prepared.labeled_ids[rows.numpy()], bank.real_ids[idx])
+    teacher, seen, _ = calls.pseudo[0]
+    assert len(calls.pseudo) == 1 and teacher is ctx.teacher and torch.equal(seen, pair[:, :1])
+    assert not torch.equal(pair, pair_in)
+
+
+def test_sraseg_selftrain_mixes_bank_pairs_with_teacher_labels_of_unmixed_synthetic(inputs, monkeypatch):
+    calls, ctx, losses = run_step(monkeypatch, inputs, "sraseg", loop._sraseg_selftrain_step, sraseg_expect)
+    _check_sraseg_sources(calls, ctx)
+    a = ctx.bank.maps[calls.indices[0]].float()
+    assert ((a > 0) & (a < 1)).any()  # soft maps: the label really is continuous
+    torch.testing.assert_close(torch.cat(calls.targets), sraseg_expect(calls, ctx)[0][1])
+
+
+def test_sraseg_selftrain_with_the_hard_bank(inputs, tmp_path, monkeypatch):
+    """The hard-blend ablation: the step mixes with the bank's {0,1} maps, so every pixel of a mixed image
+    is the synthetic or the real pixel and the target is one-hot."""
+    hard = make_blend(tmp_path, inputs["prepared_dir"], inputs["synthetic_dir"], kind="hard")
+    calls, ctx, _ = run_step(monkeypatch, inputs, "sraseg", loop._sraseg_selftrain_step, sraseg_expect, blend_dir=hard)
+    _check_sraseg_sources(calls, ctx)
+    target = torch.cat(calls.targets)
+    assert torch.equal(target, target.round()) and torch.equal(target.sum(1), torch.ones_like(target[:, 0]))
+    _, _, pair, _ = calls.augment[0]
+    x = torch.cat(ctx.student.inputs)
+    h = len(x) // 2
+    first = torch.cat([pair[:h, :1], pair[h:, 1:]])
+    second = torch.cat([pair[:h, 1:], pair[h:, :1]])
+    assert ((x == first) | (x == second)).all() and (x == first).float().mean() > 0.3
+
+
+# --- the teacher and model selection inside the real loop ------------------------------------------------
+
+
+def test_teacher_and_model_selection_in_the_loop(inputs, tmp_path, monkeypatch):
+    """bcp_real, 3 + 3 iterations, validation after each with scripted Dice so that best != last in both
+    phases: no teacher in pre-training; self-training starts student and teacher from the best
+    pre-training weights; the EMA runs after every self-training step with the run's teacher, student and
+    decay; the published model is the best self-training student, not the last."""
+    settings = dict(TINY, method="bcp_real", pretrain_iterations=3, selftrain_iterations=3, val_every=1,
+                    ema_decay=0.9, **SMALL_NET)
+    dice = [0.2, 0.9, 0.1, 0.3, 0.8, 0.5]
+    events: list[tuple] = []
+
+    def fake_validate(model, images, labels, cases, device, batch=32):
+        events.append(("val", state_of(model)))
+        return np.full(3, dice[sum(e[0] == "val" for e in events) - 1])
+
+    real_pretrain, real_selftrain = loop._pretrain_step, loop._bcp_selftrain_step
+
+    def pretrain_spy(ctx, kind):
+        events.append(("pre", ctx.teacher))
+        return real_pretrain(ctx, kind)
+
+    def selftrain_spy(ctx):
+        events.append(("self", ctx.teacher, params_of(ctx.teacher), state_of(ctx.student), ctx.student))
+        return real_selftrain(ctx)
+
+    def ema_spy(teacher, student, decay):
+        events.append(("ema", teacher, student, decay))
+        update_ema(teacher, student, decay)
+
+    monkeypatch.setattr(loop, "validate", fake_validate)
+    monkeypatch.setattr(loop, "_pretrain_step", pretrain_spy)
+    monkeypatch.setattr(loop, "_bcp_selftrain_step", selftrain_spy)
+    monkeypatch.setattr(loop, "update_ema", ema_spy)
+    out = loop.run(out_dir=tmp_path / "run", settings=settings, seed=2, **inputs)
+
+    kinds = [e[0] for e in events if e[0] != "val"]
+    assert kinds == ["pre"] * 3 + ["self", "ema"] * 3
+    assert all(e[1] is None for e in events if e[0] == "pre")
+    vals = [e[1] for e in events if e[0] == "val"]
+    selfs = [e for e in events if e[0] == "self"]
+    emas = [e for e in events if e[0] == "ema"]
+    # self-training starts from pre-training iteration 2 (best), not 3 (last)
+    assert not same_state(vals[1], vals[2])
+    assert same_state(selfs[0][3], vals[1])
+    assert same_state({k: v for k, v in vals[1].items() if k in selfs[0][2]}, selfs[0][2])
+    # EMA after every step, on the teacher the step used, towards the student just updated
+    for k, ema in enumerate(emas):
+        assert ema[1] is selfs[k][1] and ema[2] is selfs[k][4] and ema[3] == 0.9
+    for k in range(2):
+        before, after, student = selfs[k][2], selfs[k + 1][2], selfs[k + 1][3]
+        for name in before:
+            torch.testing.assert_close(after[name], 0.9 * before[name] + 0.1 * student[name], rtol=1e-5, atol=1e-6)
+    # published: self-training iteration 2 (Dice 0.8), not the last one
+    published = load_file(str(out / "model.safetensors"))
+    assert same_state(published, vals[4]) and not same_state(published, vals[5])
+    best = json.loads((out / "train.json").read_text())["best"]
+    assert best["phase"] == "selftrain" and best["iteration"] == 2 and best["val_dice_mean"] == pytest.approx(0.8)
+
+
+# --- validation --------------------------------------------------------------------------------------------
+
+
+class ReadsIntensity(nn.Module):
+    """Predicts class round(3 * x) at every pixel."""
+
+    def forward(self, x):
+        return -((3 * x - torch.arange(C, dtype=x.dtype)[None, :, None, None]) ** 2) * 100
+
+
+def test_validate_scores_each_volume_in_3d():
+    """Case A (two slices) and case B (one), interleaved, batches crossing cases. Per volume:
+    A: RV 3-D Dice 2*2/(4+4) = 0.5 (a per-slice mean would give 1/3), MYO only in the truth -> 0, LV in
+    neither -> 1; B: RV exact -> 1, MYO in neither -> 1, LV only predicted -> 0. The mean over volumes
+    is (0.75, 0.5, 0.5)."""
+    pred = np.zeros((3, 6, 6), np.uint8)
+    truth = np.zeros((3, 6, 6), np.uint8)
+    truth[0, 0:2, 0:2] = 1  # A, slice 1: RV 4 px, predicted on 2 of them
+    pred[0, 0:2, 0:1] = 1
+    truth[0, 4:6, 4:6] = 2  # MYO in A's truth only
+    truth[1, 1:3, 1:3] = 1  # B: RV predicted exactly
+    pred[1, 1:3, 1:3] = 1
+    pred[1, 5, 0:3] = 3  # LV predicted in B only
+    pred[2, 3:5, 0] = 1  # A, slice 2: 2 RV px predicted, none true
+    images = torch.from_numpy(pred.astype(np.float32) / 3)
+    cases = np.array(["A", "B", "A"])
+    dice = loop.validate(ReadsIntensity(), images, torch.from_numpy(truth), cases, torch.device("cpu"), batch=2)
+    np.testing.assert_allclose(dice, [0.75, 0.5, 0.5])
+    perfect = loop.validate(ReadsIntensity(), torch.from_numpy(truth / 3).float(), torch.from_numpy(truth), cases,
+                            torch.device("cpu"), batch=2)
+    np.testing.assert_allclose(perfect, [1.0, 1.0, 1.0])
+
+
+# --- no val or test slice enters training --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory):
+    """Every input, then val and test slices made NaN (test labels out of range) and marked labeled, so
+    any training pool that takes a held-out slice gives a non-finite loss or a label error."""
+    made = make_all(tmp_path_factory.mktemp("poisoned"))
+    prepared = made["prepared_dir"]
+    table = pd.read_parquet(prepared / "slices.parquet")
+    held_out = (table["split"] != "train").to_numpy()
+    images, labels = np.load(prepared / "images.npy"), np.load(prepared / "labels.npy")
+    images[held_out] = np.nan
+    labels[(table["split"] == "test").to_numpy()] = 9
+    table.loc[held_out, "labeled"] = True
+    np.save(prepared / "images.npy", images)
+    np.save(prepared / "labels.npy", labels)
+    table.to_parquet(prepared / "slices.parquet")
+    return made
+
+
+@pytest.mark.parametrize("method", loop.METHODS)
+def test_held_out_slices_never_train(method, poisoned, tmp_path, monkeypatch):
+    scored = []
+
+    def fake_validate(model, images, labels, cases, device, batch=32):
+        scored.append(len(images))
+        assert torch.isnan(images).all()  # validation does read the val slices, and only those
+        return np.full(3, 0.5)
+
+    monkeypatch.setattr(loop, "validate", fake_validate)
+    settings = dict(TINY, method=method, **SMALL_NET)
+    loop.run(out_dir=tmp_path / "out", settings=settings, seed=1, **poisoned)
+    assert scored and set(scored) == {6}  # patient004: 2 frames x 3 slices
+    # and the check itself can fail: a val slice in the labeled pool gives a NaN loss
+    if method == "labeled_only":
+        real = loop.load_prepared
+
+        def leaky(*args, **kwargs):
+            prepared = real(*args, **kwargs)
+            prepared.labeled_images = torch.cat([prepared.labeled_images, prepared.val_images])
+            prepared.labeled_labels = torch.cat([prepared.labeled_labels, prepared.val_labels])
+            return prepared
+
+        monkeypatch.setattr(loop, "load_prepared", leaky)
+        with pytest.raises(SrasegError, match="nan"):
+            loop.run(out_dir=tmp_path / "leaky", settings=dict(settings, labeled_batch=40), seed=1, **poisoned)
+
+
+# --- resume -------------------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["bcp_real", "sraseg"])
+def test_interrupted_semi_supervised_run_resumes_exactly(method, inputs, tmp_path, monkeypatch):
+    """Interrupted in the middle of self-training (teacher, optimizer and RNG states all in play), then
+    rerun: the published model and log equal those of a run never interrupted; only the rest is trained."""
+    settings = dict(TINY, method=method, pretrain_iterations=2, selftrain_iterations=3, **SMALL_NET)
+    straight = loop.run(out_dir=tmp_path / "straight", settings=settings, seed=4, **inputs)
+
+    name = {"bcp_real": "_bcp_selftrain_step", "sraseg": "_sraseg_selftrain_step"}[method]
+    real_step, trained = getattr(loop, name), []
+
+    def stop_at_step_3(ctx):
+        if ctx.step == 3:
+            raise _Stop
+        return real_step(ctx)
+
+    def counting(ctx):
+        trained.append(ctx.step)
+        return real_step(ctx)
+
+    monkeypatch.setattr(loop, name, stop_at_step_3)
+    with pytest.raises(_Stop):
+        loop.run(out_dir=tmp_path / "resumed", settings=settings, seed=4, **inputs)
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    monkeypatch.setattr(loop, name, counting)
+    resumed = loop.run(out_dir=tmp_path / "resumed", settings=settings, seed=4, **inputs)
+    assert trained == [3, 4]
+    a, b = load_file(str(resumed / "model.safetensors")), load_file(str(straight / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    drop = lambda path: [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(path))]  # noqa: E731
+    assert drop(resumed / "train_log.csv") == drop(straight / "train_log.csv")
