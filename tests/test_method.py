@@ -27,7 +27,6 @@ from sraseg.train import loop
 from sraseg.train.data import augment, load_blend, load_prepared, load_synthetic, sample_indices
 from sraseg.train.losses import one_hot, soft_dice_ce
 from sraseg.train.teacher import pseudo_labels, update_ema
-from sraseg.train.unet import UNet
 
 LEVELS = torch.tensor([0.1, 0.8, 0.4, 0.9])  # train_fixtures.disc_slice: intensity of each class
 SMALL_NET = dict(channels=[8, 16, 32], dropout=[0.05, 0.1, 0.2])
@@ -122,6 +121,8 @@ def test_augment_moves_image_and_label_together():
     assert {"none", "flip", "rotate"} <= set(kinds), kinds
     # every flip/rot90 variant drawn is distinct from the identity for an asymmetric shape
     assert len({tuple(out_labels[i].flatten().tolist()) for i in range(len(labels)) if kinds[i] == "flip"}) > 3
+    same = augment(images, labels, torch.Generator().manual_seed(0), "none")
+    assert torch.equal(same[0], images) and torch.equal(same[1], labels)
 
 
 # --- the steps: a context as run builds it, spies on every input of the mix ------------------------------
