@@ -27,6 +27,7 @@ from sraseg.train import loop
 from sraseg.train.data import augment, load_blend, load_prepared, load_synthetic, sample_indices
 from sraseg.train.losses import one_hot, soft_dice_ce
 from sraseg.train.teacher import pseudo_labels, update_ema
+from sraseg.train.unet import UNet
 
 LEVELS = torch.tensor([0.1, 0.8, 0.4, 0.9])  # train_fixtures.disc_slice: intensity of each class
 SMALL_NET = dict(channels=[8, 16, 32], dropout=[0.05, 0.1, 0.2])
@@ -77,6 +78,17 @@ def test_pseudo_labels_keep_the_largest_blob_of_the_teachers_argmax():
     want = raw.clone()
     want[0, 8:10, 8:10] = 0
     assert torch.equal(out, want)
+
+
+def test_pseudo_labels_use_the_teacher_in_eval_mode():
+    """Dropout off and BatchNorm on its running statistics: the same images give the same labels, and
+    labelling does not move the teacher's statistics."""
+    torch.manual_seed(0)
+    teacher = UNet(channels=[4, 8], dropout=[0.5, 0.5]).train()
+    before = state_of(teacher)
+    images = torch.rand(3, 1, 16, 16)
+    first, second = pseudo_labels(teacher, images, C), pseudo_labels(teacher, images, C)
+    assert torch.equal(first, second) and same_state(state_of(teacher), before)
 
 
 # --- augmentation ---------------------------------------------------------------------------------------
