@@ -150,16 +150,36 @@ def _add_train(sub):
 
 
 def _add_predict(sub):
-    p = sub.add_parser("predict", help="segment whole volumes slice by slice and write NIfTI predictions")
-    p.add_argument("--model", type=Path, required=True, help="model.safetensors from the train stage")
-    p.add_argument("--prepared", type=Path, required=True, help="prepare output (volumes.parquet)")
-    p.add_argument("--split", default="test", choices=["val", "test"])
-    p.add_argument("--out-dir", type=Path, required=True, help="predictions folder")
-    p.add_argument("--batch-size", type=int, default=16)
+    p = sub.add_parser(
+        "predict",
+        help="segment NIfTI volumes slice by slice with a trained model (-i IN -o OUT -m RUN_DIR)",
+        description="Segment every *.nii.gz volume in IN with the model in RUN_DIR and write OUT/<same name> "
+        "(labels 0-3, the input's shape and affine). A failing input is named in one line and skipped; "
+        "the exit code is 1 when any failed. 4-D series are skipped.",
+    )
+    p.add_argument("-i", "--input", type=Path, default=None, help="folder of .nii.gz volumes (or one .nii.gz file)")
+    p.add_argument("-o", "--output", "--out-dir", dest="output", type=Path, required=True, help="predictions folder")
+    p.add_argument(
+        "-m", "--model", type=Path, required=True, help="train output: results/{ds}/{exp}/seed{N} or its model.safetensors"
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (default 16)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default auto")
+    # the workflow's mode: a split of the prepared volumes.parquet instead of a folder
+    p.add_argument(
+        "--prepared-dir", "--prepared", dest="prepared", type=Path, default=None,
+        help="instead of -i: prepare output whose volumes.parquet lists the cases (the workflow's mode)",
+    )  # fmt: skip
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="with --prepared-dir (default test)")
     p.set_defaults(
         target="sraseg.evaluate.predict",
         kwargs=lambda a: dict(
-            model_path=a.model, prepared_dir=a.prepared, split=a.split, out_dir=a.out_dir, batch_size=a.batch_size
+            model_path=a.model,
+            input_path=a.input,
+            prepared_dir=a.prepared,
+            split=a.split,
+            out_dir=a.output,
+            batch_size=a.batch_size,
+            device=a.device,
         ),
     )
 
