@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
 from sraseg.device import autocast, pick_device
@@ -91,24 +91,25 @@ def image_seed(seed: int, index: int) -> int:
 
 
 def load_generator(generator_dir: Path | str) -> tuple[UNet2DModel, DDPMScheduler]:
-    """Load the EMA UNet and the training scheduler saved by the train-generator stage.
+    """Load the EMA UNet and the training scheduler of the diffusers pipeline the train-generator
+    stage saved (model_index.json, unet/, scheduler/; `DiffusionPipeline.from_pretrained` loads it too).
 
     Raises:
-        DatasetError: the folder or its model/scheduler sub-folder is missing.
+        DatasetError: the folder, its model_index.json or a unet/scheduler config is missing.
         WeightsError: a config or weights file is unreadable, truncated or does not fit the model,
             or the UNet's sample size is one it cannot take.
     """
     root = Path(generator_dir)
     if not root.is_dir():
         raise DatasetError(f"{root}: generator folder missing (run the train-generator stage first)")
-    for sub, name in (("model", "config.json"), ("scheduler", "scheduler_config.json")):
-        if not (root / sub / name).is_file():
-            raise DatasetError(f"{root / sub / name}: missing; {root} is not a complete generator folder")
+    for name in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json"):
+        if not (root / name).is_file():
+            raise DatasetError(f"{root / name}: missing; {root} is not a complete generator pipeline folder")
     try:
-        unet = UNet2DModel.from_pretrained(root / "model", local_files_only=True, low_cpu_mem_usage=False)
+        unet = UNet2DModel.from_pretrained(root / "unet", local_files_only=True, low_cpu_mem_usage=False)
     except Exception as err:  # diffusers/safetensors/json raise OSError, ValueError, SafetensorError...
         detail = " ".join(str(err).split())[:200]
-        raise WeightsError(f"{root / 'model'}: cannot load the UNet ({type(err).__name__}: {detail})") from err
+        raise WeightsError(f"{root / 'unet'}: cannot load the UNet ({type(err).__name__}: {detail})") from err
     try:
         scheduler = DDPMScheduler.from_pretrained(root / "scheduler", local_files_only=True)
     except Exception as err:
@@ -117,11 +118,11 @@ def load_generator(generator_dir: Path | str) -> tuple[UNet2DModel, DDPMSchedule
     size = unet.config.sample_size
     size = size[0] if isinstance(size, (list, tuple)) else size
     try:
-        check_resolution(int(size), list(unet.config.block_out_channels), str(root / "model" / "config.json"))
+        check_resolution(int(size), list(unet.config.block_out_channels), str(root / "unet" / "config.json"))
     except ConfigError as err:
         raise WeightsError(str(err)) from err
     if unet.config.in_channels != 1 or unet.config.out_channels != 1:
-        raise WeightsError(f"{root / 'model' / 'config.json'}: expected a 1-channel UNet, got in/out "
+        raise WeightsError(f"{root / 'unet' / 'config.json'}: expected a 1-channel UNet, got in/out "
                            f"{unet.config.in_channels}/{unet.config.out_channels}")  # fmt: skip
     return unet.eval(), scheduler
 
@@ -150,36 +151,31 @@ def make_sampler(train_scheduler: DDPMScheduler, sampler: str, inference_steps: 
 def sample_images(
     unet: UNet2DModel, scheduler, seeds: list[int], device: torch.device, batch_size: int = 32, progress: bool = False
 ) -> torch.Tensor:
-    """Denoise one image per seed.
+    """Denoise one image per seed with diffusers' DDIMPipeline (eta=0) or DDPMPipeline.
 
     Args:
         unet: the generator UNet (eval mode, on `device`).
-        scheduler: from `make_sampler` (timesteps set).
+        scheduler: from `make_sampler` (its class picks the pipeline, its timesteps the step count).
         seeds: one seed per image; image i depends on seeds[i] only, not on batching.
         batch_size: images per UNet call.
 
     Returns:
         float32 [len(seeds),1,R,R] in [0,1] on the CPU (R = the UNet's sample size).
     """
-    size = unet.config.sample_size
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    is_ddim = isinstance(scheduler, DDIMScheduler)
+    steps = len(scheduler.timesteps)
+    if isinstance(scheduler, DDIMScheduler):
+        pipe, extra = DDIMPipeline(unet=unet, scheduler=scheduler), {"eta": 0.0}  # eta=0: deterministic
+    else:
+        pipe, extra = DDPMPipeline(unet=unet, scheduler=scheduler), {}
+    pipe.set_progress_bar_config(disable=True)
     out = []
-    starts = range(0, len(seeds), batch_size)
-    for start in tqdm(starts, desc="sample", unit="batch", disable=not progress):
+    for start in tqdm(range(0, len(seeds), batch_size), desc="sample", unit="batch", disable=not progress):
+        # one CPU generator per image: diffusers draws each image's initial (and, for DDPM, per-step)
+        # noise from its own generator, so the result does not depend on the device or the batch
         gens = [torch.Generator("cpu").manual_seed(int(sd)) for sd in seeds[start : start + batch_size]]
-        # initial noise per image from its own generator, drawn on the CPU for device independence
-        x = torch.cat([torch.randn((1, 1, size, size), generator=g) for g in gens]).to(device)
-        x = x * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            with autocast(device):
-                eps = unet(scheduler.scale_model_input(x, t), t).sample.float()
-            if is_ddim:
-                x = scheduler.step(eps, t, x, eta=0.0).prev_sample  # eta=0: no noise, deterministic
-            else:
-                # a list of CPU generators gives each image its own per-step noise (diffusers randn_tensor)
-                x = scheduler.step(eps, t, x, generator=gens).prev_sample
-        out.append(((x.float().cpu() + 1.0) / 2.0).clamp_(0.0, 1.0))
+        with autocast(device):
+            images = pipe(batch_size=len(gens), generator=gens, num_inference_steps=steps, output_type="np", **extra)
+        out.append(torch.from_numpy(np.asarray(images.images, dtype=np.float32)).permute(0, 3, 1, 2))
     return torch.cat(out)
 
 
@@ -231,7 +227,7 @@ def run(
     """Draw synthetic slices and write images.npy, synthetic.parquet, preview.png, sample.json.
 
     Args:
-        generator_dir: train-generator output (model/, scheduler/).
+        generator_dir: train-generator output (a diffusers pipeline: model_index.json, unet/, scheduler/).
         prepared_dir: prepare output (image size, real slices for the preview).
         out_dir: synthetic folder; written all at once at the end.
         settings: the `sample` config section (see `SampleSettings`).
