@@ -73,3 +73,61 @@ def test_acdc_splits_are_the_standard_ones():
     for n in (3, 7, 14):
         assert read[f"labeled_{n}"] == read["train"][:n]
     assert read["labeled_7"] == ["patient099", "patient038", "patient050", "patient100", "patient058", "patient021", "patient049"]
+
+
+# --- config mistakes: one line per problem, before any job starts ---
+
+
+def _tiny() -> dict:
+    return yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
+
+
+def test_config_problems_are_one_line_each_with_did_you_mean(tmp_path):
+    from sraseg.settings import config_problems
+
+    assert config_problems(_tiny(), SCHEMA) == []
+    config = _tiny()
+    config["train"]["pretrain_iteration"] = 3
+    config["train"]["learnig_rate"] = 0.1
+    config["trian"] = {}
+    config["train"]["lr"] = -1
+    config["sample"]["sampler"] = "euler"
+    config["train"]["channels"] = [4, 8]
+    problems = config_problems(config, SCHEMA)
+    assert sorted(problems) == sorted([
+        "unknown key 'train.pretrain_iteration'; did you mean 'pretrain_iterations'?",
+        "unknown key 'train.learnig_rate'; did you mean 'lr'?",
+        "unknown key 'trian'; did you mean 'train'?",
+        "'train.lr' is -1; must be > 0",
+        "'sample.sampler' is 'euler'; allowed: ddim, ddpm",
+        "'train.channels' has 2 items; must have at least 5",
+    ])  # fmt: skip
+
+
+def test_acdc_raw_dir_must_exist(tmp_path):
+    from sraseg.settings import config_problems
+
+    config = _tiny()
+    config["dataset"].update(source="acdc", raw_dir=str(tmp_path / "nowhere"))
+    assert config_problems(config, SCHEMA) == [f"'dataset.raw_dir' is '{tmp_path / 'nowhere'}': no such folder"]
+    config["dataset"]["raw_dir"] = None
+    assert "'dataset.raw_dir' is not set" in config_problems(config, SCHEMA)[0]
+    config["dataset"]["raw_dir"] = str(tmp_path)
+    assert config_problems(config, SCHEMA) == []
+
+
+def test_snakemake_names_a_misspelt_train_key_in_one_line(tmp_path):
+    import subprocess
+
+    from workflow_run import scratch, snakemake_command, snakemake_env
+
+    workdir = scratch(tmp_path)
+    config = _tiny()
+    config["train"]["pretrain_iteration"] = config["train"].pop("pretrain_iterations")
+    (workdir / "config" / "typo.yaml").write_text(yaml.safe_dump(config))
+    cmd = snakemake_command(workdir, "typo.yaml", "-n", "--cores", "1")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=snakemake_env(), timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if "pretrain_iteration" in line]
+    assert errors == ["config error: unknown key 'train.pretrain_iteration'; did you mean 'pretrain_iterations'?"]
+    assert not (workdir / "results").exists()

@@ -4,12 +4,27 @@ from a plain dict (a config section) and refuses unknown keys and wrong types, n
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import typing
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sraseg.errors import ConfigError
 
-__all__ = ["parse_settings", "settings_dict", "check_choice", "check_positive"]
+__all__ = [
+    "parse_settings",
+    "settings_dict",
+    "check_choice",
+    "check_positive",
+    "SCHEMA_PATH",
+    "load_schema",
+    "config_problems",
+    "did_you_mean",
+]
+
+# The one declaration of every workflow setting (defaults, choices, bounds, one-line meanings).
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
 T = TypeVar("T")
 
@@ -70,3 +85,81 @@ def check_positive(section: str, name: str, value: float, allow_zero: bool = Fal
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"'{section}.{name}' must be {bound}; got {value!r}")
+
+
+@functools.lru_cache(maxsize=1)
+def load_schema() -> dict:
+    """The workflow's config schema (workflow/schemas/config.schema.yaml) as a dict.
+
+    Raises:
+        ConfigError: the schema file is not there (sraseg installed without its workflow folder).
+    """
+    import yaml
+
+    if not SCHEMA_PATH.is_file():
+        raise ConfigError(f"{SCHEMA_PATH}: config schema not found (run sraseg from its checkout)")
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+# Names people bring from other tools, mapped to ours (only used to suggest the right key).
+_ALIASES = {"learning_rate": "lr", "iterations": "selftrain_iterations", "num_inference_steps": "inference_steps"}
+
+
+def did_you_mean(word: str, known: typing.Iterable[str]) -> str:
+    """'did you mean X?' for the closest known key (or a familiar alias of one), else the known keys."""
+    known = sorted(known)
+    candidates = {k: k for k in known} | {a: k for a, k in _ALIASES.items() if k in known}
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.75)
+    return f"did you mean '{candidates[close[0]]}'?" if close else f"known keys: {', '.join(known)}"
+
+
+def _where(path) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def _describe(error) -> list[str]:
+    """One line per problem of a jsonschema error: the key, the value, what is allowed."""
+    key, value, rule, want = _where(error.absolute_path), error.instance, error.validator, error.validator_value
+    if rule == "additionalProperties" and isinstance(value, dict):
+        known = set(error.schema.get("properties", {}))
+        prefix = f"{key}." if error.absolute_path else ""
+        return [f"unknown key '{prefix}{extra}'; {did_you_mean(extra, known)}" for extra in sorted(set(value) - known)]
+    if rule == "enum":
+        return [f"'{key}' is {value!r}; allowed: {', '.join(map(str, want))}"]
+    bounds = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
+    if rule in bounds:
+        return [f"'{key}' is {value!r}; must be {bounds[rule]} {want}"]
+    if rule == "type":
+        kinds = " or ".join(want) if isinstance(want, list) else want
+        return [f"'{key}' is {value!r}; must be of type {kinds}"]
+    if rule in ("minItems", "maxItems"):
+        return [f"'{key}' has {len(value)} items; must have {'at least' if rule == 'minItems' else 'at most'} {want}"]
+    if rule == "required":
+        missing = [name for name in want if name not in value]
+        return [f"'{key}' lacks the required key(s) {', '.join(missing)}"]
+    return [f"'{key}' is {value!r}: {' '.join(error.message.split())[:160]}"]
+
+
+def config_problems(config: dict, schema: dict | None = None) -> list[str]:
+    """Every problem of a workflow config, one line each (unknown keys get a did-you-mean).
+
+    Also checks what the schema cannot: with `dataset.source: acdc`, `dataset.raw_dir` must be an
+    existing folder (a typo there must not silently reuse earlier results).
+    """
+    import jsonschema
+
+    schema = load_schema() if schema is None else schema
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    problems: list[str] = []
+    for error in sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path]):
+        # a oneOf/anyOf failure: its closest sub-error says the most
+        best = jsonschema.exceptions.best_match([error]) if error.context else error
+        problems += [line for line in _describe(best) if line not in problems]
+    dataset = config.get("dataset") if isinstance(config.get("dataset"), dict) else {}
+    if dataset.get("source") == "acdc":
+        raw = dataset.get("raw_dir")
+        if not raw:
+            problems.append("'dataset.raw_dir' is not set; source acdc needs the ACDC-layout folder (patientXXX/...)")
+        elif not Path(raw).is_dir():
+            problems.append(f"'dataset.raw_dir' is {raw!r}: no such folder")
+    return problems

@@ -2,9 +2,23 @@
 import copy
 import json
 import os
+import sys
 
+import yaml
 from snakemake.utils import validate
 
+sys.path.insert(0, os.path.abspath(os.path.join(workflow.basedir, "..", "src")))
+from sraseg.settings import config_problems
+
+
+# Every config mistake as one line (key, value, what is allowed; did-you-mean for unknown keys),
+# and a missing dataset.raw_dir, stop the run before any job starts.
+with open(os.path.join(workflow.basedir, "schemas", "config.schema.yaml")) as _schema_file:
+    _problems = config_problems(config, yaml.safe_load(_schema_file))
+if _problems:
+    for _line in _problems:
+        print(f"config error: {_line}", file=sys.stderr)
+    sys.exit(1)
 
 # Experiment overrides are validated against the same keys as `train`/`blend`, but filling them
 # with defaults would override the user's section values: keep the overrides as written.
