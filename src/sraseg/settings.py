@@ -21,6 +21,7 @@ __all__ = [
     "load_schema",
     "config_problems",
     "did_you_mean",
+    "ConfigProblems",
 ]
 
 # The one declaration of every workflow setting (defaults, choices, bounds, one-line meanings).
@@ -60,7 +61,9 @@ def parse_settings(cls: type[T], data: dict | None, section: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in '{section}'; known keys: {', '.join(fields)}")
+        raise ConfigError(
+            "; ".join(f"unknown key '{section}.{key}', {did_you_mean(key, fields)}" for key in unknown)
+        )
     hints = typing.get_type_hints(cls)
     for name, value in data.items():
         if not _matches(value, hints[name]):
@@ -140,11 +143,19 @@ def _describe(error) -> list[str]:
     return [f"'{key}' is {value!r}: {' '.join(error.message.split())[:160]}"]
 
 
-def config_problems(config: dict, schema: dict | None = None) -> list[str]:
+class ConfigProblems(ConfigError):
+    """Several config mistakes at once; `problems` holds one line per mistake."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
+
+
+def config_problems(config: dict, schema: dict | None = None, check_paths: bool = True) -> list[str]:
     """Every problem of a workflow config, one line each (unknown keys get a did-you-mean).
 
-    Also checks what the schema cannot: with `dataset.source: acdc`, `dataset.raw_dir` must be an
-    existing folder (a typo there must not silently reuse earlier results).
+    With `check_paths`, also what the schema cannot say: with `dataset.source: acdc`,
+    `dataset.raw_dir` must be an existing folder (a typo there must not silently reuse earlier results).
     """
     import jsonschema
 
@@ -156,7 +167,7 @@ def config_problems(config: dict, schema: dict | None = None) -> list[str]:
         best = jsonschema.exceptions.best_match([error]) if error.context else error
         problems += [line for line in _describe(best) if line not in problems]
     dataset = config.get("dataset") if isinstance(config.get("dataset"), dict) else {}
-    if dataset.get("source") == "acdc":
+    if check_paths and dataset.get("source") == "acdc":
         raw = dataset.get("raw_dir")
         if not raw:
             problems.append("'dataset.raw_dir' is not set; source acdc needs the ACDC-layout folder (patientXXX/...)")

@@ -28,7 +28,7 @@ rule embed:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "python -m sraseg embed --prepared {params.prepared} --synthetic {params.synthetic} --out-dir {params.out_dir}"
+        "python -m sraseg embed --prepared-dir {params.prepared} --synthetic-dir {params.synthetic} --out-dir {params.out_dir}"
         " --settings {params.settings:q} > {log} 2>&1"
 
 
@@ -56,7 +56,7 @@ rule index:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "python -m sraseg index --embed-dir {params.embed_dir} --prepared {params.prepared} --out-dir {params.out_dir}"
+        "python -m sraseg index --embed-dir {params.embed_dir} --prepared-dir {params.prepared} --out-dir {params.out_dir}"
         " --settings {params.settings:q} > {log} 2>&1"
 
 
@@ -83,5 +83,5 @@ rule blend:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "python -m sraseg blend --synthetic {params.synthetic} --prepared {params.prepared}"
+        "python -m sraseg blend --synthetic-dir {params.synthetic} --prepared-dir {params.prepared}"
         " --neighbours {input.neighbours} --out-dir {params.out_dir} --settings {params.settings:q} > {log} 2>&1"

@@ -27,7 +27,7 @@ rule train_generator:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "python -m sraseg train-generator --prepared {params.prepared} --out-dir {params.out_dir}"
+        "python -m sraseg train-generator --prepared-dir {params.prepared} --out-dir {params.out_dir}"
         " --settings {params.settings:q} > {log} 2>&1"
 
 
@@ -56,5 +56,5 @@ rule sample:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "python -m sraseg sample --generator {params.generator} --prepared {params.prepared} --out-dir {params.out_dir}"
+        "python -m sraseg sample --generator-dir {params.generator} --prepared-dir {params.prepared} --out-dir {params.out_dir}"
         " --settings {params.settings:q} > {log} 2>&1"
