@@ -130,7 +130,7 @@ def report_optional_inputs():
     if uses("synthetic"):
         inputs.append(f"{SYNTHETIC}/images.npy")
     if uses("embed"):
-        inputs += [f"{EMBED}/encoder.json", f"{EMBED}/fd_dinov2.json", f"{EMBED}/projection.png"]
+        inputs += [f"{EMBED}/encoder.json", f"{EMBED}/fd_dinov2.json", f"{EMBED}/projection.png", f"{EMBED}/index.json"]
     inputs += [f"{RESULTS}/blend/{exp}/preview.png" for exp in EXPERIMENTS if needs(exp, "blend")]
     return inputs
 
@@ -142,6 +142,8 @@ def report_outputs():
     outputs = {
         "table": report(f"{out}/results.csv", caption=caption.format("results"), category="Results"),
         "markdown": f"{out}/results.md",
+        # the table itself in the HTML report (a .csv there is only a download)
+        "html": report(f"{out}/results.html", caption=caption.format("results"), category="Results"),
         "curves": report(
             f"{out}/figures/training_curves.png", caption=caption.format("curves"), category="Training"
         ),

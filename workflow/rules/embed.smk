@@ -42,6 +42,7 @@ rule index:
         neighbours=f"{EMBED}/neighbours.parquet",
         fd=f"{EMBED}/fd_dinov2.json",
         projection=f"{EMBED}/projection.png",
+        record=f"{EMBED}/index.json",
     params:
         settings=as_json(config["index"]),
         embed_dir=input_dir("real"),
