@@ -155,7 +155,7 @@ def test_no_labeled_train_slices_raises(tmp_path):
     "bad, key",
     [
         (dict(resolution=18, block_out_channels=[8, 16, 16]), "resolution 18"),
-        (dict(resolution=4, block_out_channels=[8]), "resolution 4"),
+        (dict(resolution=4, block_out_channels=[8]), "'generator.resolution' is 4; must be >= 8"),  # the schema's bound
         (dict(source="val"), "source"),
         (dict(steps=0), "steps"),
         (dict(ema_decay=1.0), "ema_decay"),

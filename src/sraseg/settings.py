@@ -1,11 +1,16 @@
-"""Typed stage settings: each stage declares a dataclass with defaults; `parse_settings` builds it
-from a plain dict (a config section) and refuses unknown keys and wrong types, naming them."""
+"""Typed stage settings. The config schema (workflow/schemas/config.schema.yaml) is the one
+declaration of every setting's default, choices and bounds; each stage's dataclass names its fields
+(and keeps the same defaults for direct construction, checked by a test). `parse_settings` fills a
+config section's missing keys from the schema, validates it with jsonschema (one line per problem,
+did-you-mean for unknown keys) and builds the dataclass."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
+import json
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +27,7 @@ __all__ = [
     "config_problems",
     "did_you_mean",
     "ConfigProblems",
+    "section_schema",
 ]
 
 # The one declaration of every workflow setting (defaults, choices, bounds, one-line meanings).
@@ -51,11 +57,32 @@ def _matches(value: Any, annotation: Any) -> bool:
     return True
 
 
+def section_schema(section: str) -> dict | None:
+    """The schema of config section `section`, or None (no such section, or no schema file)."""
+    try:
+        return load_schema()["properties"].get(section)
+    except ConfigError:
+        return None
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so jsonschema's `array` accepts what Python callers pass."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def parse_settings(cls: type[T], data: dict | None, section: str) -> T:
-    """Build dataclass `cls` from `data`; `section` names the config section in error messages.
+    """Build dataclass `cls` from `data`; `section` names the config section (and its schema).
+
+    Keys missing from `data` take the schema's default (the dataclass default where the schema has
+    none, e.g. train's `method`); the values are checked against the schema's types, choices and bounds.
 
     Raises:
-        ConfigError: an unknown key (lists the known ones) or a value of the wrong type.
+        ConfigError: an unknown key (with the closest known one) or a value of the wrong type;
+            ConfigProblems (a ConfigError) for every schema violation at once, one line each.
     """
     data = dict(data or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -64,6 +91,16 @@ def parse_settings(cls: type[T], data: dict | None, section: str) -> T:
         raise ConfigError(
             "; ".join(f"unknown key '{section}.{key}', {did_you_mean(key, fields)}" for key in unknown)
         )
+    spec = section_schema(section)
+    if spec is not None:
+        declared = spec.get("properties", {})
+        for key, sub in declared.items():
+            if key in fields and key not in data and "default" in sub:
+                data[key] = copy.deepcopy(sub["default"])
+        checked = {key: _plain(value) for key, value in data.items() if key in declared}
+        problems = config_problems({section: checked}, {"type": "object", "properties": {section: spec}}, False)
+        if problems:
+            raise ConfigProblems(problems)
     hints = typing.get_type_hints(cls)
     for name, value in data.items():
         if not _matches(value, hints[name]):
@@ -174,3 +211,58 @@ def config_problems(config: dict, schema: dict | None = None, check_paths: bool 
         elif not Path(raw).is_dir():
             problems.append(f"'dataset.raw_dir' is {raw!r}: no such folder")
     return problems
+
+
+README_BEGIN = "<!-- BEGIN generated from workflow/schemas/config.schema.yaml: python -m sraseg.settings --readme -->"
+README_END = "<!-- END generated -->"
+
+
+def _allowed(sub: dict) -> str:
+    """What a schema property accepts, in words: type, choices, bounds, list length."""
+    if "enum" in sub:
+        return "one of " + ", ".join(f"`{json.dumps(v).strip(chr(34))}`" for v in sub["enum"])
+    kinds = sub.get("type", "any")
+    kinds = " or ".join(kinds) if isinstance(kinds, list) else kinds
+    bounds = [f"{sign} {sub[key]}" for key, sign in
+              (("minimum", "≥"), ("exclusiveMinimum", ">"), ("maximum", "≤"), ("exclusiveMaximum", "<")) if key in sub]  # fmt: skip
+    text = kinds + (" " + ", ".join(bounds) if bounds else "")
+    if "items" in sub:
+        n_min, n_max = sub.get("minItems"), sub.get("maxItems")
+        count = f"{n_min} " if n_min is not None and n_min == n_max else (f"≥ {n_min} " if n_min else "")
+        text = f"list of {count}({_allowed(sub['items'])})"
+    return text
+
+
+def schema_reference(schema: dict | None = None) -> str:
+    """The markdown tables (key, default, allowed values) of every section, as config/README.md holds them."""
+    schema = load_schema() if schema is None else schema
+    parts = [README_BEGIN, "", "## Reference: every key with its default and allowed values", ""]
+    for section, spec in schema["properties"].items():
+        props = spec.get("properties")
+        if not props:
+            parts += [f"- `{section}`: default `{json.dumps(spec.get('default'))}`", ""]
+            continue
+        parts += [f"### `{section}`", "", "| key | default | allowed |", "|---|---|---|"]
+        parts += [f"| `{key}` | `{json.dumps(sub.get('default'))}` | {_allowed(sub)} |" for key, sub in props.items()]
+        parts.append("")
+    parts.append(README_END)
+    return "\n".join(parts)
+
+
+def _write_readme(path: Path) -> None:
+    text = path.read_text()
+    if README_BEGIN in text and README_END in text:
+        head, rest = text.split(README_BEGIN, 1)
+        text = head + schema_reference() + rest.split(README_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + schema_reference() + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["--readme"]:
+        print(schema_reference())
+    else:
+        _write_readme(Path(sys.argv[2]) if len(sys.argv) > 2 else SCHEMA_PATH.parents[2] / "config" / "README.md")
