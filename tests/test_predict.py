@@ -221,6 +221,16 @@ def test_predict_folder_exit_code_zero_when_all_written(phantom_raw, run_dir, tm
     assert [p.name for p in out.iterdir()] == [frame.name]
 
 
+def test_predict_refuses_to_write_over_its_inputs(phantom_raw, run_dir, capsys):
+    from sraseg.cli import main
+
+    folder = phantom_raw / "raw" / "patient003"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert main(["predict", "-i", str(folder), "-o", str(folder), "-m", str(run_dir)]) == 1
+    assert "output folder is the input folder" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
 def test_predict_missing_model_is_one_line(phantom_raw, tmp_path, capsys):
     from sraseg.cli import main
 

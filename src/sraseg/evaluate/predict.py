@@ -198,6 +198,8 @@ def predict_folder(
         raise DatasetError(f"{input_path}: not a folder of .nii.gz volumes nor a .nii.gz file")
     if not inputs:
         raise DatasetError(f"{input_path}: no .nii.gz volumes to predict")
+    if output_dir.resolve() == inputs[0].parent.resolve():
+        raise ConfigError(f"{output_dir}: the output folder is the input folder; predictions would overwrite the images")
     weights = model_weights(model)
     torch_device = pick_device(device)
     net, meta = load_model(weights, device=torch_device)
@@ -210,6 +212,7 @@ def predict_folder(
     with logging_redirect_tqdm():
         for src in tqdm(inputs, desc="predict", unit="volume"):
             tmp = output_dir / f".{src.name[: -len('.nii.gz')]}.tmp.nii.gz"
+            tmp.unlink(missing_ok=True)  # a leftover of a killed run must not be published
             failed += predict_paths(net, image_size, [(src, tmp, None)], torch_device, batch_size, True, progress=False)
             if tmp.exists():
                 os.replace(tmp, output_dir / src.name)
