@@ -105,3 +105,9 @@ def test_workflow_calls_use_the_current_flag_names():
             for flag in re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", rest):
                 assert flag in _visible_flags(stage), f"{path.name}: sraseg {stage} {flag}"
     assert calls >= 10
+
+
+def test_whole_file_given_to_settings_points_to_config(capsys):
+    code = main(["train", "--prepared-dir", "p", "--out-dir", "o", "--settings", str(REPO / "config" / "acdc.yaml")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "use --config FILE" in err[0]

@@ -118,7 +118,7 @@ def _add_config(p, experiment: bool = False):
 
 def section_settings(args) -> dict:
     """The stage's settings: --config's section (with --experiment's overrides), then --settings."""
-    from sraseg.settings import ConfigProblems, config_problems
+    from sraseg.settings import ConfigProblems, config_problems, section_schema
 
     merged: dict = {}
     config = getattr(args, "config", None)
@@ -137,6 +137,10 @@ def section_settings(args) -> dict:
                 merged["method"] = experiments[name]["method"]
     elif getattr(args, "experiment", None) is not None:
         raise ConfigError("--experiment needs --config FILE (the experiments are read from it)")
+    own_keys = set((section_schema(args.section) or {}).get("properties") or {})
+    if ({"dataset", "experiments", args.section} & set(args.settings)) - own_keys:
+        # `--settings config/acdc.yaml` was the old way to pass a whole file: say what to use instead
+        raise ConfigError(f"--settings takes the `{args.section}` section only; for a whole config file use --config FILE")
     merged.update(args.settings)
     return merged
 
