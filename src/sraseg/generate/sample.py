@@ -23,7 +23,7 @@ from sraseg.device import autocast, pick_device
 from sraseg.errors import ConfigError, DatasetError, WeightsError
 from sraseg.generate.common import check_resolution, open_images, prepared_image_size, read_slices, resize_stack
 from sraseg.io import staged_outputs, write_json
-from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
+from sraseg.settings import parse_settings, settings_dict
 
 __all__ = [
     "SampleSettings",
@@ -38,7 +38,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SECTION = "sample"
-SAMPLERS = ("ddim", "ddpm")
 SEED_STRIDE = 1_000_003  # a prime: seeds of different base seeds do not collide for < 1e6 images
 PREVIEW_COLUMNS = 8
 
@@ -47,15 +46,11 @@ PREVIEW_COLUMNS = 8
 class SampleSettings:
     """Settings of the sample stage (config section `sample`).
 
-    Args:
-        n_images (`int`, 256): synthetic slices to draw.
-        sampler (`str`, "ddim"): "ddim" (deterministic, eta=0) or "ddpm" (ancestral).
-        inference_steps (`int | None`, None): denoising steps; None = 50 for DDIM, the generator's
-            num_train_timesteps for DDPM.
-        batch_size (`int`, 32): images denoised together (does not change the images).
-        seed (`int`, 0): base seed; image i uses `seed * 1_000_003 + i`.
-        image_size (`int | None`, None): output side; None = the prepared image size.
-        device (`str`, "auto"): "auto", "cpu" or "cuda".
+    Defaults, choices, bounds and one-line meanings live in the config schema (`sraseg sample
+    --help` lists them); the defaults here mirror it for direct construction (tests/test_config.py).
+    Notes: DDIM runs with eta=0 (deterministic); inference_steps None = 50 for DDIM, the generator's
+    num_train_timesteps for DDPM; image i uses seed `image_seed(seed, i)`; image_size None = the
+    prepared size.
     """
 
     n_images: int = 256
@@ -68,21 +63,15 @@ class SampleSettings:
 
 
 def validate_settings(settings: dict | SampleSettings | None) -> SampleSettings:
-    """Parse and check the sampling settings.
+    """Parse and check the sampling settings against the schema's `sample` section (defaults,
+    choices and bounds are declared there, not restated here).
 
     Raises:
         ConfigError: an unknown key, wrong type, or out-of-range value (key named).
     """
-    s = settings if isinstance(settings, SampleSettings) else parse_settings(SampleSettings, settings, SECTION)
-    check_positive(SECTION, "n_images", s.n_images)
-    check_choice(SECTION, "sampler", s.sampler, SAMPLERS)
-    check_choice(SECTION, "device", s.device, ("auto", "cpu", "cuda"))
-    check_positive(SECTION, "batch_size", s.batch_size)
-    if s.inference_steps is not None:
-        check_positive(SECTION, "inference_steps", s.inference_steps)
-    if s.image_size is not None:
-        check_positive(SECTION, "image_size", s.image_size)
-    return s
+    if isinstance(settings, SampleSettings):
+        settings = settings_dict(settings)  # an instance is held to the same bounds as a config
+    return parse_settings(SampleSettings, settings, SECTION)
 
 
 def image_seed(seed: int, index: int) -> int:
