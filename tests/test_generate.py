@@ -366,3 +366,17 @@ def test_missing_model_index_raises(generator, tmp_path):
     (broken / "model_index.json").unlink()
     with pytest.raises(DatasetError, match=r"model_index\.json"):
         sample.load_generator(broken)
+
+
+def test_bf16_autocast_keeps_sampling_in_fp32(generator, monkeypatch):
+    """The CUDA path (bf16 autocast) on the CPU: the pipeline still gets fp32 predictions and noise."""
+    unet, train_scheduler = sample.load_generator(generator)
+    scheduler, _ = sample.make_sampler(train_scheduler, "ddpm", 6)
+    fp32 = sample.sample_images(unet, scheduler, [3, 4], torch.device("cpu"))
+    seen = []
+    unet.register_forward_hook(lambda module, inputs, output: seen.append(output.sample.dtype))
+    monkeypatch.setattr(sample, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    bf16 = sample.sample_images(unet, scheduler, [3, 4], torch.device("cpu"))
+    assert torch.bfloat16 in seen  # autocast really ran the UNet in bf16
+    assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
+    assert (bf16 - fp32).abs().max() < 0.1 and not torch.equal(bf16, fp32)

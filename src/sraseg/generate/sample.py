@@ -157,14 +157,20 @@ def sample_images(
     else:
         pipe, extra = DDPMPipeline(unet=unet, scheduler=scheduler), {}
     pipe.set_progress_bar_config(disable=True)
+    # bf16 autocast on CUDA: the UNet's prediction back in fp32, so the scheduler's arithmetic and
+    # DDPM's per-step noise (drawn in the prediction's dtype) stay fp32 as on the CPU
+    hook = unet.register_forward_hook(lambda module, inputs, output: output.__class__(sample=output.sample.float()))
     out = []
-    for start in tqdm(range(0, len(seeds), batch_size), desc="sample", unit="batch", disable=not progress):
-        # one CPU generator per image: diffusers draws each image's initial (and, for DDPM, per-step)
-        # noise from its own generator, so the result does not depend on the device or the batch
-        gens = [torch.Generator("cpu").manual_seed(int(sd)) for sd in seeds[start : start + batch_size]]
-        with autocast(device):
-            images = pipe(batch_size=len(gens), generator=gens, num_inference_steps=steps, output_type="np", **extra)
-        out.append(torch.from_numpy(np.asarray(images.images, dtype=np.float32)).permute(0, 3, 1, 2))
+    try:
+        for start in tqdm(range(0, len(seeds), batch_size), desc="sample", unit="batch", disable=not progress):
+            # one CPU generator per image: diffusers draws each image's initial (and, for DDPM, per-step)
+            # noise from its own generator, so the result does not depend on the device or the batch
+            gens = [torch.Generator("cpu").manual_seed(int(sd)) for sd in seeds[start : start + batch_size]]
+            with autocast(device):
+                images = pipe(batch_size=len(gens), generator=gens, num_inference_steps=steps, output_type="np", **extra)
+            out.append(torch.from_numpy(np.asarray(images.images, dtype=np.float32)).permute(0, 3, 1, 2))
+    finally:
+        hook.remove()
     return torch.cat(out)
 
 
