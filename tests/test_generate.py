@@ -116,7 +116,7 @@ def test_training_lowers_loss_and_writes_outputs(generator, prepared):
     after = _fixed_loss(unet, prepared)
     assert after < 0.7 * before, (before, after)
 
-    for name in ("model/config.json", "model/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
+    for name in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
                  "train_log.csv", "generator.json", "last.ckpt"):  # fmt: skip
         assert (generator / name).is_file(), name
     assert any((generator / "tensorboard").iterdir())
@@ -148,14 +148,14 @@ def test_no_labeled_train_slices_raises(tmp_path):
     prepared = make_prepared(tmp_path / "prepared", labeled=False)
     with pytest.raises(DatasetError, match="slices.parquet.*labeled"):
         train.run(prepared, tmp_path / "gen", dict(TINY, source="labeled"))
-    assert not (tmp_path / "gen" / "model").exists()
+    assert not (tmp_path / "gen" / "unet").exists()
 
 
 @pytest.mark.parametrize(
     "bad, key",
     [
         (dict(resolution=18, block_out_channels=[8, 16, 16]), "resolution 18"),
-        (dict(resolution=4, block_out_channels=[8]), "resolution 4"),
+        (dict(resolution=4, block_out_channels=[8]), "'generator.resolution' is 4; must be >= 8"),  # the schema's bound
         (dict(source="val"), "source"),
         (dict(steps=0), "steps"),
         (dict(ema_decay=1.0), "ema_decay"),
@@ -187,7 +187,7 @@ def test_resume_equals_uninterrupted(prepared, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "train_step", real_step)
     resumed_dir = tmp_path / "resumed"
     assert (resumed_dir / "last.ckpt").is_file()
-    assert not (resumed_dir / "model").exists() and not (resumed_dir / "train_log.csv").exists()
+    assert not (resumed_dir / "unet").exists() and not (resumed_dir / "train_log.csv").exists()
     assert torch.load(resumed_dir / "last.ckpt", weights_only=True)["step"] == 3
 
     # other settings must not continue this checkpoint
@@ -195,8 +195,8 @@ def test_resume_equals_uninterrupted(prepared, tmp_path, monkeypatch):
         train.run(prepared, resumed_dir, dict(settings, lr=1e-3))
 
     train.run(prepared, resumed_dir, settings)
-    a = load_file(full / "model" / "diffusion_pytorch_model.safetensors")
-    b = load_file(resumed_dir / "model" / "diffusion_pytorch_model.safetensors")
+    a = load_file(full / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(resumed_dir / "unet" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
@@ -280,36 +280,35 @@ def test_missing_generator_folder_raises(prepared, tmp_path):
 def _copy_generator(generator, dst):
     import shutil
 
-    shutil.copytree(generator / "model", dst / "model")
-    shutil.copytree(generator / "scheduler", dst / "scheduler")
+    shutil.copytree(generator, dst)
     return dst
 
 
 def test_missing_model_config_raises(generator, tmp_path):
     broken = _copy_generator(generator, tmp_path / "g")
-    (broken / "model" / "config.json").unlink()
-    with pytest.raises(DatasetError, match=r"model/config\.json"):
+    (broken / "unet" / "config.json").unlink()
+    with pytest.raises(DatasetError, match=r"unet/config\.json"):
         sample.load_generator(broken)
 
 
 def test_truncated_weights_raise(generator, tmp_path):
     broken = _copy_generator(generator, tmp_path / "g")
-    weights = broken / "model" / "diffusion_pytorch_model.safetensors"
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(WeightsError, match=str(broken / "model")):
+    with pytest.raises(WeightsError, match=str(broken / "unet")):
         sample.load_generator(broken)
 
 
 def test_corrupt_config_json_raises(generator, tmp_path):
     broken = _copy_generator(generator, tmp_path / "g")
-    (broken / "model" / "config.json").write_text("{not json")
-    with pytest.raises(WeightsError, match=str(broken / "model")):
+    (broken / "unet" / "config.json").write_text("{not json")
+    with pytest.raises(WeightsError, match=str(broken / "unet")):
         sample.load_generator(broken)
 
 
 def test_unusable_unet_resolution_raises(generator, tmp_path):
     broken = _copy_generator(generator, tmp_path / "g")
-    config_path = broken / "model" / "config.json"
+    config_path = broken / "unet" / "config.json"
     config = json.loads(config_path.read_text())
     config["sample_size"] = 15  # odd: the UNet halves it once
     config_path.write_text(json.dumps(config))
@@ -337,3 +336,47 @@ def test_default_inference_steps(generator):
 def test_image_seeds_are_distinct():
     seeds = {sample.image_seed(s, i) for s in range(3) for i in range(1000)}
     assert len(seeds) == 3000 and min(seeds) >= 0
+
+
+# ---------------------------------------------------------------- the diffusers pipeline
+
+
+def test_generator_folder_is_a_diffusers_pipeline(generator):
+    """A diffusers user loads the generator with DiffusionPipeline and samples; our sampler draws the same image."""
+    from diffusers import DDPMPipeline, DiffusionPipeline
+
+    assert json.loads((generator / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+    pipe = DiffusionPipeline.from_pretrained(generator, local_files_only=True)
+    assert isinstance(pipe, DDPMPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    seed, steps = 11, 8
+    image = pipe(batch_size=1, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
+                 output_type="np").images  # fmt: skip
+    assert image.shape == (1, 16, 16, 1)
+    assert 0.0 <= image.min() and image.max() <= 1.0 and image.std() > 0.01
+
+    unet, train_scheduler = sample.load_generator(generator)
+    scheduler, _ = sample.make_sampler(train_scheduler, "ddpm", steps)
+    ours = sample.sample_images(unet, scheduler, [seed], torch.device("cpu"))
+    np.testing.assert_allclose(ours[0, 0].numpy(), image[0, :, :, 0], atol=1e-5)
+
+
+def test_missing_model_index_raises(generator, tmp_path):
+    broken = _copy_generator(generator, tmp_path / "g")
+    (broken / "model_index.json").unlink()
+    with pytest.raises(DatasetError, match=r"model_index\.json"):
+        sample.load_generator(broken)
+
+
+def test_bf16_autocast_keeps_sampling_in_fp32(generator, monkeypatch):
+    """The CUDA path (bf16 autocast) on the CPU: the pipeline still gets fp32 predictions and noise."""
+    unet, train_scheduler = sample.load_generator(generator)
+    scheduler, _ = sample.make_sampler(train_scheduler, "ddpm", 6)
+    fp32 = sample.sample_images(unet, scheduler, [3, 4], torch.device("cpu"))
+    seen = []
+    unet.register_forward_hook(lambda module, inputs, output: seen.append(output.sample.dtype))
+    monkeypatch.setattr(sample, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    bf16 = sample.sample_images(unet, scheduler, [3, 4], torch.device("cpu"))
+    assert torch.bfloat16 in seen  # autocast really ran the UNet in bf16
+    assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
+    assert (bf16 - fp32).abs().max() < 0.1 and not torch.equal(bf16, fp32)

@@ -139,3 +139,138 @@ def test_run_errors(tmp_path):
     with pytest.raises(DatasetError, match="no cases in split 'val'"):
         predict.run(model_path, prepared, "val", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# --- `sraseg predict -i IN -o OUT -m RUN_DIR`: any folder of NIfTI volumes, as nnU-Net users expect ---
+
+
+@pytest.fixture(scope="module")
+def phantom_raw(tmp_path_factory):
+    """Three phantom patients in ACDC layout (two frames each) and split lists for prepare."""
+    from sraseg.data import phantom
+
+    root = tmp_path_factory.mktemp("phantom")
+    phantom.run(root / "raw", patients=3, seed=0)
+    splits = root / "splits"
+    splits.mkdir()
+    for name, text in (("train", "patient001\n"), ("val", "patient002\n"), ("test", "patient003\n"), ("labeled", "patient001\n")):
+        (splits / f"{name}.txt").write_text(text)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A real (two-iteration) labeled_only training run laid out as results/tiny/labeled_only/seed1."""
+    from train_fixtures import TINY, make_prepared
+
+    from sraseg.train import loop
+
+    root = tmp_path_factory.mktemp("trained")
+    out = root / "results" / "tiny" / "labeled_only" / "seed1"
+    loop.run(prepared_dir=make_prepared(root), out_dir=out, settings=dict(TINY, method="labeled_only"), seed=1)
+    return out
+
+
+def _frames(phantom_raw, patient="patient003"):
+    return sorted(p for p in (phantom_raw / "raw" / patient).glob("*_frame??.nii.gz"))
+
+
+def test_predict_folder_writes_each_volume_and_names_the_corrupt_one(phantom_raw, run_dir, tmp_path, capsys, caplog):
+    import shutil
+
+    from sraseg.cli import main
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    frames = _frames(phantom_raw)
+    assert len(frames) == 2
+    for src in frames:
+        shutil.copy(src, inputs / src.name)
+    data = frames[0].read_bytes()
+    (inputs / "broken.nii.gz").write_bytes(data[: len(data) // 3])  # truncated mid-stream
+    series = np.stack([nib.load(frames[0]).get_fdata()] * 3, axis=-1)  # a 4-D cine series
+    nib.save(nib.Nifti1Image(series.astype(np.int16), nib.load(frames[0]).affine), str(inputs / "cine_4d.nii.gz"))
+
+    out = tmp_path / "out"
+    code = main(["predict", "-i", str(inputs), "-o", str(out), "-m", str(run_dir), "--device", "cpu"])
+    final = capsys.readouterr().err.strip().splitlines()
+    lines = caplog.messages  # one log record per failing or skipped input; the summary is printed
+
+    assert code == 1
+    assert sorted(p.name for p in out.iterdir()) == sorted(f.name for f in frames)  # no temporary files left
+    broken_lines = [line for line in lines if "broken.nii.gz" in line]
+    assert len(broken_lines) == 1 and "unreadable or truncated" in broken_lines[0]
+    assert sum("cine_4d.nii.gz" in line and "4-D" in line for line in lines) == 1
+    assert "1 input(s) failed" in final[-1]
+    for src in frames:
+        image, pred = nib.load(src), nib.load(out / src.name)
+        assert pred.shape == image.shape
+        np.testing.assert_allclose(pred.affine, image.affine, atol=1e-5)
+        np.testing.assert_allclose(pred.header.get_zooms(), image.header.get_zooms(), atol=1e-5)
+        labels = np.asanyarray(pred.dataobj)
+        assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2, 3}
+
+
+def test_predict_folder_exit_code_zero_when_all_written(phantom_raw, run_dir, tmp_path):
+    from sraseg.cli import main
+
+    frame = _frames(phantom_raw)[0]
+    out = tmp_path / "out"
+    # -m also takes the weights file itself; one file also works as input
+    assert main(["predict", "--input", str(frame), "--output", str(out), "--model", str(run_dir / "model.safetensors")]) == 0
+    assert [p.name for p in out.iterdir()] == [frame.name]
+
+
+def test_predict_refuses_to_write_over_its_inputs(phantom_raw, run_dir, capsys):
+    from sraseg.cli import main
+
+    folder = phantom_raw / "raw" / "patient003"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert main(["predict", "-i", str(folder), "-o", str(folder), "-m", str(run_dir)]) == 1
+    assert "output folder is the input folder" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_predict_missing_model_is_one_line(phantom_raw, tmp_path, capsys):
+    from sraseg.cli import main
+
+    code = main(["predict", "-i", str(phantom_raw / "raw" / "patient003"), "-o", str(tmp_path / "o"), "-m", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "model.safetensors" in err[0]
+
+
+class Recorder(nn.Module):
+    """Stand-in model that keeps every input batch (to compare with what training saw)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().float().cpu())
+        return torch.zeros(len(x), 4, *x.shape[-2:])
+
+
+def test_predict_folder_feeds_the_model_what_prepare_wrote(phantom_raw, tmp_path, monkeypatch):
+    """Normalisation and resizing equal the prepare stage's: the model sees images.npy's slices."""
+    from sraseg.data import prepare
+    from sraseg.train import unet
+
+    size = 24
+    prepared = tmp_path / "prepared"
+    splits = phantom_raw / "splits"
+    prepare.run(phantom_raw / "raw", splits, splits / "labeled.txt", size, prepared)
+    recorder = Recorder()
+    monkeypatch.setattr(unet, "load_model", lambda path, device="cpu": (recorder, {"image_size": size}))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.safetensors").write_bytes(b"")  # only its presence is checked before load_model
+
+    frame = _frames(phantom_raw)[1]
+    predict.run(tmp_path / "run", input_path=frame, out_dir=tmp_path / "out", batch_size=4, device="cpu")
+    seen = torch.cat(recorder.inputs)[:, 0].numpy()
+
+    slices = pd.read_parquet(prepared / "slices.parquet")
+    rows = slices.index[slices["case"] == frame.name.removesuffix(".nii.gz")].to_numpy()
+    images = np.load(prepared / "images.npy")[rows]
+    assert seen.shape == images.shape and images.std() > 0.05
+    np.testing.assert_allclose(seen, images, atol=1e-6)

@@ -1,5 +1,12 @@
 """The `sraseg` command line: one subcommand per stage. It only parses arguments and calls the
-stage's `run(...)`; stage modules are imported lazily so `sraseg --help` stays fast."""
+stage's `run(...)`; stage modules are imported lazily so `sraseg --help` stays fast.
+
+One naming scheme: an input or output folder is `--<what>-dir`, a single file is `--<what>` (or
+`--out-file`), and every stage with settings takes `--config FILE` (a whole workflow config; the
+stage reads its own section) and `--settings JSON` (that section only, applied on top). The
+spellings of earlier versions (`--prepared`, `--synthetic`, `--generator`, `--out`) still work.
+`sraseg <stage> --help` lists the stage's settings, defaults and meanings from the config schema.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +17,12 @@ import logging
 import sys
 from pathlib import Path
 
-from sraseg.errors import SrasegError
+from sraseg.errors import ConfigError, SrasegError
 
 log = logging.getLogger("sraseg")
+
+# The model config/acdc.yaml embeds with (the real-data run needs these weights fetched).
+FETCH_DEFAULT_MODEL = "vit_base_patch14_dinov2.lvd142m"
 
 
 def _settings(value: str) -> dict:
@@ -34,21 +44,122 @@ def _settings(value: str) -> dict:
     return data
 
 
+def _config_file(value: str) -> dict:
+    """A whole workflow config file (YAML or JSON), checked against the schema later."""
+    import yaml
+
+    path = Path(value)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"{path}: not valid YAML ({' '.join(str(err).split())[:160]})") from err
+    if not isinstance(data, dict):
+        raise argparse.ArgumentTypeError(f"{path}: a config file is a mapping of sections")
+    return data
+
+
+def _settings_epilog(section: str) -> str | None:
+    """The section's settings from the schema: name, default, one-line meaning (None without a schema)."""
+    from sraseg.settings import load_schema
+
+    try:
+        spec = load_schema()["properties"][section]
+    except (ConfigError, KeyError):
+        return None
+    rows = []
+    for key, sub in spec.get("properties", {}).items():
+        meaning = " ".join(str(sub.get("description", "")).split())
+        if "enum" in sub:
+            meaning += f" [{' | '.join(map(str, sub['enum']))}]"
+        rows.append((key, json.dumps(sub.get("default")), meaning))
+    width = max(len(k) for k, _, _ in rows) + 2
+    dwidth = min(max(len(d) for _, d, _ in rows), 34) + 2
+    lines = [f"  {k:<{width}}{d:<{dwidth}}{m}" for k, d, m in rows]
+    return (
+        f"settings (config section `{section}`; set them with --config FILE or --settings JSON):\n"
+        f"  {'name':<{width}}{'default':<{dwidth}}meaning\n" + "\n".join(lines)
+    )
+
+
+def _parser(sub, name: str, help: str, section: str | None = None, description: str | None = None):
+    p = sub.add_parser(
+        name,
+        help=help,
+        description=description or help,
+        epilog=_settings_epilog(section) if section else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(required_args=[], section=section)
+    return p
+
+
+def _path(p, flag: str, *old: str, required: bool = False, help: str = "", metavar: str | None = None):
+    """`flag` (shown) with earlier spellings `old` (accepted, not shown), all into one dest."""
+    dest = flag.lstrip("-").replace("-", "_")
+    metavar = metavar or ("DIR" if flag.endswith("-dir") else "FILE")
+    p.add_argument(flag, dest=dest, type=Path, default=None, metavar=metavar, help=help + (" (required)" if required else ""))
+    for alias in old:
+        p.add_argument(alias, dest=dest, type=Path, default=None, help=argparse.SUPPRESS)
+    if required:
+        p.get_default("required_args").append((dest, flag))
+
+
+def _add_config(p, experiment: bool = False):
+    p.add_argument("--config", type=_config_file, default=None, metavar="FILE",
+                   help="a whole workflow config (e.g. config/acdc.yaml); this stage reads its section")  # fmt: skip
+    p.add_argument("--settings", type=_settings, default={}, metavar="JSON",
+                   help="this stage's section only, as JSON or a .json/.yaml file; applied over --config")  # fmt: skip
+    if experiment:
+        p.add_argument("--experiment", default=None, metavar="NAME",
+                       help="with --config: apply this experiment's overrides (and, for train, its method)")  # fmt: skip
+
+
+def section_settings(args) -> dict:
+    """The stage's settings: --config's section (with --experiment's overrides), then --settings."""
+    from sraseg.settings import ConfigProblems, config_problems, section_schema
+
+    merged: dict = {}
+    config = getattr(args, "config", None)
+    if config is not None:
+        problems = config_problems(config, check_paths=False)
+        if problems:
+            raise ConfigProblems(problems)
+        merged = dict(config.get(args.section) or {})
+        name = getattr(args, "experiment", None)
+        if name is not None:
+            experiments = config.get("experiments") or {}
+            if name not in experiments:
+                raise ConfigError(f"--experiment {name!r} is not in the config's experiments ({', '.join(experiments)})")
+            merged.update(experiments[name].get(args.section) or {})
+            if args.section == "train":
+                merged["method"] = experiments[name]["method"]
+    elif getattr(args, "experiment", None) is not None:
+        raise ConfigError("--experiment needs --config FILE (the experiments are read from it)")
+    own_keys = set((section_schema(args.section) or {}).get("properties") or {})
+    if ({"dataset", "experiments", args.section} & set(args.settings)) - own_keys:
+        # `--settings config/acdc.yaml` was the old way to pass a whole file: say what to use instead
+        raise ConfigError(f"--settings takes the `{args.section}` section only; for a whole config file use --config FILE")
+    merged.update(args.settings)
+    return merged
+
+
 def _add_phantom(sub):
-    p = sub.add_parser("phantom", help="write the built-in cardiac cine-MRI phantom in ACDC layout")
-    p.add_argument("--out", type=Path, required=True, help="output folder (patientXXX/ sub-folders)")
+    p = _parser(sub, "phantom", "write the built-in cardiac cine-MRI phantom in ACDC layout")
+    _path(p, "--out-dir", "--out", required=True, help="output folder (patientXXX/ sub-folders)")
     p.add_argument("--patients", type=int, default=100, help="number of patients (default 100)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
-    p.set_defaults(target="sraseg.data.phantom", kwargs=lambda a: dict(out_dir=a.out, patients=a.patients, seed=a.seed))
+    p.set_defaults(target="sraseg.data.phantom", kwargs=lambda a: dict(out_dir=a.out_dir, patients=a.patients, seed=a.seed))
 
 
 def _add_prepare(sub):
-    p = sub.add_parser("prepare", help="check an ACDC-layout dataset and cut it into normalised 2-D slices")
-    p.add_argument("--raw-dir", type=Path, required=True, help="ACDC-layout folder (patientXXX/...)")
-    p.add_argument("--splits-dir", type=Path, required=True, help="folder with train.txt, val.txt, test.txt")
-    p.add_argument("--labeled", type=Path, required=True, help="file listing the labeled training patients")
+    p = _parser(sub, "prepare", "check an ACDC-layout dataset and cut it into normalised 2-D slices")
+    _path(p, "--raw-dir", required=True, help="ACDC-layout folder (patientXXX/...)")
+    _path(p, "--splits-dir", required=True, help="folder with train.txt, val.txt, test.txt")
+    _path(p, "--labeled", required=True, help="file listing the labeled training patients")
     p.add_argument("--image-size", type=int, default=256, help="slice size after resizing (default 256)")
-    p.add_argument("--out-dir", type=Path, required=True)
+    _path(p, "--out-dir", required=True, help="prepared folder")
     p.set_defaults(
         target="sraseg.data.prepare",
         kwargs=lambda a: dict(
@@ -58,91 +169,114 @@ def _add_prepare(sub):
 
 
 def _add_train_generator(sub):
-    p = sub.add_parser("train-generator", help="train the unconditional diffusion model on real training slices")
-    p.add_argument("--prepared", type=Path, required=True, help="prepare stage output folder")
-    p.add_argument("--out-dir", type=Path, required=True)
-    p.add_argument("--settings", type=_settings, default={}, help="JSON object or file: the generator settings")
+    p = _parser(sub, "train-generator", "train the unconditional diffusion model on real training slices", "generator")
+    _path(p, "--prepared-dir", "--prepared", required=True, help="prepare stage output folder")
+    _path(p, "--out-dir", required=True, help="generator folder (a diffusers pipeline)")
+    _add_config(p)
     p.set_defaults(
         target="sraseg.generate.train",
-        kwargs=lambda a: dict(prepared_dir=a.prepared, out_dir=a.out_dir, settings=a.settings),
+        kwargs=lambda a: dict(prepared_dir=a.prepared_dir, out_dir=a.out_dir, settings=section_settings(a)),
     )
 
 
 def _add_sample(sub):
-    p = sub.add_parser("sample", help="sample synthetic slices from a trained generator")
-    p.add_argument("--generator", type=Path, required=True, help="train-generator output folder")
-    p.add_argument("--prepared", type=Path, required=True, help="prepare output (real slices for the preview)")
-    p.add_argument("--out-dir", type=Path, required=True)
-    p.add_argument("--settings", type=_settings, default={}, help="JSON object or file: the sampling settings")
+    p = _parser(sub, "sample", "sample synthetic slices from a trained generator", "sample")
+    _path(p, "--generator-dir", "--generator", required=True, help="train-generator output folder")
+    _path(p, "--prepared-dir", "--prepared", required=True, help="prepare output (image size, real slices for the preview)")
+    _path(p, "--out-dir", required=True, help="synthetic folder")
+    _add_config(p)
     p.set_defaults(
         target="sraseg.generate.sample",
-        kwargs=lambda a: dict(generator_dir=a.generator, prepared_dir=a.prepared, out_dir=a.out_dir, settings=a.settings),
+        kwargs=lambda a: dict(
+            generator_dir=a.generator_dir, prepared_dir=a.prepared_dir, out_dir=a.out_dir, settings=section_settings(a)
+        ),
     )
 
 
 def _add_embed(sub):
-    p = sub.add_parser("embed", help="embed real and synthetic slices with a frozen DINOv2 encoder")
-    p.add_argument("--prepared", type=Path, required=True)
-    p.add_argument("--synthetic", type=Path, required=True, help="sample stage output folder")
-    p.add_argument("--out-dir", type=Path, required=True)
-    p.add_argument("--settings", type=_settings, default={}, help="JSON object or file: the embed settings")
+    p = _parser(sub, "embed", "embed real and synthetic slices with a frozen DINOv2 encoder", "embed")
+    _path(p, "--prepared-dir", "--prepared", required=True, help="prepare output folder")
+    _path(p, "--synthetic-dir", "--synthetic", required=True, help="sample stage output folder")
+    _path(p, "--out-dir", required=True, help="embed folder")
+    _add_config(p)
     p.set_defaults(
         target="sraseg.embed.run",
-        kwargs=lambda a: dict(prepared_dir=a.prepared, synthetic_dir=a.synthetic, out_dir=a.out_dir, settings=a.settings),
+        kwargs=lambda a: dict(
+            prepared_dir=a.prepared_dir, synthetic_dir=a.synthetic_dir, out_dir=a.out_dir, settings=section_settings(a)
+        ),
     )
 
 
 def _add_index(sub):
-    p = sub.add_parser("index", help="FAISS index of real embeddings, nearest real neighbours, FD-DINOv2")
-    p.add_argument("--embed-dir", type=Path, required=True, help="embed stage output folder")
-    p.add_argument("--prepared", type=Path, required=True)
-    p.add_argument("--out-dir", type=Path, required=True, help="usually the embed folder itself")
-    p.add_argument("--settings", type=_settings, default={}, help="JSON object or file: the index settings")
+    p = _parser(sub, "index", "FAISS index of real embeddings, nearest real neighbours, FD-DINOv2", "index")
+    _path(p, "--embed-dir", required=True, help="embed stage output folder")
+    _path(p, "--prepared-dir", "--prepared", required=True, help="prepare output folder")
+    _path(p, "--out-dir", required=True, help="usually the embed folder itself")
+    _add_config(p)
     p.set_defaults(
         target="sraseg.embed.index",
-        kwargs=lambda a: dict(embed_dir=a.embed_dir, prepared_dir=a.prepared, out_dir=a.out_dir, settings=a.settings),
+        kwargs=lambda a: dict(
+            embed_dir=a.embed_dir, prepared_dir=a.prepared_dir, out_dir=a.out_dir, settings=section_settings(a)
+        ),
     )
 
 
 def _add_fetch_weights(sub):
-    p = sub.add_parser("fetch-weights", help="download DINOv2 weights to a file (on a machine with internet)")
-    p.add_argument("--model", default="vit_small_patch14_dinov2.lvd142m", help="timm model tag")
-    p.add_argument("--out", type=Path, required=True, help="weights file to write (.safetensors or .pth)")
-    p.set_defaults(target="sraseg.embed.fetch", kwargs=lambda a: dict(model=a.model, out=a.out))
+    p = _parser(sub, "fetch-weights", "download DINOv2 weights to a file (on a machine with internet)")
+    p.add_argument("--model", default=None, help=f"timm model tag (default: --config's embed.model, else {FETCH_DEFAULT_MODEL}, "
+                   "the model config/acdc.yaml uses)")  # fmt: skip
+    _path(p, "--out-file", "--out", required=True, help="weights file to write (.safetensors or .pth)")
+    p.add_argument("--config", type=_config_file, default=None, metavar="FILE", help="take the model from its embed.model")
+
+    def kwargs(a):
+        model = a.model
+        if model is None and a.config is not None:
+            from sraseg.settings import load_schema
+
+            # the model that config's embed stage will load: its own, else the schema default
+            schema_default = load_schema()["properties"]["embed"]["properties"]["model"]["default"]
+            model = (a.config.get("embed") or {}).get("model", schema_default)
+        return dict(model=model or FETCH_DEFAULT_MODEL, out=a.out_file)
+
+    p.set_defaults(target="sraseg.embed.fetch", kwargs=kwargs)
 
 
 def _add_blend(sub):
-    p = sub.add_parser("blend", help="materialise the soft-edge blend bank (blend maps + real pairings)")
-    p.add_argument("--synthetic", type=Path, required=True)
-    p.add_argument("--prepared", type=Path, required=True)
-    p.add_argument("--neighbours", type=Path, required=True, help="neighbours.parquet from the index stage")
-    p.add_argument("--out-dir", type=Path, required=True)
-    p.add_argument("--settings", type=_settings, default={}, help="JSON object or file: the blend settings")
+    p = _parser(sub, "blend", "materialise the soft-edge blend bank (blend maps + real pairings)", "blend")
+    _path(p, "--synthetic-dir", "--synthetic", required=True, help="sample stage output folder")
+    _path(p, "--prepared-dir", "--prepared", required=True, help="prepare output folder")
+    _path(p, "--neighbours", required=True, help="neighbours.parquet from the index stage")
+    _path(p, "--out-dir", required=True, help="blend bank folder")
+    _add_config(p, experiment=True)
     p.set_defaults(
         target="sraseg.blend.run",
         kwargs=lambda a: dict(
-            synthetic_dir=a.synthetic, prepared_dir=a.prepared, neighbours=a.neighbours, out_dir=a.out_dir, settings=a.settings
+            synthetic_dir=a.synthetic_dir,
+            prepared_dir=a.prepared_dir,
+            neighbours=a.neighbours,
+            out_dir=a.out_dir,
+            settings=section_settings(a),
         ),
     )
 
 
 def _add_train(sub):
-    p = sub.add_parser("train", help="train a segmentation U-Net with one of the methods")
-    p.add_argument("--prepared", type=Path, required=True)
-    p.add_argument("--out-dir", type=Path, required=True, help="results/{ds}/{exp}/seed{seed}")
-    p.add_argument("--settings", type=_settings, default={}, help="JSON object or file: the training settings")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--synthetic", type=Path, default=None, help="sample output (bcp_synthetic, sraseg)")
-    p.add_argument("--embed-dir", type=Path, default=None, help="embed+index output (sraseg)")
-    p.add_argument("--blend-dir", type=Path, default=None, help="blend bank (sraseg)")
+    p = _parser(sub, "train", "train a segmentation U-Net with one of the methods", "train")
+    _path(p, "--prepared-dir", "--prepared", required=True, help="prepare output folder")
+    _path(p, "--out-dir", required=True, help="results/{ds}/{exp}/seed{seed}")
+    p.add_argument("--seed", type=int, default=1337, help="training seed (default 1337)")
+    _path(p, "--synthetic-dir", "--synthetic", help="sample output (bcp_synthetic, sraseg)")
+    _path(p, "--embed-dir", help="embed+index output (sraseg)")
+    _path(p, "--blend-dir", help="blend bank (sraseg)")
+    _add_config(p, experiment=True)
     p.set_defaults(
         target="sraseg.train.loop",
         kwargs=lambda a: dict(
-            prepared_dir=a.prepared,
+            prepared_dir=a.prepared_dir,
             out_dir=a.out_dir,
-            settings=a.settings,
+            settings=section_settings(a),
             seed=a.seed,
-            synthetic_dir=a.synthetic,
+            synthetic_dir=a.synthetic_dir,
             embed_dir=a.embed_dir,
             blend_dir=a.blend_dir,
         ),
@@ -150,37 +284,63 @@ def _add_train(sub):
 
 
 def _add_predict(sub):
-    p = sub.add_parser("predict", help="segment whole volumes slice by slice and write NIfTI predictions")
-    p.add_argument("--model", type=Path, required=True, help="model.safetensors from the train stage")
-    p.add_argument("--prepared", type=Path, required=True, help="prepare output (volumes.parquet)")
-    p.add_argument("--split", default="test", choices=["val", "test"])
-    p.add_argument("--out-dir", type=Path, required=True, help="predictions folder")
-    p.add_argument("--batch-size", type=int, default=16)
+    p = _parser(
+        sub,
+        "predict",
+        "segment NIfTI volumes slice by slice with a trained model (-i IN -o OUT -m RUN_DIR)",
+        description="Segment every *.nii.gz volume in IN with the model in RUN_DIR and write OUT/<same name> "
+        "(labels 0-3, the input's shape and affine). A failing input is named in one line and skipped; "
+        "the exit code is 1 when any failed. 4-D series are skipped.",
+    )
+    p.add_argument("-i", "--input", type=Path, default=None, help="folder of .nii.gz volumes (or one .nii.gz file)")
+    p.add_argument("-o", "--output", "--out-dir", dest="output", type=Path, required=True, help="predictions folder")
+    p.add_argument("-m", "--model", type=Path, required=True,
+                   help="train output: results/{ds}/{exp}/seed{N} or its model.safetensors")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (default 16)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default auto")
+    # the workflow's mode: a split of the prepared volumes.parquet instead of a folder
+    _path(p, "--prepared-dir", "--prepared", help="instead of -i: prepare output whose volumes.parquet lists the cases")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="with --prepared-dir (default test)")
     p.set_defaults(
         target="sraseg.evaluate.predict",
         kwargs=lambda a: dict(
-            model_path=a.model, prepared_dir=a.prepared, split=a.split, out_dir=a.out_dir, batch_size=a.batch_size
+            model_path=a.model,
+            input_path=a.input,
+            prepared_dir=a.prepared_dir,
+            split=a.split,
+            out_dir=a.output,
+            batch_size=a.batch_size,
+            device=a.device,
         ),
     )
 
 
 def _add_evaluate(sub):
-    p = sub.add_parser("evaluate", help="Dice, Jaccard, HD95, ASD per case and class, in peer and mm modes")
-    p.add_argument("--pred-dir", type=Path, required=True, help="folder of <case>.nii.gz predictions")
-    p.add_argument("--gt-dir", type=Path, required=True, help="folder of <case>_gt.nii.gz or <case>.nii.gz")
-    p.add_argument("--out-dir", type=Path, required=True)
+    p = _parser(sub, "evaluate", "Dice, Jaccard, HD95, ASD per case and class, in peer and mm modes")
+    _path(p, "--pred-dir", required=True, help="folder of <case>.nii.gz predictions")
+    _path(p, "--gt-dir", required=True, help="folder of <case>_gt.nii.gz or <case>.nii.gz")
+    _path(p, "--out-dir", required=True, help="eval folder")
     p.set_defaults(
         target="sraseg.evaluate.run", kwargs=lambda a: dict(pred_dir=a.pred_dir, gt_dir=a.gt_dir, out_dir=a.out_dir)
     )
 
 
+def _report_settings(a) -> dict:
+    merged = {}
+    if a.config is not None:
+        merged = {key: a.config[key] for key in ("experiments", "seeds") if key in a.config}
+    return {**merged, **a.settings}
+
+
 def _add_report(sub):
-    p = sub.add_parser("report", help="gather every experiment's summary into tables and figures")
-    p.add_argument("--results-dir", type=Path, required=True, help="results/{ds}")
-    p.add_argument("--out-dir", type=Path, required=True)
-    p.add_argument("--settings", type=_settings, default={}, help="JSON object or file: experiments and seeds")
+    p = _parser(sub, "report", "gather every experiment's summary into tables and figures")
+    _path(p, "--results-dir", required=True, help="results/{ds}")
+    _path(p, "--out-dir", required=True, help="report folder")
+    p.add_argument("--config", type=_config_file, default=None, metavar="FILE", help="take experiments and seeds from it")
+    p.add_argument("--settings", type=_settings, default={}, metavar="JSON", help="experiments and seeds as JSON")
     p.set_defaults(
-        target="sraseg.report.run", kwargs=lambda a: dict(results_dir=a.results_dir, out_dir=a.out_dir, settings=a.settings)
+        target="sraseg.report.run",
+        kwargs=lambda a: dict(results_dir=a.results_dir, out_dir=a.out_dir, settings=_report_settings(a)),
     )
 
 
@@ -189,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="sraseg",
-        description="SRA-Seg stages. Each subcommand reads files and writes files; Snakemake chains them.",
+        description="SRA-Seg stages. Each subcommand reads files and writes files; Snakemake chains them. "
+        "`sraseg STAGE --help` lists a stage's options and settings.",
     )
     parser.add_argument("--version", action="version", version=f"sraseg {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -214,12 +375,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from sraseg.io import setup_logging
+    from sraseg.settings import ConfigProblems
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    missing = [flag for dest, flag in args.required_args if getattr(args, dest) is None]
+    if missing:
+        print(f"sraseg {args.command}: error: the following arguments are required: {', '.join(missing)}", file=sys.stderr)
+        return 2
     setup_logging(args.verbose)
     try:
         module = importlib.import_module(args.target)
         module.run(**args.kwargs(args))
+    except ConfigProblems as err:
+        for line in err.problems:  # one line per mistake in the config file
+            print(f"sraseg {args.command}: config error: {line}", file=sys.stderr)
+        return 1
     except SrasegError as err:
         # One line a person can act on; no traceback for problems in their input.
         message = " ".join(str(err).split("\n"))

@@ -2,9 +2,23 @@
 import copy
 import json
 import os
+import sys
 
+import yaml
 from snakemake.utils import validate
 
+sys.path.insert(0, os.path.abspath(os.path.join(workflow.basedir, "..", "src")))
+from sraseg.settings import config_problems
+
+
+# Every config mistake as one line (key, value, what is allowed; did-you-mean for unknown keys),
+# and a missing dataset.raw_dir, stop the run before any job starts.
+with open(os.path.join(workflow.basedir, "schemas", "config.schema.yaml")) as _schema_file:
+    _problems = config_problems(config, yaml.safe_load(_schema_file))
+if _problems:
+    for _line in _problems:
+        print(f"config error: {_line}", file=sys.stderr)
+    sys.exit(1)
 
 # Experiment overrides are validated against the same keys as `train`/`blend`, but filling them
 # with defaults would override the user's section values: keep the overrides as written.
@@ -116,7 +130,7 @@ def report_optional_inputs():
     if uses("synthetic"):
         inputs.append(f"{SYNTHETIC}/images.npy")
     if uses("embed"):
-        inputs += [f"{EMBED}/encoder.json", f"{EMBED}/fd_dinov2.json", f"{EMBED}/projection.png"]
+        inputs += [f"{EMBED}/encoder.json", f"{EMBED}/fd_dinov2.json", f"{EMBED}/projection.png", f"{EMBED}/index.json"]
     inputs += [f"{RESULTS}/blend/{exp}/preview.png" for exp in EXPERIMENTS if needs(exp, "blend")]
     return inputs
 
@@ -128,6 +142,8 @@ def report_outputs():
     outputs = {
         "table": report(f"{out}/results.csv", caption=caption.format("results"), category="Results"),
         "markdown": f"{out}/results.md",
+        # the table itself in the HTML report (a .csv there is only a download)
+        "html": report(f"{out}/results.html", caption=caption.format("results"), category="Results"),
         "curves": report(
             f"{out}/figures/training_curves.png", caption=caption.format("curves"), category="Training"
         ),

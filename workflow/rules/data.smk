@@ -16,7 +16,7 @@ rule phantom:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "python -m sraseg phantom --out {output} --patients {params.patients} --seed {params.seed} > {log} 2>&1"
+        "python -m sraseg phantom --out-dir {output} --patients {params.patients} --seed {params.seed} > {log} 2>&1"
 
 
 rule prepare:

@@ -28,7 +28,7 @@ rule embed:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "python -m sraseg embed --prepared {params.prepared} --synthetic {params.synthetic} --out-dir {params.out_dir}"
+        "python -m sraseg embed --prepared-dir {params.prepared} --synthetic-dir {params.synthetic} --out-dir {params.out_dir}"
         " --settings {params.settings:q} > {log} 2>&1"
 
 
@@ -42,6 +42,7 @@ rule index:
         neighbours=f"{EMBED}/neighbours.parquet",
         fd=f"{EMBED}/fd_dinov2.json",
         projection=f"{EMBED}/projection.png",
+        record=f"{EMBED}/index.json",
     params:
         settings=as_json(config["index"]),
         embed_dir=input_dir("real"),
@@ -56,7 +57,7 @@ rule index:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "python -m sraseg index --embed-dir {params.embed_dir} --prepared {params.prepared} --out-dir {params.out_dir}"
+        "python -m sraseg index --embed-dir {params.embed_dir} --prepared-dir {params.prepared} --out-dir {params.out_dir}"
         " --settings {params.settings:q} > {log} 2>&1"
 
 
@@ -83,5 +84,5 @@ rule blend:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "python -m sraseg blend --synthetic {params.synthetic} --prepared {params.prepared}"
+        "python -m sraseg blend --synthetic-dir {params.synthetic} --prepared-dir {params.prepared}"
         " --neighbours {input.neighbours} --out-dir {params.out_dir} --settings {params.settings:q} > {log} 2>&1"

@@ -19,8 +19,8 @@ rule predict:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "python -m sraseg predict --model {input.model} --prepared {params.prepared} --split test"
-        " --out-dir {output} > {log} 2>&1"
+        "python -m sraseg predict -m {input.model} --prepared-dir {params.prepared} --split test"
+        " -o {output} > {log} 2>&1"
 
 
 rule evaluate:

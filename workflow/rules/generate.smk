@@ -5,7 +5,9 @@ rule train_generator:
     input:
         prepared=f"{PREPARED}/slices.parquet",
     output:
-        model=f"{GENERATOR}/model/config.json",
+        # a diffusers pipeline folder: DiffusionPipeline.from_pretrained(GENERATOR) loads it
+        model=f"{GENERATOR}/model_index.json",
+        unet=f"{GENERATOR}/unet/config.json",
         scheduler=f"{GENERATOR}/scheduler/scheduler_config.json",
         log_table=f"{GENERATOR}/train_log.csv",
     params:
@@ -25,13 +27,13 @@ rule train_generator:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "python -m sraseg train-generator --prepared {params.prepared} --out-dir {params.out_dir}"
+        "python -m sraseg train-generator --prepared-dir {params.prepared} --out-dir {params.out_dir}"
         " --settings {params.settings:q} > {log} 2>&1"
 
 
 rule sample:
     input:
-        model=f"{GENERATOR}/model/config.json",
+        model=f"{GENERATOR}/model_index.json",
         prepared=f"{PREPARED}/slices.parquet",
     output:
         images=f"{SYNTHETIC}/images.npy",
@@ -39,7 +41,7 @@ rule sample:
         preview=f"{SYNTHETIC}/preview.png",
     params:
         settings=as_json(config["sample"]),
-        generator=lambda wildcards, input: os.path.dirname(os.path.dirname(input.model)),
+        generator=input_dir("model"),
         prepared=input_dir("prepared"),
         out_dir=output_dir("images"),
     log:
@@ -54,5 +56,5 @@ rule sample:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "python -m sraseg sample --generator {params.generator} --prepared {params.prepared} --out-dir {params.out_dir}"
+        "python -m sraseg sample --generator-dir {params.generator} --prepared-dir {params.prepared} --out-dir {params.out_dir}"
         " --settings {params.settings:q} > {log} 2>&1"

@@ -12,7 +12,7 @@ rule train:
         settings=train_settings,
         prepared=input_dir("prepared"),
         out_dir=output_dir("model"),
-        synthetic=optional_dir("--synthetic", "synthetic"),
+        synthetic=optional_dir("--synthetic-dir", "synthetic"),
         embed=optional_dir("--embed-dir", "neighbours"),
         blend=optional_dir("--blend-dir", "blend"),
     log:
@@ -28,5 +28,5 @@ rule train:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "python -m sraseg train --prepared {params.prepared} --out-dir {params.out_dir} --seed {wildcards.seed}"
+        "python -m sraseg train --prepared-dir {params.prepared} --out-dir {params.out_dir} --seed {wildcards.seed}"
         " {params.synthetic} {params.embed} {params.blend} --settings {params.settings:q} > {log} 2>&1"

@@ -10,6 +10,6 @@ POOLINGS = ("cls", "mean_patch")
 def fetch_hint(model: str) -> str:
     """How to get weights onto a machine without internet (part of every missing-weights message)."""
     return (
-        f"run `sraseg fetch-weights --model {model} --out FILE` on a machine with internet "
-        "and set embed.weights to FILE"
+        f"run `sraseg fetch-weights --model {model} --out-file FILE` on a machine with internet "
+        "and set embed.weights_file to FILE"
     )

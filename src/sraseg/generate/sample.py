@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
 from sraseg.device import autocast, pick_device
 from sraseg.errors import ConfigError, DatasetError, WeightsError
 from sraseg.generate.common import check_resolution, open_images, prepared_image_size, read_slices, resize_stack
 from sraseg.io import staged_outputs, write_json
-from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
+from sraseg.settings import parse_settings, settings_dict
 
 __all__ = [
     "SampleSettings",
@@ -38,7 +38,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SECTION = "sample"
-SAMPLERS = ("ddim", "ddpm")
 SEED_STRIDE = 1_000_003  # a prime: seeds of different base seeds do not collide for < 1e6 images
 PREVIEW_COLUMNS = 8
 
@@ -47,15 +46,11 @@ PREVIEW_COLUMNS = 8
 class SampleSettings:
     """Settings of the sample stage (config section `sample`).
 
-    Args:
-        n_images (`int`, 256): synthetic slices to draw.
-        sampler (`str`, "ddim"): "ddim" (deterministic, eta=0) or "ddpm" (ancestral).
-        inference_steps (`int | None`, None): denoising steps; None = 50 for DDIM, the generator's
-            num_train_timesteps for DDPM.
-        batch_size (`int`, 32): images denoised together (does not change the images).
-        seed (`int`, 0): base seed; image i uses `seed * 1_000_003 + i`.
-        image_size (`int | None`, None): output side; None = the prepared image size.
-        device (`str`, "auto"): "auto", "cpu" or "cuda".
+    Defaults, choices, bounds and one-line meanings live in the config schema (`sraseg sample
+    --help` lists them); the defaults here mirror it for direct construction (tests/test_config.py).
+    Notes: DDIM runs with eta=0 (deterministic); inference_steps None = 50 for DDIM, the generator's
+    num_train_timesteps for DDPM; image i uses seed `image_seed(seed, i)`; image_size None = the
+    prepared size.
     """
 
     n_images: int = 256
@@ -68,21 +63,15 @@ class SampleSettings:
 
 
 def validate_settings(settings: dict | SampleSettings | None) -> SampleSettings:
-    """Parse and check the sampling settings.
+    """Parse and check the sampling settings against the schema's `sample` section (defaults,
+    choices and bounds are declared there, not restated here).
 
     Raises:
         ConfigError: an unknown key, wrong type, or out-of-range value (key named).
     """
-    s = settings if isinstance(settings, SampleSettings) else parse_settings(SampleSettings, settings, SECTION)
-    check_positive(SECTION, "n_images", s.n_images)
-    check_choice(SECTION, "sampler", s.sampler, SAMPLERS)
-    check_choice(SECTION, "device", s.device, ("auto", "cpu", "cuda"))
-    check_positive(SECTION, "batch_size", s.batch_size)
-    if s.inference_steps is not None:
-        check_positive(SECTION, "inference_steps", s.inference_steps)
-    if s.image_size is not None:
-        check_positive(SECTION, "image_size", s.image_size)
-    return s
+    if isinstance(settings, SampleSettings):
+        settings = settings_dict(settings)  # an instance is held to the same bounds as a config
+    return parse_settings(SampleSettings, settings, SECTION)
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -91,24 +80,25 @@ def image_seed(seed: int, index: int) -> int:
 
 
 def load_generator(generator_dir: Path | str) -> tuple[UNet2DModel, DDPMScheduler]:
-    """Load the EMA UNet and the training scheduler saved by the train-generator stage.
+    """Load the EMA UNet and the training scheduler of the diffusers pipeline the train-generator
+    stage saved (model_index.json, unet/, scheduler/; `DiffusionPipeline.from_pretrained` loads it too).
 
     Raises:
-        DatasetError: the folder or its model/scheduler sub-folder is missing.
+        DatasetError: the folder, its model_index.json or a unet/scheduler config is missing.
         WeightsError: a config or weights file is unreadable, truncated or does not fit the model,
             or the UNet's sample size is one it cannot take.
     """
     root = Path(generator_dir)
     if not root.is_dir():
         raise DatasetError(f"{root}: generator folder missing (run the train-generator stage first)")
-    for sub, name in (("model", "config.json"), ("scheduler", "scheduler_config.json")):
-        if not (root / sub / name).is_file():
-            raise DatasetError(f"{root / sub / name}: missing; {root} is not a complete generator folder")
+    for name in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json"):
+        if not (root / name).is_file():
+            raise DatasetError(f"{root / name}: missing; {root} is not a complete generator pipeline folder")
     try:
-        unet = UNet2DModel.from_pretrained(root / "model", local_files_only=True, low_cpu_mem_usage=False)
+        unet = UNet2DModel.from_pretrained(root / "unet", local_files_only=True, low_cpu_mem_usage=False)
     except Exception as err:  # diffusers/safetensors/json raise OSError, ValueError, SafetensorError...
         detail = " ".join(str(err).split())[:200]
-        raise WeightsError(f"{root / 'model'}: cannot load the UNet ({type(err).__name__}: {detail})") from err
+        raise WeightsError(f"{root / 'unet'}: cannot load the UNet ({type(err).__name__}: {detail})") from err
     try:
         scheduler = DDPMScheduler.from_pretrained(root / "scheduler", local_files_only=True)
     except Exception as err:
@@ -117,11 +107,11 @@ def load_generator(generator_dir: Path | str) -> tuple[UNet2DModel, DDPMSchedule
     size = unet.config.sample_size
     size = size[0] if isinstance(size, (list, tuple)) else size
     try:
-        check_resolution(int(size), list(unet.config.block_out_channels), str(root / "model" / "config.json"))
+        check_resolution(int(size), list(unet.config.block_out_channels), str(root / "unet" / "config.json"))
     except ConfigError as err:
         raise WeightsError(str(err)) from err
     if unet.config.in_channels != 1 or unet.config.out_channels != 1:
-        raise WeightsError(f"{root / 'model' / 'config.json'}: expected a 1-channel UNet, got in/out "
+        raise WeightsError(f"{root / 'unet' / 'config.json'}: expected a 1-channel UNet, got in/out "
                            f"{unet.config.in_channels}/{unet.config.out_channels}")  # fmt: skip
     return unet.eval(), scheduler
 
@@ -150,36 +140,37 @@ def make_sampler(train_scheduler: DDPMScheduler, sampler: str, inference_steps: 
 def sample_images(
     unet: UNet2DModel, scheduler, seeds: list[int], device: torch.device, batch_size: int = 32, progress: bool = False
 ) -> torch.Tensor:
-    """Denoise one image per seed.
+    """Denoise one image per seed with diffusers' DDIMPipeline (eta=0) or DDPMPipeline.
 
     Args:
         unet: the generator UNet (eval mode, on `device`).
-        scheduler: from `make_sampler` (timesteps set).
+        scheduler: from `make_sampler` (its class picks the pipeline, its timesteps the step count).
         seeds: one seed per image; image i depends on seeds[i] only, not on batching.
         batch_size: images per UNet call.
 
     Returns:
         float32 [len(seeds),1,R,R] in [0,1] on the CPU (R = the UNet's sample size).
     """
-    size = unet.config.sample_size
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    is_ddim = isinstance(scheduler, DDIMScheduler)
+    steps = len(scheduler.timesteps)
+    if isinstance(scheduler, DDIMScheduler):
+        pipe, extra = DDIMPipeline(unet=unet, scheduler=scheduler), {"eta": 0.0}  # eta=0: deterministic
+    else:
+        pipe, extra = DDPMPipeline(unet=unet, scheduler=scheduler), {}
+    pipe.set_progress_bar_config(disable=True)
+    # bf16 autocast on CUDA: the UNet's prediction back in fp32, so the scheduler's arithmetic and
+    # DDPM's per-step noise (drawn in the prediction's dtype) stay fp32 as on the CPU
+    hook = unet.register_forward_hook(lambda module, inputs, output: output.__class__(sample=output.sample.float()))
     out = []
-    starts = range(0, len(seeds), batch_size)
-    for start in tqdm(starts, desc="sample", unit="batch", disable=not progress):
-        gens = [torch.Generator("cpu").manual_seed(int(sd)) for sd in seeds[start : start + batch_size]]
-        # initial noise per image from its own generator, drawn on the CPU for device independence
-        x = torch.cat([torch.randn((1, 1, size, size), generator=g) for g in gens]).to(device)
-        x = x * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
+    try:
+        for start in tqdm(range(0, len(seeds), batch_size), desc="sample", unit="batch", disable=not progress):
+            # one CPU generator per image: diffusers draws each image's initial (and, for DDPM, per-step)
+            # noise from its own generator, so the result does not depend on the device or the batch
+            gens = [torch.Generator("cpu").manual_seed(int(sd)) for sd in seeds[start : start + batch_size]]
             with autocast(device):
-                eps = unet(scheduler.scale_model_input(x, t), t).sample.float()
-            if is_ddim:
-                x = scheduler.step(eps, t, x, eta=0.0).prev_sample  # eta=0: no noise, deterministic
-            else:
-                # a list of CPU generators gives each image its own per-step noise (diffusers randn_tensor)
-                x = scheduler.step(eps, t, x, generator=gens).prev_sample
-        out.append(((x.float().cpu() + 1.0) / 2.0).clamp_(0.0, 1.0))
+                images = pipe(batch_size=len(gens), generator=gens, num_inference_steps=steps, output_type="np", **extra)
+            out.append(torch.from_numpy(np.asarray(images.images, dtype=np.float32)).permute(0, 3, 1, 2))
+    finally:
+        hook.remove()
     return torch.cat(out)
 
 
@@ -231,7 +222,7 @@ def run(
     """Draw synthetic slices and write images.npy, synthetic.parquet, preview.png, sample.json.
 
     Args:
-        generator_dir: train-generator output (model/, scheduler/).
+        generator_dir: train-generator output (a diffusers pipeline: model_index.json, unet/, scheduler/).
         prepared_dir: prepare output (image size, real slices for the preview).
         out_dir: synthetic folder; written all at once at the end.
         settings: the `sample` config section (see `SampleSettings`).

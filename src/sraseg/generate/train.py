@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -274,7 +274,7 @@ def _write_log(path: Path, rows: list[dict]) -> None:
 
 
 def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | GeneratorSettings | None = None) -> Path:
-    """Train the generator and write `out_dir/{model,scheduler}/`, `train_log.csv`, `generator.json`.
+    """Train the generator and write the pipeline `out_dir/{model_index.json,unet/,scheduler/}`, `train_log.csv`, `generator.json`.
 
     Args:
         prepared_dir: prepare stage output (slices.parquet, images.npy).
@@ -397,8 +397,8 @@ def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | Generato
     unet = unet.to("cpu").eval()
     final_loss = log_rows[-1]["loss"] if log_rows else float("nan")
     with staged_outputs(out_dir) as staged:
-        unet.save_pretrained(staged.path("model"), safe_serialization=True)
-        noise_scheduler.save_pretrained(staged.path("scheduler"))
+        # a diffusers pipeline folder (model_index.json, unet/, scheduler/): DiffusionPipeline.from_pretrained loads it
+        DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(staged.tmp_dir, safe_serialization=True)
         _write_log(staged.path("train_log.csv"), log_rows)
         write_json(
             staged.path("generator.json"),

@@ -22,7 +22,7 @@ from sraseg.errors import DatasetError
 from sraseg.io import read_json, staged_outputs
 from sraseg.settings import parse_settings
 
-__all__ = ["ReportSettings", "collect_results", "run"]
+__all__ = ["ReportSettings", "collect_results", "write_markdown", "write_html", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -134,25 +134,77 @@ def _provenance_lines(results_dir: Path) -> list[str]:
     return lines
 
 
-def write_markdown(frame: pd.DataFrame, path: Path, title: str, provenance: list[str], seeds: list[int]) -> None:
+def _sections(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame, list[tuple[str, list]]]]:
+    """Per mode: (heading, its rows, [(table caption, columns)]); shared by the markdown and HTML tables."""
     overall = [(name.upper() if name in ("hd95", "asd") else name.capitalize(), name, "mean") for name in METRICS]
     per_class = [(f"Dice {c}", "dice", c) for c in CLASSES[:-1]]
-    parts = [f"# {title}", ""]
-    parts += provenance + [f"- seeds: {', '.join(map(str, seeds))}; values are mean ± std over seeds", ""]
+    out = []
     for mode in MODES:
         sub = frame[frame["mode"] == mode]
         n_cases = int(sub["n_cases"].iloc[0]) if len(sub) else 0
         if mode == "peer":
-            parts.append(f"## Peer mode ({n_cases} test volumes; HD95/ASD in voxels, a missed class scores 0)")
+            heading = f"Peer mode ({n_cases} test volumes; HD95/ASD in voxels, a missed class scores 0)"
         else:
-            parts.append(f"## mm mode ({n_cases} test volumes; HD95/ASSD in mm, an empty prediction is left out)")
-        parts += ["", "Dice and Jaccard in %, mean over RV, MYO and LV:", "", _markdown_table(sub, overall), ""]
-        parts += ["Dice per class (%):", "", _markdown_table(sub, per_class), ""]
+            heading = f"mm mode ({n_cases} test volumes; HD95/ASSD in mm, an empty prediction is left out)"
+        tables = [("Dice and Jaccard in %, mean over RV, MYO and LV:", overall), ("Dice per class (%):", per_class)]
+        out.append((heading, sub, tables))
+    return out
+
+
+def write_markdown(frame: pd.DataFrame, path: Path, title: str, provenance: list[str], seeds: list[int]) -> None:
+    parts = [f"# {title}", ""]
+    parts += provenance + [f"- seeds: {', '.join(map(str, seeds))}; values are mean ± std over seeds", ""]
+    for heading, sub, tables in _sections(frame):
+        parts.append(f"## {heading}")
+        for caption, columns in tables:
+            parts += ["", caption, "", _markdown_table(sub, columns)]
+        parts.append("")
     path.write_text("\n".join(parts))
 
 
+def _inline_html(text: str) -> str:
+    """The few markdown marks the provenance lines use (**bold**, `code`) as HTML, the rest escaped."""
+    import html
+    import re
+
+    text = html.escape(text.removeprefix("- "))
+    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def write_html(frame: pd.DataFrame, path: Path, title: str, provenance: list[str], seeds: list[int]) -> None:
+    """The results tables as one self-contained HTML page (embedded in `snakemake --report`)."""
+    import html
+
+    parts = [
+        "<!DOCTYPE html>",
+        '<html><head><meta charset="utf-8"><title>' + html.escape(title) + "</title><style>"
+        "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;margin:.5em 0 1.5em}"
+        "caption{text-align:left;font-weight:bold;padding:.3em 0}th,td{border:1px solid #bbb;padding:.25em .6em}"
+        "td.num{text-align:right}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        "<ul>" + "".join(f"<li>{_inline_html(line)}</li>" for line in provenance if line.strip()),
+        f"<li>seeds: {', '.join(map(str, seeds))}; values are mean ± std over seeds</li></ul>",
+    ]
+    for heading, sub, tables in _sections(frame):
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        for caption, columns in tables:
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in ["experiment", "method"] + [h for h, _, _ in columns])
+            rows = []
+            for _, row in sub.iterrows():
+                cells = "".join(
+                    f'<td class="num">{_cell(row[f"{m}_{c}_mean"], row[f"{m}_{c}_std"])}</td>' for _, m, c in columns
+                )
+                rows.append(f"<tr><td>{html.escape(str(row['experiment']))}</td>"
+                            f"<td>{html.escape(str(row['method']))}</td>{cells}</tr>")  # fmt: skip
+            parts.append(f"<table><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead>"
+                         f"<tbody>{''.join(rows)}</tbody></table>")  # fmt: skip
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts), encoding="utf-8")
+
+
 def run(results_dir: Path | str, out_dir: Path | str, settings: dict) -> pd.DataFrame:
-    """Write results.csv, results.md and figures/ for every experiment and seed in `settings`."""
+    """Write results.csv, results.md, results.html and figures/ for every experiment and seed in `settings`."""
     from sraseg.report import figures
 
     results_dir = Path(results_dir)
@@ -162,9 +214,9 @@ def run(results_dir: Path | str, out_dir: Path | str, settings: dict) -> pd.Data
     frame = collect_results(results_dir, config.experiments, list(config.seeds))
     with staged_outputs(out_dir) as staged:
         frame.to_csv(staged.path("results.csv"), index=False)
-        write_markdown(
-            frame, staged.path("results.md"), f"Results: {results_dir.name}", _provenance_lines(results_dir), config.seeds
-        )
+        title, provenance = f"Results: {results_dir.name}", _provenance_lines(results_dir)
+        write_markdown(frame, staged.path("results.md"), title, provenance, config.seeds)
+        write_html(frame, staged.path("results.html"), title, provenance, config.seeds)
         figures.training_curves(results_dir, config.experiments, config.seeds, staged.path("figures/training_curves.png"))
         figures.overlays(results_dir, config.experiments, config.seeds[0], staged.path("figures/overlays.png"))
         if (results_dir / "synthetic" / "images.npy").is_file():
