@@ -156,10 +156,13 @@ def _add_predict(sub):
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--out-dir", type=Path, required=True, help="predictions folder")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto (default): CUDA when torch sees one; cuda: fail in one line when it does not")
     p.set_defaults(
         target="sraseg.evaluate.predict",
         kwargs=lambda a: dict(
-            model_path=a.model, prepared_dir=a.prepared, split=a.split, out_dir=a.out_dir, batch_size=a.batch_size
+            model_path=a.model, prepared_dir=a.prepared, split=a.split, out_dir=a.out_dir, batch_size=a.batch_size,
+            device=a.device,
         ),
     )
 

@@ -9,12 +9,20 @@ bit-reproducible.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import random
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["pick_device", "autocast", "amp_dtype", "grad_scaler", "seed_everything", "NO_CUDA_FIX"]
+__all__ = ["pick_device", "autocast", "amp_dtype", "grad_scaler", "seed_everything", "NO_CUDA_FIX", "claim_gpu"]
+
+log = logging.getLogger(__name__)
 
 # What to do when torch sees no GPU on a machine that has one: the usual cause is a driver older than
 # the CUDA build of the installed torch (the PyPI wheel is the CUDA 13 build, which needs driver 580+).
@@ -78,3 +86,58 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def claim_gpu(count: int, lock_dir: Path | str | None = None, poll_s: float = 5.0) -> tuple[int, int] | None:
+    """Claim one of `count` local GPUs for this process: the first whose lock file is free.
+
+    The lock (fcntl, on lock_dir/gpu<i>.lock, machine-wide by default) is held by the returned file
+    descriptor, stays held across exec and is released when the process ends, even if it is killed.
+    Waits while all are taken. Returns (gpu index, lock fd), or None when count is 0.
+    """
+    import fcntl
+
+    if count <= 0:
+        return None
+    lock_dir = Path(lock_dir or Path(tempfile.gettempdir()) / f"sraseg-gpu-slots-{os.getuid()}")
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    waited = False
+    while True:
+        for gpu in range(count):
+            fd = os.open(lock_dir / f"gpu{gpu}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            return gpu, fd
+        if not waited:
+            log.warning("all %d GPUs are taken (locks in %s); waiting for one", count, lock_dir)
+            waited = True
+        time.sleep(poll_s)
+
+
+def _run_on_one_gpu(argv: list[str]) -> None:
+    """`python -m sraseg.device -- CMD ...`: run CMD with CUDA_VISIBLE_DEVICES set to one free local GPU.
+
+    The local Snakemake profile runs up to `--resources gpu=N` GPU jobs at once; each claims its own
+    card here. A CUDA_VISIBLE_DEVICES already set (by SLURM, or by hand) is kept as it is, and on a
+    machine where torch sees no GPU the command runs unchanged (it then fails in one line if it asked
+    for cuda).
+    """
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        sys.exit("usage: python -m sraseg.device -- COMMAND [ARGS...]")
+    if "CUDA_VISIBLE_DEVICES" not in os.environ:
+        claimed = claim_gpu(torch.cuda.device_count())
+        if claimed is not None:
+            gpu, fd = claimed
+            os.set_inheritable(fd, True)  # the lock lives as long as the command
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+            print(f"sraseg.device: running on GPU {gpu}", file=sys.stderr, flush=True)
+    os.execvp(argv[0], argv)
+
+
+if __name__ == "__main__":
+    _run_on_one_gpu(sys.argv[1:])

@@ -9,6 +9,7 @@ rule predict:
         directory(f"{RESULTS}/{{exp}}/seed{{seed}}/predictions"),
     params:
         prepared=input_dir("volumes"),
+        device=config["device"],
     log:
         f"{LOGS}/predict_{{exp}}_seed{{seed}}.log",
     threads: 2
@@ -19,8 +20,8 @@ rule predict:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "python -m sraseg predict --model {input.model} --prepared {params.prepared} --split test"
-        " --out-dir {output} > {log} 2>&1"
+        "python -m sraseg.device -- python -m sraseg predict --model {input.model} --prepared {params.prepared}"
+        " --split test --device {params.device} --out-dir {output} > {log} 2>&1"
 
 
 rule evaluate:

@@ -82,7 +82,8 @@ def soften(masks: torch.Tensor, kind: str, size: int = 5, sigma: float = 1.0) ->
     kernel = smoothing_kernel(kind, size, sigma, masks.device).to(masks.dtype)[None, None]
     pad = size // 2
     both = torch.cat([masks, 1.0 - masks], dim=0)
-    smoothed = F.conv2d(F.pad(both, (pad, pad, pad, pad), mode="reflect"), kernel)
+    with torch.autocast(masks.device.type, enabled=False):  # maps in fp32 also inside a training step
+        smoothed = F.conv2d(F.pad(both, (pad, pad, pad, pad), mode="reflect"), kernel)
     soft, hole_reach = smoothed[: len(masks)], smoothed[len(masks) :]
     soft = torch.where(hole_reach == 0, torch.ones_like(soft), soft)
     return soft.clamp_(0.0, 1.0)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from sraseg.data.acdc import read_nifti
 from sraseg.data.prepare import normalise, slices_from_volume, volume_from_slices
-from sraseg.device import autocast, pick_device
+from sraseg.device import pick_device
 from sraseg.errors import ConfigError, DatasetError, WeightsError
 from sraseg.io import read_json, read_table, staged_outputs
 
@@ -39,7 +39,7 @@ def predict_volume(
         model: maps float32 [B,1,S,S] to logits [B,C,S,S]; already on `device`, in eval mode.
         volume: float32 [X,Y,Z] in [0,1].
         image_size: S, the side the model was trained on.
-        device: where the model runs (bf16 autocast on CUDA).
+        device: where the model runs (fp32 everywhere: the published numbers come from here).
         batch_size: slices per forward pass.
 
     Returns:
@@ -51,8 +51,7 @@ def predict_volume(
     with torch.inference_mode():
         for start in range(0, len(slices), batch_size):
             batch = torch.from_numpy(slices[start : start + batch_size])[:, None].to(device)
-            with autocast(device):
-                out = model(batch)
+            out = model(batch)
             logits.append(out.float().cpu())
     scores = torch.cat(logits).numpy()  # [Z,C,S,S]
     # Resize the logits, not the labels: bilinear scores give smooth boundaries at the original size.
@@ -98,7 +97,8 @@ def _image_size(meta: dict, model_path: Path, prepared_dir: Path) -> int:
 
 
 def run(
-    model_path: Path | str, prepared_dir: Path | str, split: str, out_dir: Path | str, batch_size: int = 16
+    model_path: Path | str, prepared_dir: Path | str, split: str, out_dir: Path | str, batch_size: int = 16,
+    device: str = "auto",
 ) -> None:
     """Predict every case of `split` in prepared_dir/volumes.parquet into out_dir/<case>.nii.gz.
 
@@ -121,7 +121,7 @@ def run(
     if cases.empty:
         raise DatasetError(f"{volumes_path}: no cases in split {split!r}")
 
-    device = pick_device("auto")
+    device = pick_device(device)
     model, meta = load_model(model_path, device=device)
     image_size = _image_size(meta, model_path, prepared_dir)
     log.info("predicting %d %s cases at %d px on %s", len(cases), split, image_size, device)
