@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["pick_device", "autocast", "amp_dtype", "grad_scaler", "seed_everything", "NO_CUDA_FIX", "claim_gpu"]
+__all__ = ["pick_device", "autocast", "amp_dtype", "grad_scaler", "seed_everything", "NO_CUDA_FIX", "claim_gpu",
+           "full_precision"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,15 @@ def autocast(device: torch.device):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def full_precision(device: torch.device | str):
+    """fp32 inside an autocast region (for augmentation and blend maps); a no-op where autocast does not
+    exist (e.g. the `meta` device the no-read-back test runs on)."""
+    kind = torch.device(device).type
+    if kind in ("cuda", "cpu"):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
 
 
 def grad_scaler(device: torch.device) -> torch.amp.GradScaler:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sraseg.device import full_precision
 from sraseg.errors import ConfigError
 
 __all__ = ["KERNELS", "box_masks", "smoothing_kernel", "soften", "make_blend_maps", "mix"]
@@ -82,7 +83,7 @@ def soften(masks: torch.Tensor, kind: str, size: int = 5, sigma: float = 1.0) ->
     kernel = smoothing_kernel(kind, size, sigma, masks.device).to(masks.dtype)[None, None]
     pad = size // 2
     both = torch.cat([masks, 1.0 - masks], dim=0)
-    with torch.autocast(masks.device.type, enabled=False):  # maps in fp32 also inside a training step
+    with full_precision(masks.device):  # maps in fp32 also inside a training step
         smoothed = F.conv2d(F.pad(both, (pad, pad, pad, pad), mode="reflect"), kernel)
     soft, hole_reach = smoothed[: len(masks)], smoothed[len(masks) :]
     soft = torch.where(hole_reach == 0, torch.ones_like(soft), soft)

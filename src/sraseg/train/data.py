@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from sraseg.device import full_precision
 from sraseg.errors import DatasetError
 from sraseg.io import load_array, read_table
 
@@ -233,7 +234,7 @@ def augment(
     """
     if mode == "none":
         return images, labels
-    with torch.autocast(images.device.type, enabled=False):
+    with full_precision(images.device):
         return _augment(images.float(), None if labels is None else labels.float(), generator)
 
 
