@@ -24,7 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from train_step import build_inputs, make_bench  # noqa: E402
 
-
 # --- component filter: the torch route equals the scipy route ---------------------------------------
 
 
