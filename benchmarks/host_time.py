@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     print(f"{'step':<11} {'route':<14} {'host ms':>9} {'ops':>6} {'before/this':>12}")
     for (phase, route), value in ms.items():
         ratio = ms[phase, "before"] / value
-        print(f"{phase:<11} {route:<14} {value:>9.2f} {ops[phase, route]:>6} {ratio:>12.1f}")
+        print(f"{phase:<11} {route:<14} {value:>9.2f} {ops[phase, route]:>6} {ratio:>12.3g}")
     return 0
 
 

@@ -245,3 +245,26 @@ def test_gpu_slots_go_to_different_jobs(tmp_path):
     finally:
         os.close(second[1])
     assert claim_gpu(0, tmp_path) is None
+
+
+# --- the benchmarks run ---------------------------------------------------------------------------------
+
+
+def test_gpu_check_smoke_on_the_cpu_imports_nothing_beyond_torch(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--size", "32", "--batch",
+           "4", "--sa-batch", "2", "--steps", "1", "--pretrain-steps", "1", "--warmup", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = __import__("json").loads(out.read_text())
+    assert summary["device"]["extra_imports"] == [] and summary["filter"]["ok"]
+    assert set(summary["methods"]["sraseg"]) >= {"pretrain", "selftrain", "peak_mem_mib"}
+
+
+def test_host_time_benchmark_prints_every_ratio():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "host_time.py"), "--size", "32", "--batch", "4", "--repeats", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("self-train", "pre-train"))]
+    assert len(rows) == 5 and all(float(row[-1]) > 0 for row in rows)

@@ -12,15 +12,17 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from sraseg.device import full_precision
 from sraseg.errors import DatasetError
-from sraseg.io import load_array, read_table
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "AUGMENTATIONS",
@@ -65,6 +67,8 @@ class Prepared:
 
     def labeled_position(self, slice_ids: np.ndarray, source: Path) -> np.ndarray:
         """Row in `labeled_images` of each slice id; DatasetError naming `source` for an unlabeled id."""
+        import pandas as pd  # the loaders' tools are imported when loading: the steps need only torch
+
         lookup = pd.Series(np.arange(len(self.labeled_ids)), index=self.labeled_ids)
         found = lookup.reindex(np.asarray(slice_ids))
         if found.isna().any():
@@ -80,6 +84,8 @@ def load_prepared(prepared_dir: Path | str, num_classes: int = 4) -> Prepared:
         DatasetError: missing files or columns, row counts that disagree, no labeled or no val slices,
             label values outside [0, num_classes).
     """
+    from sraseg.io import load_array, read_table
+
     prepared_dir = Path(prepared_dir)
     table_path = prepared_dir / "slices.parquet"
     table = read_table(table_path, ("slice_id", "case", "split", "labeled"))
@@ -121,6 +127,8 @@ def load_prepared(prepared_dir: Path | str, num_classes: int = 4) -> Prepared:
 
 def load_synthetic(synthetic_dir: Path | str, image_size: int) -> torch.Tensor:
     """synthetic images.npy -> float32 [M,S,S]; DatasetError for a wrong size or an empty set."""
+    from sraseg.io import load_array
+
     path = Path(synthetic_dir) / "images.npy"
     images = load_array(path)
     if images.ndim != 3 or images.shape[1:] != (image_size, image_size) or len(images) == 0:
@@ -156,6 +164,10 @@ class EmbedTargets:
 
 def load_embed(embed_dir: Path | str, synthetic_count: int) -> EmbedTargets:
     """Read real.npy/real.parquet and neighbours.parquet (rank 0 = nearest real slice)."""
+    import pandas as pd
+
+    from sraseg.io import load_array, read_table
+
     embed_dir = Path(embed_dir)
     real = load_array(embed_dir / "real.npy", mmap=False)
     table = read_table(embed_dir / "real.parquet", ("row", "slice_id"))
@@ -190,6 +202,8 @@ class BlendBank:
 
 def load_blend(blend_dir: Path | str, image_size: int, synthetic_count: int) -> BlendBank:
     """Read maps.npy + pairs.parquet, checking shapes and id ranges."""
+    from sraseg.io import load_array, read_table
+
     blend_dir = Path(blend_dir)
     maps_path, pairs_path = blend_dir / "maps.npy", blend_dir / "pairs.parquet"
     maps = load_array(maps_path, mmap=False)

@@ -24,12 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from sraseg.blend.maps import KERNELS, make_blend_maps, mix
 from sraseg.device import autocast, pick_device, seed_everything
 from sraseg.errors import ConfigError, DatasetError, SrasegError
-from sraseg.io import staged_outputs, write_json
 from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
 from sraseg.train.alignment import ProjectionHead, sa_loss
 from sraseg.train.checkpoint import cpu_state, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
@@ -419,6 +417,10 @@ def run(
         DatasetError: missing or inconsistent input files, no labeled slices.
         SrasegError: the loss became NaN or infinite.
     """
+    from tqdm import tqdm  # run()'s tools, imported here: the steps need only torch (benchmarks/gpu_check.py)
+
+    from sraseg.io import staged_outputs, write_json
+
     # --- settings and inputs -------------------------------------------------------------------
     cfg = parse_settings(TrainSettings, settings, "train")
     check_settings(cfg)
