@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from sraseg.blend.maps import KERNELS, make_blend_maps, mix
-from sraseg.device import autocast, pick_device, seed_everything
+from sraseg.device import autocast, grad_scaler, pick_device, seed_everything
 from sraseg.errors import ConfigError, DatasetError, SrasegError
 from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
 from sraseg.train.alignment import ProjectionHead, sa_loss
@@ -463,6 +463,7 @@ def run(
         student = student.to(memory_format=torch.channels_last)
     ctx.student, ctx.head = student, head
     optimizer = make_optimizer(cfg, student, head)
+    scaler = grad_scaler(device)  # active only for fp16 autocast (CUDA cards without bf16)
     phases = training_phases(cfg)
     total = sum(n for _, n, _ in phases)
     resolved = settings_dict(cfg)
@@ -531,8 +532,9 @@ def run(
                 raise SrasegError(f"{out_dir}: the loss became {loss.item()} at {phase} iteration "
                                   f"{state['step'] - offset + 1}; {ckpt_path.name} holds the last good state")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
 
             # teacher EMA update
             if ctx.teacher is not None:
