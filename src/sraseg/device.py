@@ -43,7 +43,7 @@ def pick_device(requested: str = "auto") -> torch.device:
             likely driver/CUDA mismatch and the fix).
     """
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested not in ("cpu", "cuda"):
         from sraseg.errors import ConfigError
 

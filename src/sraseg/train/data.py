@@ -270,8 +270,10 @@ def _augment(
     if len(rotate):
         cos, sin = torch.cos(angle[rotate]), torch.sin(angle[rotate])
         theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1),
-                             torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1).to(images)
-        index = rotate.to(images.device)
+                             torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)
+        # the draws are on the host: stage them without waiting for the device (a blocking copy would sync)
+        theta = theta.to(images.device, images.dtype, non_blocking=True)
+        index = rotate.to(images.device, non_blocking=True)
         grid = F.affine_grid(theta, [len(rotate), images.shape[1], *images.shape[2:]], align_corners=False)
         images[index] = F.grid_sample(images[index], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if labels is not None:
