@@ -18,6 +18,9 @@ after (what the host pays to queue the device route): the same steps with tensor
   measurable here). Each CUDA launch adds about 5 us of driver time per operation on top (not included).
 
 Variants are interleaved over repeats; medians. Operation counts are counted with a dispatch mode.
+Last, the operations one whole training iteration queues per method and phase (step under autocast,
+backward, SGD, EMA; the filter counted as its graph's 3), which bounds the host time of an iteration on a
+GPU from below at about that many kernel launches.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/host_time.py                 # ACDC: 256 px, batch 12
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/host_time.py --size 64 --repeats 3   # quick
@@ -43,7 +46,7 @@ from train_step import phantom_slice  # noqa: E402  (benchmarks/ is sys.path[0])
 
 from sraseg.blend.maps import make_blend_maps  # noqa: E402
 from sraseg.train.data import sample_indices  # noqa: E402
-from sraseg.train.teacher import largest_components, largest_components_torch  # noqa: E402
+from sraseg.train.teacher import largest_components, largest_components_torch, update_ema  # noqa: E402
 
 TINY = 16  # side of the "after" tensors: the host cost of an operation does not depend on its size
 
@@ -146,7 +149,47 @@ def main(argv=None) -> int:
     for (phase, route), value in ms.items():
         ratio = ms[phase, "before"] / value
         print(f"{phase:<11} {route:<14} {value:>9.2f} {ops[phase, route]:>6} {ratio:>12.3g}")
+    print("\ntensor operations one training iteration queues (step, backward, SGD, EMA; CPU count, filter as graph)")
+    for (method, phase), count in iteration_ops(b).items():
+        print(f"{method:<13} {phase:<11} {count:>6}")
     return 0
+
+
+def iteration_ops(batch: int) -> dict:
+    """(method, phase) -> tensor operations of one iteration at `batch` (their count does not depend on the
+    image size); the component filter is replaced by the 3 operations of its graph replay."""
+    import copy
+
+    from gpu_check import build_inputs as gpu_inputs
+    from gpu_check import make_context
+
+    from sraseg.train import teacher
+    from sraseg.train.loop import make_optimizer, training_phases
+
+    inputs = gpu_inputs(32, batch)
+    counts = {}
+    original = teacher.largest_components
+    teacher.largest_components = lambda labels, n, route="auto": labels.clone().copy_(labels)  # 2 ops (+1 replay)
+    try:
+        for method in ("labeled_only", "bcp_real", "sraseg"):
+            ctx = make_context(method, inputs, torch.device("cpu"), dict(labeled_batch=batch, unlabeled_batch=batch))
+            for phase, _, step_fn in training_phases(ctx.cfg):
+                if phase == "selftrain":
+                    ctx.teacher = copy.deepcopy(ctx.student).eval()
+                optimizer = make_optimizer(ctx.cfg, ctx.student, ctx.head)
+                for _ in range(2):  # the second iteration counts: the first also creates SGD's momentum buffers
+                    counter = CountOps()
+                    with counter:
+                        terms = step_fn(ctx)
+                        optimizer.zero_grad(set_to_none=True)
+                        terms["loss"].backward()
+                        optimizer.step()
+                        if ctx.teacher is not None:
+                            update_ema(ctx.teacher, ctx.student, ctx.cfg.ema_decay)
+                counts[method, phase] = counter.count + (1 if phase == "selftrain" else 0)
+    finally:
+        teacher.largest_components = original
+    return counts
 
 
 if __name__ == "__main__":
