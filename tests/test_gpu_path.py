@@ -18,7 +18,7 @@ from sraseg.device import claim_gpu, pick_device
 from sraseg.errors import ConfigError
 from sraseg.train import loop, teacher
 from sraseg.train.data import augment
-from sraseg.train.teacher import largest_components, update_ema
+from sraseg.train.teacher import largest_components, largest_components_torch, update_ema
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -73,6 +73,17 @@ def test_component_filter_routes_agree_on_constructed_cases():
     assert np.array_equal(scipy_out, torch_out)
     assert np.array_equal(scipy_out[0], long_paths[0])  # the whole corridor is one component
     assert scipy_out[1, :30].all() == (long_paths[1, :30] != 0).all() and not scipy_out[1, 40:].any()
+
+
+def test_long_corridor_needs_the_rounds_the_filter_runs():
+    """The serpentine is a case where too few hooking rounds give wrong labels (so the tests above bite);
+    the round count the filter uses has a margin over what it needs."""
+    corridor = torch.from_numpy(_serpentine(48)[None] * 3)
+    corridor[0, 0, 0] = 0  # the first pixel off: a speck elsewhere must not win
+    corridor[0, 47, 47] = 3
+    want = torch.from_numpy(largest_components(corridor.numpy(), 4, route="scipy"))
+    assert not torch.equal(largest_components_torch(corridor, 4, rounds=4), want)
+    assert torch.equal(largest_components_torch(corridor, 4, rounds=12), want)  # the default runs 22
 
 
 def test_component_filter_keeps_tensor_type_and_device():
