@@ -297,7 +297,8 @@ def _add_predict(sub):
     p.add_argument("-m", "--model", type=Path, required=True,
                    help="train output: results/{ds}/{exp}/seed{N} or its model.safetensors")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (default 16)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default auto")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto (default): CUDA when torch sees one; cuda: fail in one line when it does not")
     # the workflow's mode: a split of the prepared volumes.parquet instead of a folder
     _path(p, "--prepared-dir", "--prepared", help="instead of -i: prepare output whose volumes.parquet lists the cases")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="with --prepared-dir (default test)")

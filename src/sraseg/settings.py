@@ -173,7 +173,7 @@ def _describe(error) -> list[str]:
         kinds = " or ".join(want) if isinstance(want, list) else want
         return [f"'{key}' is {value!r}; must be of type {kinds}"]
     if rule in ("minItems", "maxItems"):
-        return [f"'{key}' has {len(value)} items; must have {'at least' if rule == 'minItems' else 'at most'} {want}"]
+        return [f"'{key}' has {len(value)} item{'' if len(value) == 1 else 's'}; must have {'at least' if rule == 'minItems' else 'at most'} {want}"]
     if rule == "required":
         missing = [name for name in want if name not in value]
         return [f"'{key}' lacks the required key(s) {', '.join(missing)}"]

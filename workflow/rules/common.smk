@@ -71,10 +71,22 @@ def needs(exp, what):
     return what in METHOD_NEEDS[method_of(exp)]
 
 
+def gpu_device(settings):
+    """A GPU stage's device: its own `device` unless auto, else the config's top-level `device` (cuda)."""
+    own = settings.get("device", "auto")
+    return own if own != "auto" else config["device"]
+
+
+def gpu_settings(section):
+    """A GPU stage's settings with its device resolved (see gpu_device)."""
+    return as_json({**config[section], "device": gpu_device(config[section])})
+
+
 def train_settings(wildcards):
     """The experiment's training settings: config `train`, its overrides, and its method."""
     exp = EXPERIMENTS[wildcards.exp]
-    return as_json({**config["train"], **exp.get("train", {}), "method": exp["method"]})
+    settings = {**config["train"], **exp.get("train", {}), "method": exp["method"]}
+    return as_json({**settings, "device": gpu_device(settings)})
 
 
 def blend_settings(wildcards):

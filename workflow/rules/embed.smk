@@ -12,7 +12,7 @@ rule embed:
         synthetic_table=f"{EMBED}/synthetic.parquet",
         encoder=f"{EMBED}/encoder.json",
     params:
-        settings=as_json(config["embed"]),
+        settings=gpu_settings("embed"),
         prepared=input_dir("prepared"),
         synthetic=input_dir("synthetic"),
         out_dir=output_dir("real"),
@@ -28,7 +28,7 @@ rule embed:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "python -m sraseg embed --prepared-dir {params.prepared} --synthetic-dir {params.synthetic} --out-dir {params.out_dir}"
+        "python -m sraseg.device -- python -m sraseg embed --prepared-dir {params.prepared} --synthetic-dir {params.synthetic} --out-dir {params.out_dir}"
         " --settings {params.settings:q} > {log} 2>&1"
 
 

@@ -9,6 +9,7 @@ rule predict:
         directory(f"{RESULTS}/{{exp}}/seed{{seed}}/predictions"),
     params:
         prepared=input_dir("volumes"),
+        device=config["device"],
     log:
         f"{LOGS}/predict_{{exp}}_seed{{seed}}.log",
     threads: 2
@@ -19,7 +20,8 @@ rule predict:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "python -m sraseg predict -m {input.model} --prepared-dir {params.prepared} --split test"
+        "python -m sraseg.device -- python -m sraseg predict -m {input.model} --prepared-dir {params.prepared} --split test"
+        " --device {params.device}"
         " -o {output} > {log} 2>&1"
 
 

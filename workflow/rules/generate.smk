@@ -11,7 +11,7 @@ rule train_generator:
         scheduler=f"{GENERATOR}/scheduler/scheduler_config.json",
         log_table=f"{GENERATOR}/train_log.csv",
     params:
-        settings=as_json(config["generator"]),
+        settings=gpu_settings("generator"),
         prepared=input_dir("prepared"),
         out_dir=output_dir("log_table"),
     log:
@@ -27,7 +27,7 @@ rule train_generator:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "python -m sraseg train-generator --prepared-dir {params.prepared} --out-dir {params.out_dir}"
+        "python -m sraseg.device -- python -m sraseg train-generator --prepared-dir {params.prepared} --out-dir {params.out_dir}"
         " --settings {params.settings:q} > {log} 2>&1"
 
 
@@ -40,7 +40,7 @@ rule sample:
         table=f"{SYNTHETIC}/synthetic.parquet",
         preview=f"{SYNTHETIC}/preview.png",
     params:
-        settings=as_json(config["sample"]),
+        settings=gpu_settings("sample"),
         generator=input_dir("model"),
         prepared=input_dir("prepared"),
         out_dir=output_dir("images"),
@@ -56,5 +56,5 @@ rule sample:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "python -m sraseg sample --generator-dir {params.generator} --prepared-dir {params.prepared} --out-dir {params.out_dir}"
+        "python -m sraseg.device -- python -m sraseg sample --generator-dir {params.generator} --prepared-dir {params.prepared} --out-dir {params.out_dir}"
         " --settings {params.settings:q} > {log} 2>&1"

@@ -28,5 +28,5 @@ rule train:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "python -m sraseg train --prepared-dir {params.prepared} --out-dir {params.out_dir} --seed {wildcards.seed}"
+        "python -m sraseg.device -- python -m sraseg train --prepared-dir {params.prepared} --out-dir {params.out_dir} --seed {wildcards.seed}"
         " {params.synthetic} {params.embed} {params.blend} --settings {params.settings:q} > {log} 2>&1"

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sraseg.device import full_precision
 from sraseg.errors import ConfigError
 
 __all__ = ["KERNELS", "box_masks", "smoothing_kernel", "soften", "make_blend_maps", "mix"]
@@ -18,16 +19,29 @@ __all__ = ["KERNELS", "box_masks", "smoothing_kernel", "soften", "make_blend_map
 KERNELS = ("gaussian", "box", "hard")
 
 
-def box_masks(count: int, height: int, width: int, ratio: float, rng: np.random.Generator) -> torch.Tensor:
+def box_masks(
+    count: int, height: int, width: int, ratio: float, rng: np.random.Generator | torch.Generator
+) -> torch.Tensor:
     """BCP masks: all ones with one zero rectangle of round(ratio*H) x round(ratio*W) at a random
     position fully inside the image.
 
+    Args:
+        rng: a numpy generator (masks built on the CPU), or a torch generator: positions drawn from it
+            and masks built on its device, without any host work per mask.
     Returns:
         float32 [count,1,H,W] with values in {0, 1}.
     """
     if not 0.0 < ratio < 1.0:
         raise ConfigError(f"blend ratio must lie in (0, 1); got {ratio}")
     hole_h, hole_w = max(1, round(ratio * height)), max(1, round(ratio * width))
+    if isinstance(rng, torch.Generator):
+        device = rng.device
+        tops = torch.randint(0, height - hole_h + 1, (count, 1), generator=rng, device=device)
+        lefts = torch.randint(0, width - hole_w + 1, (count, 1), generator=rng, device=device)
+        rows, cols = torch.arange(height, device=device), torch.arange(width, device=device)
+        in_rows = (rows >= tops) & (rows < tops + hole_h)  # [count,H]
+        in_cols = (cols >= lefts) & (cols < lefts + hole_w)  # [count,W]
+        return (~(in_rows[:, :, None] & in_cols[:, None, :])).float()[:, None]
     masks = torch.ones(count, 1, height, width)
     tops = rng.integers(0, height - hole_h + 1, size=count)
     lefts = rng.integers(0, width - hole_w + 1, size=count)
@@ -36,18 +50,19 @@ def box_masks(count: int, height: int, width: int, ratio: float, rng: np.random.
     return masks
 
 
-def smoothing_kernel(kind: str, size: int, sigma: float) -> torch.Tensor:
+def smoothing_kernel(kind: str, size: int, sigma: float, device: torch.device | str | None = None) -> torch.Tensor:
     """A normalised 2-D kernel [size,size]: a Gaussian of std `sigma`, or a box (`sigma` unused)."""
     if size < 1 or size % 2 == 0:
         raise ConfigError(f"blend kernel_size must be a positive odd number; got {size}")
     if kind == "gaussian":
         if sigma <= 0:
             raise ConfigError(f"blend sigma must be > 0 for the gaussian kernel; got {sigma}")
-        offsets = torch.arange(size, dtype=torch.float64) - size // 2
+        # built on the target device: no host-to-device copy per call
+        offsets = torch.arange(size, dtype=torch.float64, device=device) - size // 2
         profile = torch.exp(-(offsets**2) / (2 * sigma**2))
         kernel = torch.outer(profile, profile)
     elif kind == "box":
-        kernel = torch.ones(size, size, dtype=torch.float64)
+        kernel = torch.ones(size, size, dtype=torch.float64, device=device)
     else:
         raise ConfigError(f"smoothing kernel must be 'gaussian' or 'box'; got {kind!r}")
     return (kernel / kernel.sum()).float()
@@ -65,10 +80,11 @@ def soften(masks: torch.Tensor, kind: str, size: int = 5, sigma: float = 1.0) ->
         raise ConfigError(f"blend kernel must be one of {', '.join(KERNELS)}; got {kind!r}")
     if kind == "hard":
         return masks.clone()
-    kernel = smoothing_kernel(kind, size, sigma).to(masks)[None, None]
+    kernel = smoothing_kernel(kind, size, sigma, masks.device).to(masks.dtype)[None, None]
     pad = size // 2
     both = torch.cat([masks, 1.0 - masks], dim=0)
-    smoothed = F.conv2d(F.pad(both, (pad, pad, pad, pad), mode="reflect"), kernel)
+    with full_precision(masks.device):  # maps in fp32 also inside a training step
+        smoothed = F.conv2d(F.pad(both, (pad, pad, pad, pad), mode="reflect"), kernel)
     soft, hole_reach = smoothed[: len(masks)], smoothed[len(masks) :]
     soft = torch.where(hole_reach == 0, torch.ones_like(soft), soft)
     return soft.clamp_(0.0, 1.0)
@@ -78,13 +94,14 @@ def make_blend_maps(
     count: int,
     height: int,
     width: int,
-    rng: np.random.Generator,
+    rng: np.random.Generator | torch.Generator,
     kind: str = "gaussian",
     size: int = 5,
     sigma: float = 1.0,
     ratio: float = 2 / 3,
 ) -> torch.Tensor:
-    """`count` fresh blend maps, float32 [count,1,H,W] in [0,1]."""
+    """`count` fresh blend maps, float32 [count,1,H,W] in [0,1]; on the torch generator's device when
+    `rng` is a torch generator, else on the CPU."""
     return soften(box_masks(count, height, width, ratio, rng), kind, size, sigma)
 
 

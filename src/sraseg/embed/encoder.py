@@ -301,15 +301,12 @@ class FrozenEncoder(torch.nn.Module):
         """
         from tqdm.auto import tqdm
 
-        from sraseg.device import autocast
-
-        device = self.scale.device
+        device = self.scale.device  # fp32: the embeddings choose neighbours and the SA targets
         out = np.empty((len(images), self.info.embed_dim), dtype=np.float32)
         starts = range(0, len(images), batch_size)
         for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None, leave=False):
             # A copy: memmap slices are read-only and torch wants writable memory.
             batch = torch.from_numpy(np.array(images[start : start + batch_size], dtype=np.float32, order="C"))
-            with autocast(device):
-                emb = self(batch.to(device, non_blocking=True))
+            emb = self(batch.to(device, non_blocking=True))
             out[start : start + len(batch)] = emb.cpu().numpy()
         return out

@@ -23,7 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sraseg.data.acdc import read_nifti
 from sraseg.data.prepare import normalise, slices_from_volume, volume_from_slices
-from sraseg.device import autocast, pick_device
+from sraseg.device import pick_device
 from sraseg.errors import ConfigError, DatasetError, WeightsError
 from sraseg.io import read_json, read_table, staged_outputs
 
@@ -45,7 +45,7 @@ def predict_volume(
         model: maps float32 [B,1,S,S] to logits [B,C,S,S]; already on `device`, in eval mode.
         volume: float32 [X,Y,Z] in [0,1].
         image_size: S, the side the model was trained on.
-        device: where the model runs (bf16 autocast on CUDA).
+        device: where the model runs (fp32 everywhere: the published numbers come from here).
         batch_size: slices per forward pass.
 
     Returns:
@@ -57,8 +57,7 @@ def predict_volume(
     with torch.inference_mode():
         for start in range(0, len(slices), batch_size):
             batch = torch.from_numpy(slices[start : start + batch_size])[:, None].to(device)
-            with autocast(device):
-                out = model(batch)
+            out = model(batch)
             logits.append(out.float().cpu())
     scores = torch.cat(logits).numpy()  # [Z,C,S,S]
     # Resize the logits, not the labels: bilinear scores give smooth boundaries at the original size.

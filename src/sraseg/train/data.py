@@ -1,8 +1,9 @@
 """Training inputs: prepared slices, synthetic images, DINOv2 targets and the blend bank; augmentation
 and seeded batch sampling.
 
-Everything is held in memory as CPU tensors (ACDC at 256 px is a few hundred MB); a batch is indexed,
-then moved to the training device. All randomness comes from the loop's own `torch.Generator`.
+The loaders give CPU tensors; training moves them to its device once (ACDC at 256 px is about 1.1 GB),
+so a batch is indexed where it will be used. All augmentation draws come from the loop's own CPU
+`torch.Generator` (a fixed number per sample, so runs are reproducible on any device).
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from sraseg.device import full_precision
 from sraseg.errors import DatasetError
-from sraseg.io import load_array, read_table
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "AUGMENTATIONS",
@@ -63,6 +67,8 @@ class Prepared:
 
     def labeled_position(self, slice_ids: np.ndarray, source: Path) -> np.ndarray:
         """Row in `labeled_images` of each slice id; DatasetError naming `source` for an unlabeled id."""
+        import pandas as pd  # the loaders' tools are imported when loading: the steps need only torch
+
         lookup = pd.Series(np.arange(len(self.labeled_ids)), index=self.labeled_ids)
         found = lookup.reindex(np.asarray(slice_ids))
         if found.isna().any():
@@ -78,6 +84,8 @@ def load_prepared(prepared_dir: Path | str, num_classes: int = 4) -> Prepared:
         DatasetError: missing files or columns, row counts that disagree, no labeled or no val slices,
             label values outside [0, num_classes).
     """
+    from sraseg.io import load_array, read_table
+
     prepared_dir = Path(prepared_dir)
     table_path = prepared_dir / "slices.parquet"
     table = read_table(table_path, ("slice_id", "case", "split", "labeled"))
@@ -119,6 +127,8 @@ def load_prepared(prepared_dir: Path | str, num_classes: int = 4) -> Prepared:
 
 def load_synthetic(synthetic_dir: Path | str, image_size: int) -> torch.Tensor:
     """synthetic images.npy -> float32 [M,S,S]; DatasetError for a wrong size or an empty set."""
+    from sraseg.io import load_array
+
     path = Path(synthetic_dir) / "images.npy"
     images = load_array(path)
     if images.ndim != 3 or images.shape[1:] != (image_size, image_size) or len(images) == 0:
@@ -154,6 +164,10 @@ class EmbedTargets:
 
 def load_embed(embed_dir: Path | str, synthetic_count: int) -> EmbedTargets:
     """Read real.npy/real.parquet and neighbours.parquet (rank 0 = nearest real slice)."""
+    import pandas as pd
+
+    from sraseg.io import load_array, read_table
+
     embed_dir = Path(embed_dir)
     real = load_array(embed_dir / "real.npy", mmap=False)
     table = read_table(embed_dir / "real.parquet", ("row", "slice_id"))
@@ -188,6 +202,8 @@ class BlendBank:
 
 def load_blend(blend_dir: Path | str, image_size: int, synthetic_count: int) -> BlendBank:
     """Read maps.npy + pairs.parquet, checking shapes and id ranges."""
+    from sraseg.io import load_array, read_table
+
     blend_dir = Path(blend_dir)
     maps_path, pairs_path = blend_dir / "maps.npy", blend_dir / "pairs.parquet"
     maps = load_array(maps_path, mmap=False)
@@ -222,7 +238,8 @@ def augment(
     else nothing. All channels of a sample get the same transform.
 
     Args:
-        images: float [B,K,H,W] with H == W, resampled bilinearly (zeros outside).
+        images: float [B,K,H,W] with H == W, resampled bilinearly (zeros outside). Always computed in
+            fp32, also inside an autocast region: a bf16 sampling grid is off by up to 0.7 px at 256 px.
         labels: float [B,L,H,W] class-index maps, resampled nearest (background outside), or None.
         generator: CPU generator all random draws come from (a fixed number per sample).
         mode: "rot_flip_or_rotate" or "none".
@@ -231,6 +248,13 @@ def augment(
     """
     if mode == "none":
         return images, labels
+    with full_precision(images.device):
+        return _augment(images.float(), None if labels is None else labels.float(), generator)
+
+
+def _augment(
+    images: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     count = images.shape[0]
     choice = torch.rand(count, generator=generator)
     turns = torch.randint(0, 4, (count,), generator=generator)
@@ -246,8 +270,10 @@ def augment(
     if len(rotate):
         cos, sin = torch.cos(angle[rotate]), torch.sin(angle[rotate])
         theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1),
-                             torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1).to(images)
-        index = rotate.to(images.device)
+                             torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)
+        # the draws are on the host: stage them without waiting for the device (a blocking copy would sync)
+        theta = theta.to(images.device, images.dtype, non_blocking=True)
+        index = rotate.to(images.device, non_blocking=True)
         grid = F.affine_grid(theta, [len(rotate), images.shape[1], *images.shape[2:]], align_corners=False)
         images[index] = F.grid_sample(images[index], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if labels is not None:

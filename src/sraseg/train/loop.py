@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import logging
 import time
@@ -23,12 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from sraseg.blend.maps import KERNELS, make_blend_maps, mix
-from sraseg.device import autocast, pick_device, seed_everything
+from sraseg.device import autocast, grad_scaler, pick_device, seed_everything
 from sraseg.errors import ConfigError, DatasetError, SrasegError
-from sraseg.io import staged_outputs, write_json
 from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
 from sraseg.train.alignment import ProjectionHead, sa_loss
 from sraseg.train.checkpoint import cpu_state, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
@@ -140,11 +139,32 @@ def check_settings(cfg: TrainSettings) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _on_device(value, device: torch.device, moved: dict):
+    """`value` with its tensors on `device`: a tensor, or a dataclass (Prepared, BlendBank, EmbedTargets)
+    copied with its tensor fields moved. `moved` keeps tensors shared between fields shared."""
+    if isinstance(value, torch.Tensor):
+        key = id(value)
+        if key not in moved:
+            moved[key] = value.to(device)
+        return moved[key]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: _on_device(getattr(value, f.name), device, moved) for f in dataclasses.fields(value)
+                   if isinstance(getattr(value, f.name), torch.Tensor)}
+        return dataclasses.replace(value, **changes) if changes else value
+    return value
+
+
+_INPUT_FIELDS = ("prepared", "unlabeled", "synthetic", "bank", "embed")
+
+
 @dataclass
 class TrainContext:
     """Everything one training iteration reads: settings, data, models and the step counter.
 
     `run` builds it; `benchmarks/train_step.py` builds one the same way to time the step functions.
+    The inputs (prepared slices, unlabeled pool, synthetic images, blend bank, embedding targets) live on
+    `device`: assigning one moves its tensors there once (labels stay uint8), so a batch is gathered on
+    the device and nothing is copied per step but the CPU generator's indices and draws.
     """
 
     cfg: TrainSettings
@@ -162,26 +182,47 @@ class TrainContext:
     embed: object = None
     bank_real_embed_rows: np.ndarray | None = None  # row in real.npy of each bank entry's real slice
     step: int = 0
+    _moved: dict = field(default_factory=dict, init=False, repr=False)
+    _map_generator: torch.Generator | None = field(default=None, init=False, repr=False)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _INPUT_FIELDS and value is not None and "_moved" in self.__dict__:
+            value = _on_device(value, self.device, self._moved)
+        super().__setattr__(name, value)
+
+    def __post_init__(self) -> None:
+        self.prepared = self.prepared  # _moved exists only now: place what __init__ assigned
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """Move (non-blocking: a small host tensor is staged without waiting for the device) and use
+        channels-last for image batches on CUDA."""
         x = x.to(self.device, non_blocking=True)
         if self.device.type == "cuda" and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def rows(self, data: torch.Tensor, index) -> torch.Tensor:
+        """data[index] gathered on data's device; `index` a CPU tensor or numpy array of rows."""
+        index = torch.as_tensor(index)
+        return data[index.to(data.device, non_blocking=True)]
+
     def blend_maps(self, count: int, kind: str) -> torch.Tensor:
-        # A numpy generator derived from (seed, step): resumes exactly without any state to save.
-        rng = np.random.default_rng([self.seed, self.step])
+        """`count` fresh maps built on the device from a generator seeded by (seed, step): the same maps on
+        a rerun and after a resume, with no generator state to save."""
+        if self._map_generator is None:
+            self._map_generator = torch.Generator(device=self.device)
+        self._map_generator.manual_seed(int(np.random.SeedSequence([self.seed, self.step]).generate_state(1, np.uint64)[0]))
         size = self.prepared.image_size
         cfg = self.cfg
-        maps = make_blend_maps(count, size, size, rng, kind, cfg.blend_kernel_size, cfg.blend_sigma, cfg.blend_ratio)
-        return maps.to(self.device)
+        maps = make_blend_maps(count, size, size, self._map_generator, kind, cfg.blend_kernel_size, cfg.blend_sigma,
+                               cfg.blend_ratio)
+        return self.to_device(maps)
 
     def labeled_batch(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Augmented labeled slices: images float [n,1,S,S], labels long [n,S,S] on the device."""
         idx = sample_indices(len(self.prepared.labeled_images), count, self.generator)
-        images = self.to_device(self.prepared.labeled_images[idx][:, None])
-        labels = self.to_device(self.prepared.labeled_labels[idx][:, None].float())
+        images = self.to_device(self.rows(self.prepared.labeled_images, idx)[:, None])
+        labels = self.to_device(self.rows(self.prepared.labeled_labels, idx)[:, None].float())  # on the device
         images, labels = augment(images, labels, self.generator, self.cfg.augment)
         return images, labels[:, 0].round().long()
 
@@ -219,7 +260,7 @@ def _bcp_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
     cfg = ctx.cfg
     images, labels = ctx.labeled_batch(cfg.labeled_batch)
     idx = sample_indices(len(ctx.unlabeled), cfg.unlabeled_batch, ctx.generator)
-    unlabeled, _ = augment(ctx.to_device(ctx.unlabeled[idx][:, None]), None, ctx.generator, cfg.augment)
+    unlabeled, _ = augment(ctx.to_device(ctx.rows(ctx.unlabeled, idx)[:, None]), None, ctx.generator, cfg.augment)
     half = min(len(images), len(unlabeled)) // 2
     y_l = one_hot(labels, cfg.num_classes)
     y_u = one_hot(pseudo_labels(ctx.teacher, unlabeled, cfg.num_classes), cfg.num_classes)
@@ -242,12 +283,11 @@ def _sraseg_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
        DINOv2 embeddings were computed without augmentation)."""
     cfg, bank, prepared = ctx.cfg, ctx.bank, ctx.prepared
     idx = sample_indices(len(bank.maps), cfg.unlabeled_batch, ctx.generator).numpy()
-    syn_ids = torch.from_numpy(bank.synthetic_ids[idx])
-    real_pos = torch.from_numpy(ctx.bank_real_pos[idx])
-    s_raw = ctx.to_device(ctx.synthetic[syn_ids][:, None])
-    r_raw = ctx.to_device(prepared.labeled_images[real_pos][:, None])
-    r_label = ctx.to_device(prepared.labeled_labels[real_pos][:, None].float())
-    a = ctx.to_device(bank.maps[torch.from_numpy(idx)][:, None].float())
+    syn_ids, real_pos = bank.synthetic_ids[idx], ctx.bank_real_pos[idx]  # host-side bookkeeping
+    s_raw = ctx.to_device(ctx.rows(ctx.synthetic, syn_ids)[:, None])
+    r_raw = ctx.to_device(ctx.rows(prepared.labeled_images, real_pos)[:, None])
+    r_label = ctx.to_device(ctx.rows(prepared.labeled_labels, real_pos)[:, None].float())  # on the device
+    a = ctx.to_device(ctx.rows(bank.maps, idx)[:, None].float())
     pair, r_label = augment(torch.cat([s_raw, r_raw], 1), r_label, ctx.generator, cfg.augment)
     s, r = pair[:, :1], pair[:, 1:]
     y_s = one_hot(pseudo_labels(ctx.teacher, s, cfg.num_classes), cfg.num_classes)
@@ -263,8 +303,8 @@ def _sraseg_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
         k = min(cfg.sa_batch, len(idx))
         features = ctx.student.encode(torch.cat([s_raw[:k], r_raw[:k]]))
         embed = ctx.embed
-        target_syn = embed.real[torch.from_numpy(embed.neighbour_row[bank.synthetic_ids[idx[:k]]])].to(ctx.device)
-        target_real = embed.real[torch.from_numpy(ctx.bank_real_embed_rows[idx[:k]])].to(ctx.device)
+        target_syn = ctx.rows(embed.real, embed.neighbour_row[bank.synthetic_ids[idx[:k]]])
+        target_real = ctx.rows(embed.real, ctx.bank_real_embed_rows[idx[:k]])
         terms["sa_loss"] = sa_loss(ctx.head, features[:k], target_syn, features[k:], target_real)
         terms["loss"] = terms["loss"] + cfg.sa_weight * terms["sa_loss"]
     return terms
@@ -302,38 +342,35 @@ def _phase_at(phases: list, step: int) -> tuple[str, int, int, Callable[[TrainCo
 @torch.no_grad()
 def validate(model: UNet, images: torch.Tensor, labels: torch.Tensor, cases: np.ndarray, device: torch.device,
              batch: int = 32) -> np.ndarray:
-    """Mean over val volumes of the 3-D Dice of RV, MYO and LV.
+    """Mean over val volumes of the 3-D Dice of RV, MYO and LV, in fp32 (it picks the model to keep).
 
     Slices of a case are stacked into its volume; a class absent from both prediction and reference
-    scores 1, absent from only one scores 0.
+    scores 1, absent from only one scores 0. Per-slice overlap counts are computed on `device` and read
+    back once.
 
     Args:
-        images: float32 [V,S,S]; labels: uint8 [V,S,S]; cases: str [V].
+        images: float32 [V,S,S]; labels: uint8 [V,S,S] (on any device); cases: str [V].
     Returns:
         float64 [3] (RV, MYO, LV) in [0,1].
     """
     was_training = model.training
     model.eval()
-    preds = []
+    counts = []  # per slice and class: |pred & truth|, |pred|, |truth|
+    classes = torch.arange(1, 4, device=device).view(1, 3, 1, 1)
     for start in range(0, len(images), batch):
-        x = images[start : start + batch][:, None].to(device)
+        x = images[start : start + batch][:, None].to(device, torch.float32, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
-            preds.append(model(x).argmax(1).to("cpu", torch.uint8))
+        pred = model(x).argmax(1, keepdim=True) == classes  # [b,3,S,S]
+        truth = labels[start : start + batch][:, None].to(device, non_blocking=True) == classes
+        counts.append(torch.stack([(pred & truth).sum((2, 3)), pred.sum((2, 3)), truth.sum((2, 3))], -1))
     model.train(was_training)
-    pred = torch.cat(preds).numpy()
-    truth = labels.numpy()
+    counts = torch.cat(counts).cpu().numpy().astype(np.int64)  # [V,3,3]: the one read-back
     scores = []
     for case in np.unique(cases):
-        rows = cases == case
-        p, t = pred[rows], truth[rows]
-        per_class = []
-        for c in range(1, 4):
-            pc, tc = p == c, t == c
-            total = pc.sum() + tc.sum()
-            per_class.append(1.0 if total == 0 else 2.0 * np.logical_and(pc, tc).sum() / total)
-        scores.append(per_class)
+        both, pred_sum, truth_sum = counts[cases == case].sum(0).T
+        total = pred_sum + truth_sum
+        scores.append(np.where(total == 0, 1.0, 2.0 * both / np.maximum(total, 1)))
     return np.mean(scores, axis=0)
 
 
@@ -380,6 +417,10 @@ def run(
         DatasetError: missing or inconsistent input files, no labeled slices.
         SrasegError: the loss became NaN or infinite.
     """
+    from tqdm import tqdm  # run()'s tools, imported here: the steps need only torch (benchmarks/gpu_check.py)
+
+    from sraseg.io import staged_outputs, write_json
+
     # --- settings and inputs -------------------------------------------------------------------
     cfg = parse_settings(TrainSettings, settings, "train")
     check_settings(cfg)
@@ -422,6 +463,7 @@ def run(
         student = student.to(memory_format=torch.channels_last)
     ctx.student, ctx.head = student, head
     optimizer = make_optimizer(cfg, student, head)
+    scaler = grad_scaler(device)  # active only for fp16 autocast (CUDA cards without bf16)
     phases = training_phases(cfg)
     total = sum(n for _, n, _ in phases)
     resolved = settings_dict(cfg)
@@ -490,8 +532,9 @@ def run(
                 raise SrasegError(f"{out_dir}: the loss became {loss.item()} at {phase} iteration "
                                   f"{state['step'] - offset + 1}; {ckpt_path.name} holds the last good state")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
 
             # teacher EMA update
             if ctx.teacher is not None:

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sraseg.errors import WeightsError
-from sraseg.io import read_json, write_json
 
 __all__ = ["ConvBlock", "UNet", "build_unet", "save_model", "load_model", "model_meta_path"]
 
@@ -138,6 +136,10 @@ def save_model(path: Path | str, model: UNet, meta: dict | None = None) -> None:
     """Write the weights as safetensors at `path` and a JSON description beside it (`model.json` for
     `model.safetensors`) with channels, dropout, in_channels, num_classes plus `meta` (image_size, method).
     """
+    from safetensors.torch import save_file  # file tools imported on use: the network needs only torch
+
+    from sraseg.io import write_json
+
     path = Path(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path))
@@ -156,6 +158,10 @@ def load_model(path: Path | str, device: torch.device | str = "cpu") -> tuple[UN
     Raises:
         WeightsError: missing weights or model.json, or weights that do not fit the described net.
     """
+    from safetensors.torch import load_file
+
+    from sraseg.io import read_json
+
     path = Path(path)
     meta_path = model_meta_path(path)
     for needed in (path, meta_path):
