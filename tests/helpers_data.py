@@ -13,10 +13,10 @@ from sraseg.data import phantom
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def make_phantom(root: Path, patients: int = 6, seed: int = 0) -> Path:
+def make_phantom(root: Path, patients: int = 6, seed: int = 0, version: int = phantom.DEFAULT_VERSION) -> Path:
     """Write a `patients`-patient phantom to root/raw and return that folder."""
     raw = root / "raw"
-    phantom.run(raw, patients=patients, seed=seed)
+    phantom.run(raw, patients=patients, seed=seed, version=version)
     return raw
 
 

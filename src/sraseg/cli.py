@@ -150,7 +150,12 @@ def _add_phantom(sub):
     _path(p, "--out-dir", "--out", required=True, help="output folder (patientXXX/ sub-folders)")
     p.add_argument("--patients", type=int, default=100, help="number of patients (default 100)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
-    p.set_defaults(target="sraseg.data.phantom", kwargs=lambda a: dict(out_dir=a.out_dir, patients=a.patients, seed=a.seed))
+    p.add_argument("--phantom-version", type=int, default=None, help="generator version (default 1; 2 adds scanner-like variety, see config/README.md)")
+    p.set_defaults(
+        target="sraseg.data.phantom",
+        kwargs=lambda a: dict(out_dir=a.out_dir, patients=a.patients, seed=a.seed)
+        | ({} if a.phantom_version is None else dict(version=a.phantom_version)),
+    )
 
 
 def _add_prepare(sub):

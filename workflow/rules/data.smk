@@ -7,6 +7,7 @@ rule phantom:
     params:
         patients=lookup(dpath="phantom/patients", within=config),
         seed=lookup(dpath="phantom/seed", within=config),
+        version=lookup(dpath="phantom/version", within=config),
     log:
         f"{LOGS}/phantom.log",
     threads: 1
@@ -16,7 +17,8 @@ rule phantom:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "python -m sraseg phantom --out-dir {output} --patients {params.patients} --seed {params.seed} > {log} 2>&1"
+        "python -m sraseg phantom --out-dir {output} --patients {params.patients} --seed {params.seed}"
+        " --phantom-version {params.version} > {log} 2>&1"
 
 
 rule prepare:

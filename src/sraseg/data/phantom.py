@@ -14,8 +14,16 @@ wall thickness, ejection and RV size. The surroundings (body, subcutaneous and p
 lungs, liver, aorta, spine) are drawn with textured intensities, then a partial-volume blur, a
 smooth coil bias field and Rician noise (magnitude of complex Gaussian noise) are applied.
 
+Versions (`VERSIONS`): version 1 is the original phantom, frozen so that results made with it stay
+reproducible by seed. Version 2 widens the variety between patients toward real ACDC (several
+scanners): per patient a 1.5 T or 3 T profile (tissue contrast, SNR, coil bias strength and
+direction, banding, raw scale), field of view / pixel spacing / matrix size, slice count, heart
+position, size and in-plane orientation (rotation, mirrored stacks), and wider group shapes. The ED
+and ES frames of a patient share everything but the cardiac phase. The version is recorded in
+`phantom.json` and, from version 2 on, in each NIfTI header's description (v1 bytes are unchanged).
+
 Determinism: each patient draws from `numpy.random.default_rng([seed, index])` and NIfTI files are
-gzipped with mtime 0, so the same seed gives the same bytes.
+gzipped with mtime 0, so the same seed and version give the same bytes.
 """
 
 from __future__ import annotations
@@ -34,13 +42,18 @@ from tqdm import tqdm
 from sraseg.errors import ConfigError
 from sraseg.io import staged_outputs, write_json
 
-__all__ = ["GROUPS", "run", "make_patient", "write_nifti", "patient_id"]
+__all__ = ["GROUPS", "VERSIONS", "LATEST", "DEFAULT_VERSION", "run", "make_patient", "write_nifti", "patient_id"]
 
 log = logging.getLogger(__name__)
 
 # ACDC's group names, in the order of the official release (patients 1-20 DCM, 21-40 HCM, ...).
 GROUPS = ("DCM", "HCM", "MINF", "NOR", "RV")
 _HARMONICS = 6  # border shapes use harmonics 1..6 of the polar angle
+VERSIONS = (1, 2)  # generator versions; a version's output for a seed never changes
+LATEST = 2
+# The default stays 1 until version 2 is calibrated against ACDC (a short run showed it harder, not yet
+# closer to ACDC's labeled-only gap: config/README.md); results published so far use version 1.
+DEFAULT_VERSION = 1
 
 
 def patient_id(index: int) -> str:
@@ -60,6 +73,9 @@ class _Patient:
     nb_frame: int
     height: float
     weight: float
+    version: int = 1
+    scanner: str = "1.5T"
+    mirrored: bool = False
 
 
 def _group_of(index: int, patients: int) -> str:
@@ -106,27 +122,54 @@ def _group_params(group: str, rng: np.random.Generator) -> dict:
     return p
 
 
-def make_patient(index: int, patients: int, seed: int) -> tuple[_Patient, dict[str, tuple[np.ndarray, np.ndarray]]]:
+def make_patient(
+    index: int, patients: int, seed: int, version: int = DEFAULT_VERSION
+) -> tuple[_Patient, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Draw one patient and render its ED and ES frames.
 
     Args:
-        index: 0-based patient index; patients: total count (sets the group); seed: dataset seed.
+        index: 0-based patient index; patients: total count (sets the group); seed: dataset seed;
+        version: generator version (1: the original phantom, 2: scanner-like inter-patient variety).
 
     Returns:
         (patient parameters, {"ED": (image, label), "ES": (image, label)}) with image int16 [X,Y,Z]
         (raw units, >= 0) and label uint8 [X,Y,Z] in {0,1,2,3}.
+
+    Raises:
+        ConfigError: an unknown version.
     """
+    _check_version(version)
     rng = np.random.default_rng([seed, index])
     group = _group_of(index, patients)
+    info, anat = (_draw_v1 if version == 1 else _draw_v2)(rng, group)
+    nx, ny, nz = info.shape
+    # Smooth random fields shared by both frames (tissue texture, blood flow, bias wiggle).
+    tex_px, flow_px = anat.get("field_px", (3.0, 5.0))
+    texture = _smooth_field(rng, (nx, ny, nz), tex_px)
+    flow = _smooth_field(rng, (nx, ny, nz), flow_px)
+    wiggle = _low_frequency(rng, nx, ny)
+    band = _low_frequency(rng, nx, ny) if anat.get("banding") else None
+    frames = {}
+    for phase in ("ED", "ES"):
+        tissue, label = _render(info, anat, phase)
+        image = _image(info, anat, tissue, label, texture, flow, wiggle, rng, band)
+        frames[phase] = (image, label)
+    return info, frames
+
+
+def _check_version(version: int) -> None:
+    if isinstance(version, bool) or version not in VERSIONS:
+        raise ConfigError(f"phantom version must be one of {list(VERSIONS)}; got {version!r}")
+
+
+def _draw_v1(rng: np.random.Generator, group: str) -> tuple[_Patient, dict]:
+    """Version 1: the original phantom (one scanner-like profile, narrow geometry). Frozen: any
+    change to the order or kind of draws here changes every v1 dataset."""
     nx, ny = int(rng.integers(16, 23)) * 8, int(rng.integers(16, 23)) * 8
     nz = int(rng.integers(8, 13))
     sxy = round(float(rng.uniform(1.4, 1.8)), 4)
     sz = float(np.clip(round(rng.normal(8.0, 1.2) * 2) / 2, 5.0, 10.0))
-    # Oblique short-axis orientation in scanner space, origin near the isocentre.
-    rot = Rotation.from_euler("xyz", rng.uniform(-35, 35, size=3), degrees=True).as_matrix()
-    affine = np.eye(4)
-    affine[:3, :3] = rot @ np.diag([sxy, sxy, sz])
-    affine[:3, 3] = -affine[:3, :3] @ (np.array([nx, ny, nz]) / 2.0) + rng.normal(0, 20, size=3)
+    affine = _affine(rng, nx, ny, nz, sxy, sz)
     es_frame = int(rng.integers(8, 15))
     info = _Patient(
         group=group,
@@ -182,16 +225,135 @@ def make_patient(index: int, patients: int, seed: int) -> tuple[_Patient, dict[s
         blur=rng.uniform(0.5, 1.0),
         bias=(rng.uniform(0.2, 0.45), rng.uniform(0, 2 * np.pi)),
     )
-    # Smooth random fields shared by both frames (tissue texture, blood flow, bias wiggle).
-    texture = _smooth_field(rng, (nx, ny, nz), 3.0)
-    flow = _smooth_field(rng, (nx, ny, nz), 5.0)
-    wiggle = _low_frequency(rng, nx, ny)
-    frames = {}
-    for phase in ("ED", "ES"):
-        tissue, label = _render(info, anat, phase)
-        image = _image(info, anat, tissue, label, texture, flow, wiggle, rng)
-        frames[phase] = (image, label)
-    return info, frames
+    return info, anat
+
+
+def _affine(rng: np.random.Generator, nx: int, ny: int, nz: int, sxy: float, sz: float) -> np.ndarray:
+    """Oblique short-axis orientation in scanner space, origin near the isocentre."""
+    rot = Rotation.from_euler("xyz", rng.uniform(-35, 35, size=3), degrees=True).as_matrix()
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([sxy, sxy, sz])
+    affine[:3, 3] = -affine[:3, :3] @ (np.array([nx, ny, nz]) / 2.0) + rng.normal(0, 20, size=3)
+    return affine
+
+
+# Version 2 scanner profiles: bSSFP tissue levels relative to LV blood (= 1), signal-to-noise ratio
+# of blood, coil bias strength (log-intensity change across the FOV), bias wiggle, raw intensity
+# scale and the chance of off-resonance banding. 3 T: darker myocardium and liver against blood,
+# more SNR but stronger B1/coil inhomogeneity and more banding; raw units differ by vendor setup.
+_SCANNERS = {
+    "1.5T": dict(
+        rv_blood=(0.85, 1.05), myo=(0.22, 0.46), muscle=(0.24, 0.45), fat=(0.75, 1.05), lung=(0.03, 0.10),
+        liver=(0.30, 0.50), aorta=(0.70, 1.00), spine=(0.20, 0.35),
+        snr=(9.0, 30.0), bias=(0.10, 0.50), wiggle=(0.05, 0.15), scale=(150.0, 1500.0), banding=0.1,
+    ),
+    "3T": dict(
+        rv_blood=(0.75, 1.00), myo=(0.12, 0.30), muscle=(0.16, 0.35), fat=(0.55, 0.95), lung=(0.02, 0.08),
+        liver=(0.20, 0.38), aorta=(0.60, 1.00), spine=(0.15, 0.30),
+        snr=(14.0, 45.0), bias=(0.35, 0.85), wiggle=(0.10, 0.30), scale=(400.0, 4000.0), banding=0.45,
+    ),
+}
+_TISSUE_LEVELS = ("rv_blood", "myo", "muscle", "fat", "lung", "liver", "aorta", "spine")
+_P_3T = 0.4  # share of patients from the 3 T scanner
+_P_MIRROR = 0.25  # share of stacks stored mirrored (RV on the other side of the LV)
+
+
+def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    return float(np.exp(rng.uniform(np.log(low), np.log(high))))
+
+
+def _group_params_v2(group: str, rng: np.random.Generator, size: float) -> dict:
+    """Version 2 group shapes: wider, overlapping ranges (as between real patients of one group),
+    scaled by the patient's heart size. Keys as `_group_params`, plus HCM's septal asymmetry."""
+    u = rng.uniform
+    if group == "NOR":
+        p = dict(r=u(20, 28), wall=u(7, 11), es=u(0.55, 0.72), rv=u(16, 28), rv_es=u(0.5, 0.72), arc=u(75, 105))
+    elif group == "MINF":
+        p = dict(r=u(24, 34), wall=u(7, 11), es=u(0.75, 0.92), rv=u(15, 26), rv_es=u(0.6, 0.82), arc=u(75, 105))
+    elif group == "DCM":
+        p = dict(r=u(29, 40), wall=u(5.5, 8), es=u(0.84, 0.96), rv=u(16, 28), rv_es=u(0.68, 0.88), arc=u(75, 110))
+    elif group == "HCM":
+        p = dict(r=u(15, 23), wall=u(12, 20), es=u(0.38, 0.6), rv=u(13, 24), rv_es=u(0.5, 0.72), arc=u(70, 100))
+    else:  # RV: abnormal, enlarged right ventricle
+        p = dict(r=u(18, 26), wall=u(7, 10), es=u(0.6, 0.78), rv=u(30, 48), rv_es=u(0.72, 0.9), arc=u(100, 135))
+    p["septal"] = u(0.1, 0.3) if group == "HCM" else 0.0
+    for key in ("r", "wall", "rv"):
+        p[key] *= size
+    return p
+
+
+def _draw_v2(rng: np.random.Generator, group: str) -> tuple[_Patient, dict]:
+    """Version 2: scanner-like variety between patients (1.5 T / 3 T contrast, SNR, coil bias,
+    banding, raw scale), field of view, pixel spacing and matrix size, heart position, size and
+    in-plane orientation (rotation, mirrored stacks), and wider pathology shapes."""
+    scanner = "3T" if rng.random() < _P_3T else "1.5T"
+    prof = _SCANNERS[scanner]
+    # Geometry: a field of view of 280-420 mm; mostly 1.2-1.9 mm pixels, a few fine 0.7-1.2 mm ones.
+    sxy = round(float(rng.uniform(0.7, 1.2) if rng.random() < 0.12 else rng.uniform(1.2, 1.9)), 4)
+    fov = rng.uniform(280, 420)
+    n_long = int(np.clip(round(fov / sxy / 8), 19, 54)) * 8  # 152..432 px, as in ACDC
+    n_short = int(np.clip(round(n_long * (1.0 if rng.random() < 0.4 else rng.uniform(0.75, 0.95)) / 8), 19, 54)) * 8
+    nx, ny = (n_long, n_short) if rng.random() < 0.5 else (n_short, n_long)
+    sz = float(np.clip(round(rng.normal(8.0, 1.5) * 2) / 2, 5.0, 10.0))
+    nz = int(np.clip(round(rng.uniform(60, 110) / sz) + 1, 6, 18))
+    affine = _affine(rng, nx, ny, nz, sxy, sz)
+    es_frame = int(rng.integers(8, 15))
+    info = _Patient(
+        group=group,
+        shape=(nx, ny, nz),
+        spacing=(sxy, sxy, sz),
+        affine=affine,
+        es_frame=es_frame,
+        nb_frame=int(rng.integers(max(es_frame + 10, 25), 36)),
+        height=round(float(rng.uniform(150, 195)), 1),
+        weight=round(float(rng.uniform(50, 110)), 1),
+        version=2,
+        scanner=scanner,
+    )
+    size = float(np.clip(np.exp(rng.normal(0, 0.08)), 0.82, 1.2))  # heart size beyond the group's
+    g = _group_params_v2(group, rng, size)
+    contrast = dict(blood=1.0, air=0.0, **{name: rng.uniform(*prof[name]) for name in _TISSUE_LEVELS})
+    blur_mm = rng.uniform(0.8, 1.8)
+    endo_irregular, epi_irregular = rng.uniform(0.05, 0.11), rng.uniform(0.035, 0.075)
+    anat = dict(
+        g=g,
+        centre=rng.normal(0, 12, size=2).clip(-35, 35),
+        angle=np.deg2rad(rng.normal(0, 30)),
+        mirror=bool(rng.random() < _P_MIRROR),
+        drift=rng.normal(0, 2.0, size=2),
+        endo_c=(_coeffs(rng, endo_irregular), _coeffs(rng, endo_irregular)),
+        epi_c=(_coeffs(rng, epi_irregular), _coeffs(rng, epi_irregular)),
+        ellip=(rng.uniform(0.0, 0.16), rng.uniform(0, np.pi)),
+        rv_dir=np.pi + rng.normal(0, np.deg2rad(15)),
+        rv_shape=rng.uniform(1.3, 3.2),
+        rv_wall=rng.uniform(2.5, 4.0),
+        rv_c=_coeffs(rng, rng.uniform(0.06, 0.14)),
+        rv_end=rng.uniform(0.58, 0.88),
+        fat_c=_coeffs(rng, 1.0),
+        fat_mm=rng.uniform(0.5, 4.0),
+        minf=(rng.uniform(0, 2 * np.pi), np.deg2rad(rng.uniform(20, 60)), rng.uniform(0.4, 0.72), rng.uniform(0, 0.45)),
+        papillary=rng.random() < 0.7,
+        pap=(rng.normal(0, 0.3, size=2), rng.uniform(2.5, 5.0, size=2)),
+        base=rng.uniform(-0.6, 0.9) * sz,
+        tail=rng.uniform(-0.6, 0.4) * sz,
+        shorten=rng.uniform(0.08, 0.17) * (0.5 if group in ("DCM", "MINF") else 1.0),
+        body=(rng.uniform(130, 190), rng.uniform(95, 145), rng.uniform(5, 25), rng.normal(0, 10)),
+        lung=(rng.uniform(40, 65), rng.uniform(65, 100), rng.uniform(-5, 15)),
+        liver=(rng.uniform(0.2, 0.65), rng.uniform(75, 115), rng.uniform(55, 90)),
+        contrast=contrast,
+        scale=_log_uniform(rng, *prof["scale"]),
+        noise=1.0 / _log_uniform(rng, *prof["snr"]),
+        blur=blur_mm / sxy,
+        bias=(rng.uniform(*prof["bias"]), rng.uniform(0, 2 * np.pi)),
+        wiggle=rng.uniform(*prof["wiggle"]),
+        texture=rng.uniform(0.04, 0.12),
+        field_px=(3.0 * 1.6 / sxy, 5.0 * 1.6 / sxy),  # texture and flow scales fixed in mm
+        banding=(rng.uniform(1.0, 2.5), rng.uniform(0, 2 * np.pi), rng.uniform(0.4, 0.85))
+        if rng.random() < prof["banding"]
+        else None,
+    )
+    info.mirrored = anat["mirror"]
+    return info, anat
 
 
 def _low_frequency(rng: np.random.Generator, nx: int, ny: int) -> np.ndarray:
@@ -249,6 +411,8 @@ def _render(info: _Patient, anat: dict, phase: str) -> tuple[np.ndarray, np.ndar
     xx, yy = np.meshgrid(x, y, indexing="ij")
     ca, sa = np.float32(np.cos(anat["angle"])), np.float32(np.sin(anat["angle"]))
     u0, v0 = ca * xx + sa * yy, -sa * xx + ca * yy
+    if anat.get("mirror"):
+        u0 = -u0  # a mirrored stack: the RV lies on the other side of the LV
 
     # Cavity radius and wall at the base; at ES the cavity shrinks and the wall thickens (same area).
     r_ed, w_ed = g["r"], g["wall"]
@@ -295,6 +459,10 @@ def _render(info: _Patient, anat: dict, phase: str) -> tuple[np.ndarray, np.ndar
             wall = r_epi - r_endo
             r_endo = r_endo + 0.3 * depth * wall * win * (r_endo > 0)
             r_epi = r_endo + wall * (1 - depth * win)
+        if g.get("septal"):
+            # Asymmetric septal hypertrophy (HCM): the wall thickens inward on the RV side.
+            bump = np.clip(np.cos(_wrap(theta - anat["rv_dir"])), 0, None) ** 2
+            r_endo = r_endo - g["septal"] * w_ed * bump * (r_endo > 0)
         r_endo = np.maximum(r_endo, 0.0)
         r_epi = np.where(r_epi_mean > 0, np.maximum(r_epi, r_endo + 3.5), 0.0)
         # RV crescent on the septal side: thickness tapers toward the horns and toward the apex.
@@ -359,13 +527,14 @@ def _render(info: _Patient, anat: dict, phase: str) -> tuple[np.ndarray, np.ndar
     return tissue, label
 
 
-def _image(info, anat, tissue, label, texture, flow, wiggle, rng) -> np.ndarray:
-    """Intensities int16 [X,Y,Z] from tissue codes: texture, blur, bias field, Rician noise, scale."""
+def _image(info, anat, tissue, label, texture, flow, wiggle, rng, band=None) -> np.ndarray:
+    """Intensities int16 [X,Y,Z] from tissue codes: texture, blur, bias field, banding (v2), Rician
+    noise, scale. `band` is a smooth [X,Y] field whose level lines become dark bSSFP bands."""
     nx, ny, _ = info.shape
     c = anat["contrast"]
     levels = np.array([c[name] for name in _TISSUES], dtype=np.float32)
     img = levels[tissue]
-    img *= 1.0 + 0.07 * texture
+    img *= 1.0 + anat.get("texture", 0.07) * texture
     blood = (tissue == _T["blood"]) | (tissue == _T["rv_blood"]) | (tissue == _T["aorta"])
     img[blood] *= 1.0 + 0.05 * flow[blood]
     lung = tissue == _T["lung"]
@@ -375,8 +544,13 @@ def _image(info, anat, tissue, label, texture, flow, wiggle, rng) -> np.ndarray:
     amp, direction = anat["bias"]
     gx = (np.arange(nx) / (nx - 1) - 0.5)[:, None]
     gy = (np.arange(ny) / (ny - 1) - 0.5)[None, :]
-    bias = np.exp(2 * amp * (np.cos(direction) * gx + np.sin(direction) * gy) + 0.08 * wiggle)
+    bias = np.exp(2 * amp * (np.cos(direction) * gx + np.sin(direction) * gy) + anat.get("wiggle", 0.08) * wiggle)
     img *= bias[:, :, None].astype(np.float32)
+    if band is not None:
+        # bSSFP off-resonance banding: signal voids along the lines where the phase crosses pi.
+        cycles, offset, depth = anat["banding"]
+        phase = np.pi * cycles * band + offset
+        img *= (1.0 - depth * np.exp(-(1.0 + np.cos(phase)) / 0.04)).astype(np.float32)[:, :, None]
     # Rician noise: magnitude of the signal plus complex Gaussian noise.
     sigma = anat["noise"]
     real = img + sigma * rng.standard_normal(img.shape, dtype=np.float32)
@@ -385,10 +559,13 @@ def _image(info, anat, tissue, label, texture, flow, wiggle, rng) -> np.ndarray:
     return np.clip(np.rint(img), 0, 32767).astype(np.int16)
 
 
-def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
-    """Write a NIfTI-1 file, gzipped with mtime 0 so identical data give identical bytes."""
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, description: str | None = None) -> None:
+    """Write a NIfTI-1 file, gzipped with mtime 0 so identical data give identical bytes.
+    `description` (at most 80 ASCII characters) goes into the header's descrip field."""
     img = nib.Nifti1Image(data, affine)
     img.header.set_xyzt_units("mm", "sec")
+    if description is not None:
+        img.header["descrip"] = description.encode("ascii")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=1) as gz:
@@ -402,33 +579,42 @@ def _info_cfg(info: _Patient) -> str:
     )
 
 
-def run(out_dir: Path, patients: int = 100, seed: int = 0) -> None:
+def run(out_dir: Path, patients: int = 100, seed: int = 0, version: int = DEFAULT_VERSION) -> None:
     """Write the phantom dataset to `out_dir` (ACDC layout); all or nothing.
 
     Args:
         out_dir: folder to fill with patientXXX/ sub-folders and phantom.json.
         patients: number of patients (>= 1); groups are assigned in ACDC order, 20 each for 100.
-        seed: dataset seed; the same seed gives byte-identical files.
+        seed: dataset seed; the same seed and version give byte-identical files.
+        version: generator version (see `VERSIONS`); 1 writes what the original phantom wrote.
 
     Raises:
-        ConfigError: patients < 1 or a negative seed.
+        ConfigError: patients < 1, a negative seed or an unknown version.
     """
     if not isinstance(patients, int) or patients < 1:
         raise ConfigError(f"phantom patients must be a positive integer; got {patients!r}")
     if not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"phantom seed must be a non-negative integer; got {seed!r}")
+    _check_version(version)
     out_dir = Path(out_dir)
-    log.info("writing a %d-patient cardiac phantom (seed %d) to %s", patients, seed, out_dir)
+    log.info("writing a %d-patient cardiac phantom v%d (seed %d) to %s", patients, version, seed, out_dir)
     counts = dict.fromkeys(GROUPS, 0)
+    profiles = {}
+    # v1 files keep their original bytes (no description); later versions name themselves in the header.
+    descrip = None if version == 1 else f"sraseg phantom v{version} seed {seed}"
     with staged_outputs(out_dir) as st:
         for index in tqdm(range(patients), desc="phantom", unit="patient"):
             pid = patient_id(index)
-            info, frames = make_patient(index, patients, seed)
+            info, frames = make_patient(index, patients, seed, version)
             counts[info.group] += 1
+            profiles[pid] = dict(group=info.group, scanner=info.scanner, mirrored=info.mirrored)
             for phase, frame in (("ED", 1), ("ES", info.es_frame)):
                 image, label = frames[phase]
-                write_nifti(st.path(f"{pid}/{pid}_frame{frame:02d}.nii.gz"), image, info.affine)
-                write_nifti(st.path(f"{pid}/{pid}_frame{frame:02d}_gt.nii.gz"), label, info.affine)
+                write_nifti(st.path(f"{pid}/{pid}_frame{frame:02d}.nii.gz"), image, info.affine, descrip)
+                write_nifti(st.path(f"{pid}/{pid}_frame{frame:02d}_gt.nii.gz"), label, info.affine, descrip)
             st.path(f"{pid}/Info.cfg").write_text(_info_cfg(info))
-        write_json(st.path("phantom.json"), dict(patients=patients, seed=seed, groups=counts, layout="ACDC"))
+        summary = dict(patients=patients, seed=seed, version=version, groups=counts, layout="ACDC")
+        if version > 1:
+            summary["profiles"] = profiles
+        write_json(st.path("phantom.json"), summary)
     log.info("phantom written: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
