@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
-from tqdm.auto import tqdm
 
 from sraseg.device import autocast, pick_device
 from sraseg.errors import ConfigError, DatasetError, WeightsError
 from sraseg.generate.common import check_resolution, open_images, prepared_image_size, read_slices, resize_stack
 from sraseg.io import staged_outputs, write_json
+from sraseg.progress import track
 from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
 
 __all__ = [
@@ -166,7 +166,7 @@ def sample_images(
     is_ddim = isinstance(scheduler, DDIMScheduler)
     out = []
     starts = range(0, len(seeds), batch_size)
-    for start in tqdm(starts, desc="sample", unit="batch", disable=not progress):
+    for start in track(starts, "sample", unit="batch", logger=log, disable=not progress):
         gens = [torch.Generator("cpu").manual_seed(int(sd)) for sd in seeds[start : start + batch_size]]
         # initial noise per image from its own generator, drawn on the CPU for device independence
         x = torch.cat([torch.randn((1, 1, size, size), generator=g) for g in gens]).to(device)
@@ -261,7 +261,7 @@ def run(
         )
         # chunks of a few batches keep memory flat while images stream into the memmap
         chunk = s.batch_size * 4
-        for start in tqdm(range(0, s.n_images, chunk), desc="sample", unit="chunk"):
+        for start in track(range(0, s.n_images, chunk), "sample", unit="chunk", logger=log):
             part = sample_images(unet, scheduler, seeds[start : start + chunk], device, s.batch_size)
             images[start : start + part.shape[0]] = resize_stack(part, image_size).clamp(0.0, 1.0)[:, 0].numpy()
         images.flush()
