@@ -12,6 +12,7 @@ rule embed:
         synthetic_table=f"{EMBED}/synthetic.parquet",
         encoder=f"{EMBED}/encoder.json",
     params:
+        code=stage_code("sraseg.embed.run"),
         settings=as_json(config["embed"]),
         prepared=input_dir("prepared"),
         synthetic=input_dir("synthetic"),
@@ -43,6 +44,7 @@ rule index:
         fd=f"{EMBED}/fd_dinov2.json",
         projection=f"{EMBED}/projection.png",
     params:
+        code=stage_code("sraseg.embed.index"),
         settings=as_json(config["index"]),
         embed_dir=input_dir("real"),
         prepared=input_dir("prepared"),
@@ -70,6 +72,7 @@ rule blend:
         pairs=f"{RESULTS}/blend/{{exp}}/pairs.parquet",
         preview=f"{RESULTS}/blend/{{exp}}/preview.png",
     params:
+        code=stage_code("sraseg.blend.run"),
         settings=blend_settings,
         synthetic=input_dir("synthetic"),
         prepared=input_dir("prepared"),

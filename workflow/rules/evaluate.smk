@@ -8,6 +8,7 @@ rule predict:
     output:
         directory(f"{RESULTS}/{{exp}}/seed{{seed}}/predictions"),
     params:
+        code=stage_code("sraseg.evaluate.predict"),
         prepared=input_dir("volumes"),
     log:
         f"{LOGS}/predict_{{exp}}_seed{{seed}}.log",
@@ -31,6 +32,7 @@ rule evaluate:
         per_case=f"{RESULTS}/{{exp}}/seed{{seed}}/eval/metrics_per_case.csv",
         summary=f"{RESULTS}/{{exp}}/seed{{seed}}/eval/summary.json",
     params:
+        code=stage_code("sraseg.evaluate.run"),
         out_dir=output_dir("summary"),
     log:
         f"{LOGS}/evaluate_{{exp}}_seed{{seed}}.log",

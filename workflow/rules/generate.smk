@@ -9,6 +9,7 @@ rule train_generator:
         scheduler=f"{GENERATOR}/scheduler/scheduler_config.json",
         log_table=f"{GENERATOR}/train_log.csv",
     params:
+        code=stage_code("sraseg.generate.train"),
         settings=as_json(config["generator"]),
         prepared=input_dir("prepared"),
         out_dir=output_dir("log_table"),
@@ -38,6 +39,7 @@ rule sample:
         table=f"{SYNTHETIC}/synthetic.parquet",
         preview=f"{SYNTHETIC}/preview.png",
     params:
+        code=stage_code("sraseg.generate.sample"),
         settings=as_json(config["sample"]),
         generator=lambda wildcards, input: os.path.dirname(os.path.dirname(input.model)),
         prepared=input_dir("prepared"),
