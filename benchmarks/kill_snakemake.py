@@ -1,6 +1,7 @@
 """Recovery after a hard kill of Snakemake itself, measured on config/tiny.yaml.
 
-For each kill point (a stage's log appears: the generator training, embed, segmentation training),
+For each kill point (the generator's first checkpoint, the embed job's start, the SRA-Seg training's
+first checkpoint),
 a fresh scratch folder runs the workflow, and SIGKILL goes to Snakemake and every job it started (as a
 rebooted login node or an out-of-memory kill of the session would). Then: a plain rerun (expected to
 stop with "cannot be locked"), `snakemake --unlock`, and a rerun to the end. The metrics
@@ -29,11 +30,11 @@ from run_all import REPO, complete_run, snakemake
 
 log = logging.getLogger("benchmarks.kill_snakemake")
 
-# (name, the file whose appearance marks the moment of the kill)
+# (name, the file whose appearance marks the moment of the kill, seconds waited after it appears)
 KILL_POINTS = (
-    ("train_generator", "results/tiny/logs/train_generator.log"),
-    ("embed", "results/tiny/logs/embed.log"),
-    ("train", "results/tiny/logs/train_sraseg_seed1.log"),
+    ("train_generator", "results/tiny/generator/last.ckpt", 0.5),
+    ("embed", "results/tiny/logs/embed.log", 5.0),
+    ("train", "results/tiny/sraseg/seed1/last.ckpt", 0.5),
 )
 
 
@@ -44,9 +45,9 @@ def metrics(workdir: Path) -> dict:
     return found
 
 
-def killed_run(workdir: Path, marker: str, cores: int, timeout: float = 1800) -> tuple[bool, str]:
+def killed_run(workdir: Path, marker: str, wait: float, cores: int, timeout: float = 1800) -> tuple[bool, str]:
     """Start the workflow in a new session and SIGKILL the whole session once `marker` exists.
-    Returns (killed before the end, what the job folder held)."""
+    Returns (killed before the end, the job logs there were)."""
     exe = Path(sys.executable).with_name("snakemake")
     env = dict(os.environ, HF_HUB_OFFLINE="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     cmd = [str(exe), "--snakefile", str(REPO / "workflow" / "Snakefile"), "--directory", str(workdir),
@@ -58,7 +59,7 @@ def killed_run(workdir: Path, marker: str, cores: int, timeout: float = 1800) ->
         if process.poll() is not None or time.monotonic() > deadline:
             return False, "finished before the kill point"
         time.sleep(0.2)
-    time.sleep(2.0)  # inside the job, not at its first line
+    time.sleep(wait)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     return True, ", ".join(sorted(p.name for p in (workdir / marker).parent.glob("*.log")))
@@ -81,11 +82,12 @@ def main(argv=None) -> int:
     want = metrics(reference)
     rows, ok = [], True
     try:
-        for name, marker in KILL_POINTS:
+        for name, marker, wait in KILL_POINTS:
             workdir = root / f"kill_{name}"
             shutil.rmtree(workdir, ignore_errors=True)
             shutil.copytree(REPO / "config", workdir / "config")
-            killed, held = killed_run(workdir, marker, args.cores)
+            killed, held = killed_run(workdir, marker, wait, args.cores)
+            log.info("kill at %s: killed %s (job logs: %s)", name, killed, held)
             config = workdir / "config" / "tiny.yaml"
             _, locked = snakemake(workdir, config, args.cores)
             lock_message = "cannot be locked" in locked.stdout + locked.stderr
