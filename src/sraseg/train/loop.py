@@ -474,7 +474,8 @@ def run(
         """Mean loss terms of the window as floats; raises when one became NaN or infinite."""
         nonlocal window, window_start
         count = state["step"] - window_start
-        values = {k: float(v) / count for k, v in window.items()} if count else {}
+        sums = torch.stack(list(window.values())).tolist() if count else []  # one host sync for all terms
+        values = {k: s / count for k, s in zip(window, sums)}
         if not all(np.isfinite(v) for v in values.values()):
             bad = ", ".join(f"{k} {v}" for k, v in values.items() if not np.isfinite(v))
             raise SrasegError(f"{out_dir}: the loss became non-finite ({bad}) in {phase} iterations "
