@@ -159,11 +159,11 @@ SRC_DIR = os.path.abspath(os.path.join(workflow.basedir, "..", "src"))
 shell.prefix("export PYTHONPATH={}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ".format(SRC_DIR))
 
 
-# Stage code as a rerun trigger. Snakemake tracks the code of `run:`/`script:` rules, not the package
-# a `shell:` rule calls, so each rule gets `params: code=stage_code(<its module>)`: a hash of the
-# module's file and every sraseg module it imports, followed transitively with `ast` (imports inside
-# functions included; the CLI, which only parses arguments, is left out). A changed hash is a changed
-# param: that rule reruns, and with it everything downstream.
+# Stage code as a rerun trigger. Snakemake tracks the code of `run` and `script` steps, not the
+# package a shell command calls, so every step gets the param `code=stage_code(<its module>)`, a
+# hash of the module's file and every sraseg module it imports, followed transitively with `ast`
+# (imports inside functions included; the CLI, which only parses arguments, is left out). A changed
+# hash is a changed param: that step reruns, and with it everything downstream.
 def _module_files(module):
     """The files `import module` executes inside sraseg: parent packages' __init__.py and the module."""
     parts, files = module.split("."), []
