@@ -11,9 +11,11 @@
             times its full length; goal <= 0.1).
   noop      seconds of `snakemake -n` after a complete run of config/tiny.yaml in a scratch folder
             (the complete run happens first, a few minutes on 2 cores; --workdir reuses a finished one).
-  rerun     which jobs a change of one experiment's training setting reruns: a copy of the tiny config with
-            experiments.<exp>.train.lr changed, `snakemake -n` on it, its job list parsed; fails if a
-            phantom/prepare/generator/sample/embed/index/blend job or another experiment's job is among them.
+  rerun     a change of one experiment's training setting, rerun for real: a copy of the tiny config with
+            experiments.<exp>.train.lr doubled; `snakemake -n` on it (job list parsed), then the run itself
+            (seconds, the jobs it ran, whether the weights changed), then the original config again (back to
+            the first weights). Fails if a phantom/prepare/generator/sample/embed/index/blend job or another
+            experiment's job is planned or run, a run fails, or the weights did not change / did not return.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/run_all.py                 # everything, ~5-8 min
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/run_all.py --skip noop,rerun --train-size 64
@@ -226,7 +228,8 @@ def job_stats(text: str) -> dict[str, int]:
 
 
 def part_rerun(args, workdir: Path) -> dict:
-    """Change experiments.<exp>.train.lr in a copy of the tiny config; list and check the jobs a dry run plans."""
+    """Change experiments.<exp>.train.lr in a copy of the tiny config: check the jobs a dry run plans, then run it
+    and the original config again for real."""
     config = yaml.safe_load((workdir / "config" / "tiny.yaml").read_text())
     exp = args.rerun_exp
     if exp not in config["experiments"]:
@@ -259,8 +262,28 @@ def part_rerun(args, workdir: Path) -> dict:
                   "parsed", exp, bool(trains), upstream or "none", others or "none", sum(stats.values()),
                   len(jobs))  # fmt: skip
     listing = ", ".join(f"{rule} x{n}" for rule, n in stats.items())
-    return dict(rows=[("rerun", f"jobs rerun after experiments.{exp}.train.lr change", listing or "none",
-                       "no upstream / other-exp jobs", ok)])  # fmt: skip
+    rows = [("rerun", f"jobs planned after experiments.{exp}.train.lr change", listing or "none",
+             "no upstream / other-exp jobs", ok)]  # fmt: skip
+
+    # ... and run: the changed config, then the original one again.
+    model = workdir / "results" / "tiny" / exp / f"seed{config['seeds'][0]}" / "model.safetensors"
+    first = model.read_bytes()
+    for label, configfile in (("changed", changed), ("original", workdir / "config" / "tiny.yaml")):
+        seconds, result = snakemake(workdir, configfile, args.cores)
+        text = result.stdout + result.stderr
+        ran = job_stats(text)
+        clean = result.returncode == 0 and not set(ran) & set(UPSTREAM_RULES) and ran.get("train") == 1
+        weights = model.read_bytes() if model.exists() else b""
+        same = weights == first
+        good = clean and (same if label == "original" else not same)
+        if not good:
+            log.error("rerun (%s config): rc %d, jobs %s, weights equal to the first run's: %s\n%s", label,
+                      result.returncode, ran, same, text[-1500:])  # fmt: skip
+        log.info("rerun: %s config ran %s in %.1f s; weights %s the first run's", label, ran, seconds,
+                 "equal" if same else "differ from")  # fmt: skip
+        goal = "train+dependents, new weights" if label == "changed" else "train+dependents, first weights"
+        rows.append(("rerun", f"run with the {label} lr (s)", f"{seconds:.0f}", goal, good))
+    return dict(rows=rows)
 
 
 # ---------------------------------------------------------------------------------------------------

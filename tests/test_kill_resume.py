@@ -28,7 +28,8 @@ def train_command(inputs: dict[str, Path], out_dir: Path) -> list[str]:
 
 def test_sigkill_then_rerun_equals_uninterrupted(tmp_path: Path):
     inputs = make_all(tmp_path / "inputs")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # this checkout's code, not whatever sraseg the venv has installed
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
 
     reference = tmp_path / "reference"
     subprocess.run(train_command(inputs, reference), env=env, check=True, capture_output=True)
@@ -51,3 +52,4 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path: Path):
     assert resumed.keys() == uninterrupted.keys()
     for name in resumed:
         assert torch.equal(resumed[name], uninterrupted[name]), name
+    assert not (killed / "last.ckpt").exists()  # published: the resume state is gone

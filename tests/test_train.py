@@ -111,8 +111,9 @@ def test_sa_changes_the_trained_weights(inputs, runs, tmp_path):
 @pytest.mark.parametrize("method", loop.METHODS)
 def test_method_publishes_outputs(method, runs, inputs):
     out = runs[method]
-    for name in ("model.safetensors", "model.json", "train_log.csv", "train.json", "last.ckpt"):
+    for name in ("model.safetensors", "model.json", "train_log.csv", "train.json"):
         assert (out / name).is_file(), name
+    assert not (out / "last.ckpt").exists()  # the resume state does not outlive the job
     assert any((out / "tensorboard").iterdir())
     model, meta = load_model(out / "model.safetensors")
     assert meta["method"] == method and meta["image_size"] == 32 and meta["num_classes"] == 4
@@ -163,13 +164,6 @@ def test_interrupted_run_resumes_exactly(method, runs, inputs, tmp_path, monkeyp
     assert drop(csv.DictReader(open(tmp_path / "train_log.csv"))) == drop(
         csv.DictReader(open(runs[method] / "train_log.csv"))
     )
-
-
-def test_resume_refuses_other_settings(runs, inputs):
-    with pytest.raises(ConfigError, match="lr"):
-        loop.run(out_dir=runs["labeled_only"], settings=dict(TINY, lr=0.02), seed=5, **inputs)
-    with pytest.raises(ConfigError, match="seed"):
-        loop.run(out_dir=runs["labeled_only"], settings=dict(TINY), seed=6, **inputs)
 
 
 # --- input and settings checks -------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,9 +14,12 @@ import yaml
 from workflow_run import REPO, SNAKEMAKE, scratch, snakemake_command, snakemake_env
 
 
-def snakemake(workdir: Path, *args: str, config: str = "tiny.yaml", check: bool = True) -> subprocess.CompletedProcess:
-    """Run the repository's workflow with `workdir` as its working directory."""
+def snakemake(workdir: Path, *args: str, config: str = "tiny.yaml", check: bool = True,
+              snakefile: Path | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run the repository's workflow (or the one at `snakefile`) with `workdir` as its working directory."""
     cmd = snakemake_command(workdir, config, "--cores", "2", *args)
+    if snakefile is not None:
+        cmd[cmd.index("--snakefile") + 1] = str(snakefile)
     result = subprocess.run(cmd, capture_output=True, text=True, env=snakemake_env(), timeout=1200)
     if check and result.returncode != 0:
         logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted(workdir.glob("results/*/logs/*.log")))
@@ -67,10 +72,28 @@ def test_bad_config_value_is_refused_before_any_job(workdir: Path):
     assert not (workdir / "results").exists()
 
 
+def checkout_copy(workdir: Path) -> Path:
+    """workflow/, src/ and envs/ copied into `workdir` (beside its config/): stage code can be edited
+    there without touching this checkout. Returns the copy's Snakefile."""
+    for name in ("workflow", "src", "envs"):
+        shutil.copytree(REPO / name, workdir / name, ignore=shutil.ignore_patterns("__pycache__", ".snakemake"))
+    return workdir / "workflow" / "Snakefile"
+
+
+def job_stats(text: str) -> dict[str, int]:
+    """The first 'Job stats' table Snakemake prints: {rule: count} (without 'total')."""
+    match = re.search(r"Job stats:\njob\s+count\n[-\s]+\n((?:\S+\s+\d+\n)+)", text)
+    assert match, text[-3000:]
+    rows = (line.split() for line in match.group(1).strip().splitlines())
+    return {rule: int(count) for rule, count in rows if rule != "total"}
+
+
 @pytest.mark.slow
 def test_tiny_workflow_end_to_end(workdir: Path):
-    """phantom -> prepare -> generator -> embed -> index -> blend -> train -> predict -> evaluate."""
-    snakemake(workdir)
+    """phantom -> prepare -> generator -> embed -> index -> blend -> train -> predict -> evaluate, then
+    reruns after a changed setting, input and stage code (one complete run serves both)."""
+    snakefile = checkout_copy(workdir)
+    snakemake(workdir, snakefile=snakefile)
     results = workdir / "results" / "tiny"
     slices = pd.read_parquet(results / "prepared" / "slices.parquet")
     assert set(slices["split"]) == {"train", "val", "test"}
@@ -90,9 +113,54 @@ def test_tiny_workflow_end_to_end(workdir: Path):
     for figure in ("training_curves", "overlays", "real_vs_synthetic", "embedding_projection", "blend_sraseg"):
         assert (results / "report" / "figures" / f"{figure}.png").stat().st_size > 1000
     # Nothing is left to do after a complete run.
-    dry = snakemake(workdir, "-n")
+    dry = snakemake(workdir, "-n", snakefile=snakefile)
     assert "Nothing to be done" in dry.stdout + dry.stderr
     # One command gives the browsable HTML report.
-    snakemake(workdir, "--report", str(workdir / "report.html"))
+    snakemake(workdir, "--report", str(workdir / "report.html"), snakefile=snakefile)
     html = (workdir / "report.html").read_text(errors="replace")
     assert "results.csv" in html and "overlays.png" in html
+    # Job logs are lines, not progress-bar frames; no resume checkpoint outlives its job.
+    for name in ("train_labeled_only_seed1", "train_sraseg_seed1", "train_generator"):
+        text = (results / "logs" / f"{name}.log").read_text()
+        assert "\r" not in text and len(text.splitlines()) < 50, text
+    assert not list(results.glob("**/last.ckpt"))
+    _reruns(workdir, snakefile, results)
+
+
+def _reruns(workdir: Path, snakefile: Path, results: Path) -> None:
+    upstream = ("phantom", "prepare", "train_generator", "sample", "embed", "index", "blend")
+    model = results / "labeled_only" / "seed1" / "model.safetensors"
+
+    # 1. Stage code: a comment appended to a module of src/sraseg/train/ (in the copy) plans train and
+    # what follows, not the generator; with the file restored there is nothing to do again.
+    losses = workdir / "src" / "sraseg" / "train" / "losses.py"
+    original = losses.read_text()
+    losses.write_text(original + "# an edit\n")
+    planned = job_stats((lambda r: r.stdout + r.stderr)(snakemake(workdir, "-n", snakefile=snakefile)))
+    assert planned.get("train") == 2 and planned.get("predict") == 2, planned
+    assert not set(planned) & set(upstream), planned
+    losses.write_text(original)
+    dry = snakemake(workdir, "-n", snakefile=snakefile)
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+
+    # 2. A changed train setting (one experiment's labeled_batch 2 -> 3): exit 0, only that train and
+    # its dependents ran, new weights; nothing upstream was touched.
+    config = yaml.safe_load((workdir / "config" / "tiny.yaml").read_text())
+    config["experiments"]["labeled_only"]["train"] = {"labeled_batch": 3}
+    (workdir / "config" / "changed.yaml").write_text(yaml.safe_dump(config))
+    before = model.read_bytes()
+    upstream_mtimes = {p: p.stat().st_mtime_ns for p in (results / "generator" / "train_log.csv",
+                       results / "prepared" / "slices.parquet", results / "sraseg" / "seed1" / "model.safetensors")}
+    ran = snakemake(workdir, config="changed.yaml", snakefile=snakefile)
+    assert job_stats(ran.stdout + ran.stderr) == {"train": 1, "predict": 1, "evaluate": 1, "report": 1, "all": 1}
+    assert model.read_bytes() != before
+    assert {p: p.stat().st_mtime_ns for p in upstream_mtimes} == upstream_mtimes
+    assert json.loads((results / "labeled_only" / "seed1" / "train.json").read_text())["settings"]["labeled_batch"] == 3
+
+    # 3. Other labeled patients under the same file name: prepare and train rerun, new weights.
+    (workdir / "config" / "splits" / "tiny" / "labeled.txt").write_text("patient003\npatient004\n")
+    before = model.read_bytes()
+    ran = snakemake(workdir, str(model.relative_to(workdir)), config="changed.yaml", snakefile=snakefile)
+    assert job_stats(ran.stdout + ran.stderr) == {"prepare": 1, "train": 1}
+    assert model.read_bytes() != before
+    assert not list(results.glob("**/last.ckpt"))

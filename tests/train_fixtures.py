@@ -130,5 +130,7 @@ def make_all(root: Path, size: int = SIZE) -> dict[str, Path]:
 
 
 def student_weights(out_dir: Path) -> dict[str, torch.Tensor]:
-    """The last student weights of a run (from last.ckpt)."""
-    return torch.load(out_dir / "last.ckpt", weights_only=True)["student"]
+    """The published student weights of a finished run (last.ckpt is gone once they are published)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(out_dir / "model.safetensors"))

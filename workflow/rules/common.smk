@@ -1,5 +1,6 @@
 # Validation first, then the paths and input functions the rules share.
 import copy
+import hashlib
 import json
 import os
 import sys
@@ -184,3 +185,69 @@ def report_outputs():
 # Rules run `python -m sraseg` from this checkout, inside the venv or a per-rule conda env alike.
 SRC_DIR = os.path.abspath(os.path.join(workflow.basedir, "..", "src"))
 shell.prefix("export PYTHONPATH={}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ".format(SRC_DIR))
+
+
+# Stage code as a rerun trigger. Snakemake tracks the code of `run` and `script` steps, not the
+# package a shell command calls, so every step gets the param `code=stage_code(<its module>)`, a
+# hash of the module's file and every sraseg module it imports, followed transitively with `ast`
+# (imports inside functions included; the CLI, which only parses arguments, is left out). A changed
+# hash is a changed param: that step reruns, and with it everything downstream.
+def _module_files(module):
+    """The files `import module` executes inside sraseg: parent packages' __init__.py and the module."""
+    parts, files = module.split("."), []
+    for i in range(1, len(parts) + 1):
+        base = os.path.join(SRC_DIR, *parts[:i])
+        if os.path.isdir(base):
+            if os.path.isfile(os.path.join(base, "__init__.py")):
+                files.append(os.path.join(base, "__init__.py"))
+        elif os.path.isfile(base + ".py"):
+            files.append(base + ".py")
+        else:
+            break  # a name defined in a module (`from sraseg.io import write_json`), not a module
+    return files
+
+
+def _sraseg_imports(path):
+    """Modules named by the import statements of one source file (relative imports resolved)."""
+    import ast
+
+    with open(path) as handle:
+        tree = ast.parse(handle.read(), path)
+    package = os.path.relpath(path, SRC_DIR).split(os.sep)[:-1]  # for a module and an __init__.py alike
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package[: len(package) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            names += [base] + [f"{base}.{alias.name}" for alias in node.names]
+    return [n for n in names if n == "sraseg" or n.startswith("sraseg.")]
+
+
+def _stage_sources(module):
+    """Absolute paths of `module`'s file and of every sraseg module it imports, transitively."""
+    seen, todo = set(), [module]
+    while todo:
+        for path in _module_files(todo.pop()):
+            if path not in seen:
+                seen.add(path)
+                todo += _sraseg_imports(path)
+    return sorted(seen)
+
+
+_STAGE_CODE = {}  # computed once per workflow run
+
+
+def stage_code(module):
+    """sha256 (16 hex digits) over the relative paths and contents of `_stage_sources(module)`."""
+    if module not in _STAGE_CODE:
+        digest = hashlib.sha256()
+        for path in _stage_sources(module):
+            digest.update(os.path.relpath(path, SRC_DIR).encode() + b"\0")
+            with open(path, "rb") as handle:
+                digest.update(handle.read() + b"\0")
+        _STAGE_CODE[module] = digest.hexdigest()[:16]
+    return _STAGE_CODE[module]

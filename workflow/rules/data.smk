@@ -5,6 +5,7 @@ rule phantom:
     output:
         directory(f"resources/{DS}/raw"),
     params:
+        code=stage_code("sraseg.data.phantom"),
         patients=lookup(dpath="phantom/patients", within=config),
         seed=lookup(dpath="phantom/seed", within=config),
         version=lookup(dpath="phantom/version", within=config),
@@ -33,6 +34,7 @@ rule prepare:
         volumes=f"{PREPARED}/volumes.parquet",
         settings=f"{PREPARED}/prepare.json",
     params:
+        code=stage_code("sraseg.data.prepare"),
         splits_dir=input_dir("labeled"),
         image_size=lookup(dpath="prepare/image_size", within=config),
         out_dir=output_dir("slices"),

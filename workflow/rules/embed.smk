@@ -12,6 +12,7 @@ rule embed:
         synthetic_table=f"{EMBED}/synthetic.parquet",
         encoder=f"{EMBED}/encoder.json",
     params:
+        code=stage_code("sraseg.embed.run"),
         settings=gpu_settings("embed"),
         prepared=input_dir("prepared"),
         synthetic=input_dir("synthetic"),
@@ -44,6 +45,7 @@ rule index:
         projection=f"{EMBED}/projection.png",
         record=f"{EMBED}/index.json",
     params:
+        code=stage_code("sraseg.embed.index"),
         settings=as_json(config["index"]),
         embed_dir=input_dir("real"),
         prepared=input_dir("prepared"),
@@ -71,6 +73,7 @@ rule blend:
         pairs=f"{RESULTS}/blend/{{exp}}/pairs.parquet",
         preview=f"{RESULTS}/blend/{{exp}}/preview.png",
     params:
+        code=stage_code("sraseg.blend.run"),
         settings=blend_settings,
         synthetic=input_dir("synthetic"),
         prepared=input_dir("prepared"),

@@ -8,6 +8,7 @@ rule predict:
     output:
         directory(f"{RESULTS}/{{exp}}/seed{{seed}}/predictions"),
     params:
+        code=stage_code("sraseg.evaluate.predict"),
         prepared=input_dir("volumes"),
         device=config["device"],
     log:
@@ -33,6 +34,7 @@ rule evaluate:
         per_case=f"{RESULTS}/{{exp}}/seed{{seed}}/eval/metrics_per_case.csv",
         summary=f"{RESULTS}/{{exp}}/seed{{seed}}/eval/summary.json",
     params:
+        code=stage_code("sraseg.evaluate.run"),
         out_dir=output_dir("summary"),
     log:
         f"{LOGS}/evaluate_{{exp}}_seed{{seed}}.log",

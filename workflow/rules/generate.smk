@@ -11,6 +11,7 @@ rule train_generator:
         scheduler=f"{GENERATOR}/scheduler/scheduler_config.json",
         log_table=f"{GENERATOR}/train_log.csv",
     params:
+        code=stage_code("sraseg.generate.train"),
         settings=gpu_settings("generator"),
         prepared=input_dir("prepared"),
         out_dir=output_dir("log_table"),
@@ -40,6 +41,7 @@ rule sample:
         table=f"{SYNTHETIC}/synthetic.parquet",
         preview=f"{SYNTHETIC}/preview.png",
     params:
+        code=stage_code("sraseg.generate.sample"),
         settings=gpu_settings("sample"),
         generator=input_dir("model"),
         prepared=input_dir("prepared"),

@@ -9,6 +9,7 @@ rule report:
     output:
         **report_outputs(),
     params:
+        code=stage_code("sraseg.report.run"),
         settings=as_json({"experiments": EXPERIMENTS, "seeds": SEEDS}),
         results_dir=lambda wildcards, output: os.path.dirname(os.path.dirname(output.table)),
         out_dir=output_dir("table"),

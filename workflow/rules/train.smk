@@ -9,6 +9,7 @@ rule train:
         meta=f"{RESULTS}/{{exp}}/seed{{seed}}/model.json",
         log_table=f"{RESULTS}/{{exp}}/seed{{seed}}/train_log.csv",
     params:
+        code=stage_code("sraseg.train.loop"),
         settings=train_settings,
         prepared=input_dir("prepared"),
         out_dir=output_dir("model"),

@@ -294,17 +294,17 @@ class FrozenEncoder(torch.nn.Module):
         Args:
             images: float [N,H,W] in [0,1] (numpy, memmaps welcome: only one batch is read at a time).
             batch_size: slices per forward pass.
-            progress: tqdm description; None hides the bar.
+            progress: name on the progress bar or log lines; None shows none.
 
         Returns:
             float32 [N,D], unit L2 norm (rows of non-finite inputs come back non-finite).
         """
-        from tqdm.auto import tqdm
+        from sraseg.progress import track
 
         device = self.scale.device  # fp32: the embeddings choose neighbours and the SA targets
         out = np.empty((len(images), self.info.embed_dim), dtype=np.float32)
         starts = range(0, len(images), batch_size)
-        for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None, leave=False):
+        for start in track(starts, f"embed {progress}", unit="batch", logger=log, disable=progress is None):
             # A copy: memmap slices are read-only and torch wants writable memory.
             batch = torch.from_numpy(np.array(images[start : start + batch_size], dtype=np.float32, order="C"))
             emb = self(batch.to(device, non_blocking=True))

@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
-from tqdm.auto import tqdm
 
 from sraseg.device import autocast, pick_device
 from sraseg.errors import ConfigError, DatasetError, WeightsError
 from sraseg.generate.common import check_resolution, open_images, prepared_image_size, read_slices, resize_stack
 from sraseg.io import staged_outputs, write_json
+from sraseg.progress import track
 from sraseg.settings import parse_settings, settings_dict
 
 __all__ = [
@@ -162,7 +162,7 @@ def sample_images(
     hook = unet.register_forward_hook(lambda module, inputs, output: output.__class__(sample=output.sample.float()))
     out = []
     try:
-        for start in tqdm(range(0, len(seeds), batch_size), desc="sample", unit="batch", disable=not progress):
+        for start in track(range(0, len(seeds), batch_size), "sample", unit="batch", logger=log, disable=not progress):
             # one CPU generator per image: diffusers draws each image's initial (and, for DDPM, per-step)
             # noise from its own generator, so the result does not depend on the device or the batch
             gens = [torch.Generator("cpu").manual_seed(int(sd)) for sd in seeds[start : start + batch_size]]
@@ -252,7 +252,7 @@ def run(
         )
         # chunks of a few batches keep memory flat while images stream into the memmap
         chunk = s.batch_size * 4
-        for start in tqdm(range(0, s.n_images, chunk), desc="sample", unit="chunk"):
+        for start in track(range(0, s.n_images, chunk), "sample", unit="chunk", logger=log):
             part = sample_images(unet, scheduler, seeds[start : start + chunk], device, s.batch_size)
             images[start : start + part.shape[0]] = resize_stack(part, image_size).clamp(0.0, 1.0)[:, 0].numpy()
         images.flush()

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +23,13 @@ import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from sraseg.device import autocast, pick_device, seed_everything
 from sraseg.errors import ConfigError, DatasetError
 from sraseg.generate.common import build_unet, check_resolution, open_images, read_slices, resize_stack
 from sraseg.io import staged_outputs, write_json
+from sraseg.progress import Progress
+from sraseg.resume import job_key
 from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
 
 __all__ = [
@@ -51,6 +53,7 @@ MAX_GRAD_NORM = 1.0  # as diffusers' train_unconditional example; keeps early st
 # Settings that do not change the trained weights; a resume may differ in these.
 RESUME_FREE_KEYS = ("device",)
 LOG_COLUMNS = ("step", "loss", "lr", "seconds")
+CHECKPOINT_FORMAT = 2  # 2: the checkpoint carries its job key
 
 
 @dataclass
@@ -243,34 +246,30 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, s: GeneratorSettings, data_sha: str) -> dict:
-    """Read `last.ckpt` (weights_only) and refuse it when settings or training data changed.
+def _load_checkpoint(path: Path, key: str) -> dict | None:
+    """Read `last.ckpt` (weights_only); None when it belongs to another job (other settings or images).
 
     Raises:
-        DatasetError: unreadable checkpoint. ConfigError: it was written with other settings or data.
+        DatasetError: unreadable checkpoint.
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle/zip errors come in many types
         raise DatasetError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it to start over") from err
-    saved = state.get("settings", {})
-    wanted = _resume_key(s)
-    changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-    if changed:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed)
-        raise ConfigError(
-            f"{path}: checkpoint was written with other settings ({diffs}); use a new out_dir or delete it"
-        )
-    if state.get("data_sha256") != data_sha:
-        raise ConfigError(f"{path}: checkpoint was trained on other images; use a new out_dir or delete it")
+    if state.get("key") != key:
+        log.info("%s: written for other settings or images; training the generator fresh", path)
+        return None
     return state
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as handle:
+    """The log table, replaced atomically (it is rewritten at each log step while training runs)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | GeneratorSettings | None = None) -> Path:
@@ -279,14 +278,16 @@ def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | Generato
     Args:
         prepared_dir: prepare stage output (slices.parquet, images.npy).
         out_dir: generator folder; `last.ckpt` and `tensorboard/` live here during training, the
-            final files appear only when training ends. A rerun resumes from `last.ckpt`.
+            final files appear only when training ends (`train_log.csv` grows at each log step). A
+            rerun with the same settings and images resumes from `last.ckpt`; any other run starts
+            fresh. `last.ckpt` is deleted once the model is published.
         settings: the `generator` config section (see `GeneratorSettings`).
 
     Returns:
         out_dir.
 
     Raises:
-        ConfigError: bad settings, or a checkpoint written with other settings.
+        ConfigError: bad settings.
         DatasetError: missing/bad prepared files, no train slices for the source, unreadable checkpoint.
     """
     s = validate_settings(settings)
@@ -308,8 +309,12 @@ def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | Generato
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "last.ckpt"
-    if ckpt_path.is_file():
-        state = _load_checkpoint(ckpt_path, s, data_sha)
+    # the checkpoint belongs to one job: these settings (the seed among them) and these images
+    key = job_key(_resume_key(s), [data_sha], format=CHECKPOINT_FORMAT)
+    state = _load_checkpoint(ckpt_path, key) if ckpt_path.is_file() else None
+    if state is None:
+        shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)  # another job's curves
+    else:
         unet.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         ema.to(device)
@@ -344,6 +349,7 @@ def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | Generato
                 "loss_count": loss_count,
                 "settings": _resume_key(s),
                 "data_sha256": data_sha,
+                "key": key,
             },
         )
 
@@ -352,7 +358,7 @@ def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | Generato
     writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=step if step else None)
     unet.train()
     started = time.perf_counter()
-    bar = tqdm(total=s.steps, initial=step, desc="train generator", unit="it", dynamic_ncols=True)
+    progress = Progress(s.steps, "train generator", initial=step, logger=log)
     try:
         while step < s.steps:
             # draw the batch and noise on the CPU from the sampler's generator (same on every device)
@@ -365,7 +371,7 @@ def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | Generato
                 raise ConfigError(f"'{SECTION}.lr': loss became {loss} at step {step + 1}; lower the learning rate")
             step += 1
             loss_sum, loss_count = loss_sum + loss, loss_count + 1
-            bar.update(1)
+            progress.update()
 
             # logging: one row per log_every steps (and the last step)
             if step % s.log_every == 0 or step == s.steps:
@@ -381,7 +387,9 @@ def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | Generato
                 loss_sum, loss_count = 0.0, 0
                 writer.add_scalar("loss", row["loss"], step)
                 writer.add_scalar("lr", row["lr"], step)
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                _write_log(out_dir / "train_log.csv", log_rows)  # watchable while training
+            if progress.due():
+                progress.report(loss=f"{log_rows[-1]['loss']:.4f}" if log_rows else "-")
 
             # checkpointing: atomic last.ckpt every checkpoint_every steps and at the end
             if step % s.checkpoint_every == 0 or step == s.steps:
@@ -389,7 +397,7 @@ def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | Generato
                 elapsed, started = elapsed + now - started, now
                 checkpoint()
     finally:
-        bar.close()
+        progress.close()
         writer.close()
 
     # publish: EMA weights into the model, then all final files at once
@@ -414,5 +422,6 @@ def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | Generato
                 "weights": "ema",
             },
         )
+    ckpt_path.unlink(missing_ok=True)  # the job is done: a rerun (e.g. --forcerun) trains anew
     log.info("generator: done, final loss %.4f, written to %s", final_loss, out_dir)
     return out_dir

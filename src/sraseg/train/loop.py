@@ -17,6 +17,8 @@ import csv
 import dataclasses
 import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ import torch
 from sraseg.blend.maps import KERNELS, make_blend_maps, mix
 from sraseg.device import autocast, grad_scaler, pick_device, seed_everything
 from sraseg.errors import ConfigError, DatasetError, SrasegError
+from sraseg.resume import input_identity, job_key
 from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
 from sraseg.train.alignment import ProjectionHead, sa_loss
 from sraseg.train.checkpoint import cpu_state, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
@@ -400,7 +403,9 @@ def run(
 ) -> Path:
     """Train one method and publish model.safetensors (best val), model.json, train_log.csv, train.json.
 
-    A rerun with the same out_dir resumes from out_dir/last.ckpt (exactly, on the CPU).
+    A rerun of the same job (same settings, seed and input files) resumes from out_dir/last.ckpt
+    (exactly, on the CPU); a checkpoint of any other job is ignored and training starts fresh. The
+    checkpoint is deleted once the outputs are published. train_log.csv grows at each validation.
 
     Args:
         prepared_dir: prepare stage output.
@@ -413,13 +418,13 @@ def run(
     Returns:
         out_dir.
     Raises:
-        ConfigError: bad settings, a missing input for the method, or a checkpoint from other settings.
+        ConfigError: bad settings or a missing input for the method.
         DatasetError: missing or inconsistent input files, no labeled slices.
-        SrasegError: the loss became NaN or infinite.
+        SrasegError: the loss became NaN or infinite (checked at each log, validation and checkpoint step).
     """
-    from tqdm import tqdm  # run()'s tools, imported here: the steps need only torch (benchmarks/gpu_check.py)
-
+    # run()'s tools, imported here: the steps need only torch (benchmarks/gpu_check.py)
     from sraseg.io import staged_outputs, write_json
+    from sraseg.progress import Progress
 
     # --- settings and inputs -------------------------------------------------------------------
     cfg = parse_settings(TrainSettings, settings, "train")
@@ -469,19 +474,19 @@ def run(
     resolved = settings_dict(cfg)
 
     # --- state, or resume from last.ckpt ----------------------------------------------------------
+    # last.ckpt belongs to one job: these settings, this seed and these input files. Any other job
+    # (changed settings or inputs, or a rerun after the outputs were published) starts fresh.
+    key = job_key(_comparable(resolved), input_identity(prepared_dir, synthetic_dir, embed_dir, blend_dir),
+                  seed=seed, format=CHECKPOINT_FORMAT)
     state = dict(step=0, phase="", best_dice=-1.0, best_iteration=0, best_state={}, log_rows=[],
                  running={}, running_count=0, seconds=0.0)
     ckpt_path = out_dir / "last.ckpt"
-    resumed = ckpt_path.exists()
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
+    if ckpt is not None and ckpt.get("key") != key:
+        log.info("%s: written for other settings or inputs; starting %s fresh", ckpt_path, cfg.method)
+        ckpt = None
+    resumed = ckpt is not None
     if resumed:
-        ckpt = load_checkpoint(ckpt_path)
-        theirs = {**_comparable(ckpt.get("settings", {})), "method": ckpt.get("method"), "seed": ckpt.get("seed")}
-        ours = {**_comparable(resolved), "seed": seed}
-        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-        if diff or ckpt.get("format") != CHECKPOINT_FORMAT:
-            shown = ", ".join(f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in diff[:4]) or "format"
-            raise ConfigError(f"{ckpt_path}: written by a run with other settings ({shown}); "
-                              "use another out_dir or delete the checkpoint to start over")
         state.update({k: ckpt[k] for k in state})
         student.load_state_dict(ckpt["student"])
         if ckpt["teacher"]:
@@ -492,22 +497,48 @@ def run(
         optimizer.load_state_dict(ckpt["optimizer"])
         restore_rng_state(ckpt["rng"], generator)
         log.info("resuming %s from %s at step %d of %d", cfg.method, ckpt_path, state["step"], total)
+        del ckpt
+    else:
+        shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)  # another job's curves
     out_dir.mkdir(parents=True, exist_ok=True)
 
     from torch.utils.tensorboard import SummaryWriter  # slow import, only when training
 
     writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=state["step"] if resumed else None)
 
+    # Loss sums stay on the device (no host sync per step): `running` since the last log-table row,
+    # `window` since the last read-back. They are read at log, validation and checkpoint steps only.
+    running = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in state["running"].items()}
+    window: dict[str, torch.Tensor] = {}
+    window_start = state["step"]
+
+    def read_back() -> dict[str, float]:
+        """Mean loss terms of the window as floats; raises when one became NaN or infinite."""
+        nonlocal window, window_start
+        count = state["step"] - window_start
+        sums = torch.stack(list(window.values())).tolist() if count else []  # one host sync for all terms
+        values = {k: s / count for k, s in zip(window, sums)}
+        if not all(np.isfinite(v) for v in values.values()):
+            bad = ", ".join(f"{k} {v}" for k, v in values.items() if not np.isfinite(v))
+            raise SrasegError(f"{out_dir}: the loss became non-finite ({bad}) in {phase} iterations "
+                              f"{window_start - offset + 1}-{state['step'] - offset}; {ckpt_path.name} holds the "
+                              "last good state")
+        for k, v in values.items():
+            writer.add_scalar(f"train/{k}", v, state["step"])
+        window, window_start = {}, state["step"]
+        return values
+
     def checkpoint() -> None:
         save_checkpoint(ckpt_path, dict(
-            format=CHECKPOINT_FORMAT, method=cfg.method, seed=seed, settings=resolved, **state,
+            format=CHECKPOINT_FORMAT, key=key, method=cfg.method, seed=seed, settings=resolved,
+            **dict(state, running={k: float(v) for k, v in running.items()}),
             student=cpu_state(student), teacher=cpu_state(ctx.teacher) if ctx.teacher is not None else {},
             head=cpu_state(head) if head is not None else {}, optimizer=optimizer.state_dict(),
             rng=rng_state(generator),
         ))  # fmt: skip
 
     # --- main loop --------------------------------------------------------------------------------
-    bar = tqdm(total=total, initial=state["step"], desc=f"train {cfg.method}", unit="it", dynamic_ncols=True)
+    progress = Progress(total, f"train {cfg.method}", initial=state["step"], logger=log)
     started = time.perf_counter() - state["seconds"]
     try:
         while state["step"] < total:
@@ -527,12 +558,8 @@ def run(
             student.train()
             with autocast(device):
                 terms = step_fn(ctx)
-            loss = terms["loss"]
-            if not torch.isfinite(loss):
-                raise SrasegError(f"{out_dir}: the loss became {loss.item()} at {phase} iteration "
-                                  f"{state['step'] - offset + 1}; {ckpt_path.name} holds the last good state")
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(terms["loss"]).backward()
             scaler.step(optimizer)
             scaler.update()
 
@@ -540,19 +567,24 @@ def run(
             if ctx.teacher is not None:
                 update_ema(ctx.teacher, student, cfg.ema_decay)
 
-            # bookkeeping
+            # bookkeeping on the device; a non-finite loss is caught at the next read-back
             state["step"] += 1
             iteration = state["step"] - offset
-            values = {k: float(v.detach()) for k, v in terms.items()}
-            for k, v in values.items():
-                state["running"][k] = state["running"].get(k, 0.0) + v
-                writer.add_scalar(f"train/{k}", v, state["step"])
+            for k, v in terms.items():
+                v = v.detach().float()
+                running[k] = running[k] + v if k in running else v
+                window[k] = window[k] + v if k in window else v
             state["running_count"] += 1
-            bar.update(1)
-            bar.set_postfix(phase=phase, loss=f"{values['loss']:.3f}", best=f"{state['best_dice']:.3f}")
+            progress.update()
 
-            # validation and checkpointing
-            if iteration % cfg.val_every == 0 or iteration == length:
+            # validation, progress line and checkpoint: the only steps that read values back
+            validating = iteration % cfg.val_every == 0 or iteration == length
+            checkpointing = state["step"] % cfg.checkpoint_every == 0 or state["step"] == total
+            reporting = progress.due()
+            if not (validating or checkpointing or reporting):
+                continue
+            values = read_back()
+            if validating:
                 dice = validate(student, prepared.val_images, prepared.val_labels, prepared.val_cases, device,
                                 cfg.val_batch)
                 mean_dice = float(dice.mean())
@@ -560,22 +592,28 @@ def run(
                     state.update(best_dice=mean_dice, best_iteration=iteration, best_state=cpu_state(student))
                 count = max(state["running_count"], 1)
                 row = dict(phase=phase, iteration=iteration, step=state["step"],
-                           **{k: state["running"].get(k, float("nan")) / count
+                           **{k: float(running[k]) / count if k in running else float("nan")
                               for k in ("loss", "dice_loss", "ce_loss", "sa_loss")},
                            **{f"val_dice_{n}": float(d) for n, d in zip(CLASS_NAMES, dice)},
                            val_dice_mean=mean_dice, lr=optimizer.param_groups[0]["lr"],
                            seconds=time.perf_counter() - started)  # fmt: skip
                 state["log_rows"].append(row)
-                state.update(running={}, running_count=0)
+                running.clear()
+                state["running_count"] = 0
                 for n, d in zip((*CLASS_NAMES, "mean"), (*dice, mean_dice)):
                     writer.add_scalar(f"val/dice_{n}", float(d), state["step"])
+                writer.flush()
+                _write_log_table(out_dir / "train_log.csv", state["log_rows"])  # watchable while training
                 log.info("%s %s iteration %d: loss %.4f, val Dice %.4f (best %.4f at %d)", cfg.method, phase,
                          iteration, row["loss"], mean_dice, state["best_dice"], state["best_iteration"])
-            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == total:
+            if reporting:
+                progress.report(phase=phase, loss=f"{values.get('loss', float('nan')):.4f}",
+                                best=f"{state['best_dice']:.3f}")  # fmt: skip
+            if checkpointing:
                 state["seconds"] = time.perf_counter() - started
                 checkpoint()
     finally:
-        bar.close()
+        progress.close()
         writer.close()
 
     # --- publish ----------------------------------------------------------------------------------
@@ -585,10 +623,7 @@ def run(
                 iteration=state["best_iteration"], val_dice_mean=state["best_dice"])
     with staged_outputs(out_dir) as staged:
         save_model(staged.path("model.safetensors"), final, meta)
-        with open(staged.path("train_log.csv"), "w", newline="") as handle:
-            table = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
-            table.writeheader()
-            table.writerows(state["log_rows"])
+        _write_log_table(staged.path("train_log.csv"), state["log_rows"])
         write_json(staged.path("train.json"), dict(
             settings=resolved, seed=seed, device=str(device), iterations=total,
             inputs=dict(prepared_dir=str(prepared_dir), synthetic_dir=synthetic_dir and str(synthetic_dir),
@@ -596,6 +631,18 @@ def run(
             best=dict(phase=state["phase"], iteration=state["best_iteration"], val_dice_mean=state["best_dice"]),
             seconds=state["seconds"],
         ))  # fmt: skip
+    # The job is done: its resume state must not outlive it (a rerun, e.g. --forcerun, trains anew).
+    ckpt_path.unlink(missing_ok=True)
     log.info("%s: best val Dice %.4f (%s iteration %d); wrote %s", cfg.method, state["best_dice"], state["phase"],
              state["best_iteration"], out_dir)
     return out_dir
+
+
+def _write_log_table(path: Path, rows: list[dict]) -> None:
+    """train_log.csv, replaced atomically (a reader never sees half a table)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        table = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
+        table.writeheader()
+        table.writerows(rows)
+    os.replace(tmp, path)
