@@ -1,14 +1,16 @@
-"""Soft Dice + soft CE: equals plain Dice + CE on one-hot labels, and handles continuous labels."""
+"""Soft Dice + soft CE: equals plain Dice + CE on one-hot labels, and handles continuous labels.
+BCP's region loss: equals a value computed by hand, and weighs a pseudo-labelled region half a true one."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from sraseg.train.losses import one_hot, soft_dice_ce
+from sraseg.train.losses import bcp_region_loss, one_hot, soft_dice_ce
 
 
 def test_one_hot_equals_dice_plus_cross_entropy():
@@ -59,3 +61,67 @@ def test_extreme_logits_stay_finite_and_shape_checked():
     assert torch.isfinite(loss) and ce.item() == pytest.approx(-math.log(1e-7), rel=1e-4)
     with pytest.raises(ValueError, match="shape"):
         soft_dice_ce(torch.zeros(1, 4, 2, 2), torch.zeros(1, 3, 2, 2))
+
+
+# --- BCP's region loss ---------------------------------------------------------------------------
+
+
+def _bcp_by_hand(logits: np.ndarray, labels: np.ndarray, mask: np.ndarray, weights: tuple[float, float]) -> float:
+    """Explicit per-region sums in float64 numpy: Dice over the region's pixels of the whole sub-batch
+    per class, CE summed over the region and divided by its pixel count."""
+    b, c, h, w = logits.shape
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p = np.clip(e / e.sum(axis=1, keepdims=True), 1e-7, 1.0)
+    total = 0.0
+    for region_value, weight in zip((1, 0), weights):
+        pixels = [(i, y, x) for i in range(b) for y in range(h) for x in range(w) if mask[i, y, x] == region_value]
+        ce = sum(-np.log(p[i, labels[i, y, x], y, x]) for i, y, x in pixels) / len(pixels)
+        dice_scores = []
+        for k in range(c):
+            overlap = sum(p[i, k, y, x] for i, y, x in pixels if labels[i, y, x] == k)
+            size = sum(p[i, k, y, x] + (labels[i, y, x] == k) for i, y, x in pixels)
+            dice_scores.append(2 * overlap / (size + 1e-5))
+        total += weight * (1 - np.mean(dice_scores)) + weight * ce
+    return total / 2
+
+
+@pytest.mark.parametrize("weights", [(0.5, 1.0), (1.0, 0.5), (1.0, 1.0)])
+def test_bcp_region_loss_equals_hand_value(weights):
+    rng = np.random.default_rng(4)
+    logits = rng.normal(0, 2, (2, 3, 4, 5))
+    labels = rng.integers(0, 3, (2, 4, 5))
+    mask = np.ones((2, 4, 5))
+    mask[0, 1:3, 1:4] = 0  # a box from the second image in each sample, like BCP's
+    mask[1, 0:2, 2:5] = 0
+    loss, dice, ce = bcp_region_loss(torch.tensor(logits, dtype=torch.float32), one_hot(torch.tensor(labels), 3),
+                                     torch.tensor(mask[:, None], dtype=torch.float32), *weights)
+    assert loss.item() == pytest.approx(_bcp_by_hand(logits, labels, mask, weights), rel=1e-5)
+    assert loss.item() == pytest.approx((dice + ce).item(), rel=1e-6)
+
+
+def test_bcp_region_loss_weighs_pseudo_region_half():
+    # left half (mask 1) pseudo-labelled, right half (mask 0) true labels, with mirror-equal content:
+    # every pixel's gradient in the pseudo half is exactly half its mirror's in the true half
+    torch.manual_seed(1)
+    left_logits = torch.randn(2, 4, 6, 3) * 2
+    left_labels = torch.randint(0, 4, (2, 6, 3))
+    logits = torch.cat([left_logits, left_logits], dim=3).requires_grad_(True)
+    labels = torch.cat([left_labels, left_labels], dim=2)
+    mask = torch.zeros(2, 1, 6, 6)
+    mask[..., :3] = 1.0
+    loss, _, _ = bcp_region_loss(logits, one_hot(labels, 4), mask, first_weight=0.5, second_weight=1.0)
+    loss.backward()
+    pseudo, true = logits.grad[..., :3], logits.grad[..., 3:]
+    assert true.abs().sum() > 0
+    assert torch.allclose(pseudo, 0.5 * true, atol=1e-7)
+    # and the loss itself is 0.5 * (region loss) + 1 * (the same region loss)
+    one, _, _ = bcp_region_loss(logits.detach(), one_hot(labels, 4), mask, 1.0, 0.0)
+    assert loss.item() == pytest.approx(1.5 * one.item(), rel=1e-6)
+
+
+def test_bcp_region_loss_refuses_soft_or_misshapen_masks():
+    logits, target = torch.zeros(1, 4, 4, 4), one_hot(torch.zeros(1, 4, 4, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="hard mask"):
+        bcp_region_loss(logits, target, torch.full((1, 1, 4, 4), 0.5), 1.0, 0.5)
+    with pytest.raises(ValueError, match="mask"):
+        bcp_region_loss(logits, target, torch.ones(1, 4, 4), 1.0, 0.5)

@@ -16,7 +16,7 @@ import pandas as pd  # noqa: E402
 
 from sraseg.io import load_array, read_table  # noqa: E402
 
-__all__ = ["training_curves", "overlays", "real_vs_synthetic"]
+__all__ = ["curve_data", "training_curves", "overlays", "real_vs_synthetic"]
 
 log = logging.getLogger(__name__)
 
@@ -31,24 +31,70 @@ def _val_dice_column(table: pd.DataFrame) -> str | None:
     return candidates[0] if candidates else None
 
 
-def training_curves(results_dir: Path, experiments: dict, seeds: list[int], path: Path) -> None:
-    """Validation Dice against iteration, one line per experiment and seed."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for colour, name in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4, experiments):
-        for i, seed in enumerate(seeds):
+def curve_data(
+    results_dir: Path, experiments: dict, seeds: list[int]
+) -> tuple[dict[str, pd.DataFrame], list[tuple[str, int, int]]]:
+    """Validation curves on the global step axis (the `step` column of train_log.csv).
+
+    Returns:
+        curves: experiment -> rows sorted by step with columns step, phase, mean, low, high, seeds
+            (mean, min and max of the validation Dice over the seeds logged at that step);
+        phases: (name, first step, last step) of every phase seen, in order of first step.
+    """
+    curves, spans = {}, {}
+    for name in experiments:
+        tables = []
+        for seed in seeds:
             log_path = results_dir / name / f"seed{seed}" / "train_log.csv"
             if not log_path.is_file():
                 continue
             table = pd.read_csv(log_path)
             column = _val_dice_column(table)
-            if column is None or "iteration" not in table.columns:
+            if column is None or not {"step", "phase", "iteration"} <= set(table.columns):
+                log.warning("%s: no step, phase, iteration and validation Dice columns; left out of the curves",
+                            log_path)
                 continue
-            rows = table.dropna(subset=[column])
-            ax.plot(rows["iteration"], rows[column], color=colour, alpha=0.8, label=name if i == 0 else None)
-    ax.set_xlabel("iteration")
+            table = table.dropna(subset=[column]).drop_duplicates("step", keep="last")
+            tables.append(table.assign(dice=table[column], seed=seed))
+            for phase, rows in table.groupby("phase"):
+                first, last = int((rows["step"] - rows["iteration"]).min()), int(rows["step"].max())
+                old = spans.get(phase, (first, last))
+                spans[phase] = (min(old[0], first), max(old[1], last))
+        if tables:
+            rows = pd.concat(tables).groupby(["step", "phase"], sort=False)["dice"]
+            curves[name] = (
+                rows.agg(mean="mean", low="min", high="max", seeds="count").reset_index().sort_values("step")
+            )
+    phases = sorted(((name, a, b) for name, (a, b) in spans.items()), key=lambda p: (p[1], p[2]))
+    return curves, phases
+
+
+def training_curves(results_dir: Path, experiments: dict, seeds: list[int], path: Path) -> None:
+    """Validation Dice against the global iteration, one line per experiment (mean over seeds, min-max band),
+    broken at phase changes; phase boundaries drawn and named."""
+    curves, phases = curve_data(results_dir, experiments, seeds)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    # phase spans: labeled_only's single "supervised" phase covers the whole axis, so name it only alone
+    shown = [p for p in phases if p[0] != "supervised"] or phases
+    for i, (phase, first, last) in enumerate(shown):
+        if i % 2 == 0:
+            ax.axvspan(first, last, color="0.93", zorder=0)
+        if first > 0:
+            ax.axvline(first, color="0.4", linestyle="--", linewidth=0.8, zorder=1)
+        ax.text((first + last) / 2, 1.01, phase, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+                fontsize=8, color="0.3")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4
+    for colour, (name, table) in zip(colours, curves.items()):
+        for j, (_, part) in enumerate(table.groupby("phase", sort=False)):
+            ax.plot(part["step"], part["mean"], color=colour, marker=".", markersize=3, linewidth=1.2,
+                    label=name if j == 0 else None)
+            if part["seeds"].max() > 1:
+                ax.fill_between(part["step"], part["low"], part["high"], color=colour, alpha=0.15, linewidth=0)
+    ax.set_xlabel("iteration (all phases)")
     ax.set_ylabel("validation Dice (mean of RV, MYO, LV)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if curves:
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -5,7 +5,9 @@ Phases (global step counts all of them):
 - bcp_real / bcp_synthetic / sraseg: "pretrain" (pretrain_iterations) on pairs of labeled slices mixed
   with a blend map (hard BCP box for BCP, a soft map for SRA-Seg), then "selftrain"
   (selftrain_iterations): student and a fresh EMA teacher both start from the best pre-train weights,
-  with a fresh optimizer (as BCP's self-training stage).
+  and the optimizer carries on with its pre-training state (momentum buffers), as BCP's self-training.
+- Loss: bcp_real and bcp_synthetic use BCP's region-weighted Dice + CE (`bcp_region_loss`, pseudo-labelled
+  region 0.5, true-label region 1); labeled_only and sraseg use the soft Dice + CE (`soft_dice_ce`).
 The published model is the best-validation student of the last phase (BCP and the reference keep the
 best self-training checkpoint); the pre-train best only initialises self-training.
 """
@@ -43,7 +45,7 @@ from sraseg.train.data import (
     load_synthetic,
     sample_indices,
 )
-from sraseg.train.losses import one_hot, soft_dice_ce
+from sraseg.train.losses import bcp_region_loss, one_hot, soft_dice_ce
 from sraseg.train.teacher import pseudo_labels, update_ema
 from sraseg.train.unet import UNet, save_model
 
@@ -235,6 +237,16 @@ def _loss_terms(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.T
     return {"loss": loss, "dice_loss": dice, "ce_loss": ce}
 
 
+def _bcp_terms(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, first_weight: float,
+               second_weight: float) -> dict[str, torch.Tensor]:
+    loss, dice, ce = bcp_region_loss(logits, target, mask, first_weight, second_weight)
+    return {"loss": loss, "dice_loss": dice, "ce_loss": ce}
+
+
+# BCP's region weights: a pseudo-labelled region counts half as much as a true-label one.
+TRUE_LABEL_WEIGHT, PSEUDO_LABEL_WEIGHT = 1.0, 0.5
+
+
 def _sum_terms(*terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: sum(t[k] for t in terms) for k in terms[0]}
 
@@ -247,19 +259,24 @@ def _supervised_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
 
 def _pretrain_step(ctx: TrainContext, kind: str) -> dict[str, torch.Tensor]:
     """Pre-train: x = a*l_first + (1-a)*l_second, y = a*Y(l_first) + (1-a)*Y(l_second) over the two halves
-    of the labeled batch (BCP's pre-training; a soft map gives a continuous label)."""
+    of the labeled batch (BCP's pre-training; a soft map gives a continuous label).
+    BCP methods: BCP's region loss, both regions true labels (weights 1 and 1); sraseg: the soft loss,
+    also when its ablation pre-trains with hard maps."""
     images, labels = ctx.labeled_batch(ctx.cfg.labeled_batch)
     half = len(images) // 2
     a = ctx.blend_maps(half, kind)
     y = one_hot(labels, ctx.cfg.num_classes)
     x_mix = mix(a, images[:half], images[half : 2 * half])
     y_mix = mix(a, y[:half], y[half : 2 * half])
+    if ctx.cfg.method.startswith("bcp"):
+        return _bcp_terms(ctx.student(x_mix), y_mix, a, TRUE_LABEL_WEIGHT, TRUE_LABEL_WEIGHT)
     return _loss_terms(ctx.student(x_mix), y_mix)
 
 
 def _bcp_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
     """BCP self-train, bidirectional hard copy-paste with teacher pseudo-labels of the unlabeled images:
-    x1 = a*u_a + (1-a)*l_a, x2 = a*l_b + (1-a)*u_b (one fresh hard map per mixed image)."""
+    x1 = a*u_a + (1-a)*l_a, x2 = a*l_b + (1-a)*u_b (one fresh hard map per mixed image).
+    Loss: BCP's region loss on x1 and on x2, summed; the unlabeled (pseudo-labelled) region weighs 0.5."""
     cfg = ctx.cfg
     images, labels = ctx.labeled_batch(cfg.labeled_batch)
     idx = sample_indices(len(ctx.unlabeled), cfg.unlabeled_batch, ctx.generator)
@@ -274,7 +291,8 @@ def _bcp_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
     x2 = mix(a2, images[half : 2 * half], unlabeled[half : 2 * half])
     y2 = mix(a2, y_l[half : 2 * half], y_u[half : 2 * half])
     logits = ctx.student(torch.cat([x1, x2]))
-    return _sum_terms(_loss_terms(logits[:half], y1), _loss_terms(logits[half:], y2))
+    return _sum_terms(_bcp_terms(logits[:half], y1, a1, PSEUDO_LABEL_WEIGHT, TRUE_LABEL_WEIGHT),
+                      _bcp_terms(logits[half:], y2, a2, TRUE_LABEL_WEIGHT, PSEUDO_LABEL_WEIGHT))
 
 
 def _sraseg_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
@@ -542,14 +560,14 @@ def run(
     started = time.perf_counter() - state["seconds"]
     try:
         while state["step"] < total:
-            # which phase; on entering self-training, restart from the best pre-train weights
+            # which phase; on entering self-training, restart from the best pre-train weights and keep
+            # the optimizer (its momentum buffers carry on, as in BCP; last.ckpt holds them for a resume)
             phase, offset, length, step_fn = _phase_at(phases, state["step"])
             if phase != state["phase"] and phase == "selftrain":
                 if state["best_state"]:
                     student.load_state_dict(state["best_state"])
                     log.info("%s: self-training from the best %s weights", cfg.method, state["phase"])
                 ctx.teacher = copy.deepcopy(student).eval()
-                optimizer = make_optimizer(cfg, student, head)
                 state.update(best_dice=-1.0, best_iteration=0, best_state={})
             state["phase"] = phase
 
