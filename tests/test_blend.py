@@ -61,7 +61,7 @@ def test_nearest_bank_formats_and_pairing(inputs, tmp_path):
     maps, pairs = _run(inputs, tmp_path / "blend", maps_per_image=3)
     assert maps.dtype == np.float16 and maps.shape == (M * 3, S, S)
     assert maps.min() >= 0.0 and maps.max() <= 1.0
-    assert list(pairs.columns) == ["blend_id", "synthetic_id", "real_id", "map_index", "rank", "cosine"]
+    assert list(pairs.columns) == ["blend_id", "synthetic_id", "real_id", "map_index", "rank", "cosine", "sa_real_id"]
     np.testing.assert_array_equal(pairs["blend_id"], np.arange(M * 3))
     assert set(pairs["real_id"]) <= set(LABELED)
     first = pairs[pairs["map_index"] == 0].set_index("synthetic_id")
