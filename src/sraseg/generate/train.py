@@ -27,7 +27,7 @@ from diffusers.training_utils import EMAModel
 from sraseg.device import autocast, pick_device, seed_everything
 from sraseg.errors import ConfigError, DatasetError
 from sraseg.generate.common import build_unet, check_resolution, open_images, read_slices, resize_stack
-from sraseg.io import staged_outputs, write_json
+from sraseg.io import read_table, staged_outputs, write_json
 from sraseg.progress import Progress
 from sraseg.resume import job_key
 from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
@@ -81,6 +81,10 @@ class GeneratorSettings:
         log_every (`int`, 50): iterations per `train_log.csv` row.
         seed (`int`, 0): seeds model init, batch order, noise and timesteps.
         device (`str`, "auto"): "auto", "cpu" or "cuda".
+        fd_every (`int`, 0): steps between FD-ratio probes written to fd_log.csv (0: off; needs the
+            stand-in encoder's wheel, else a warning and no probe). See sraseg.embed.probe.
+        fd_samples (`int`, 48): synthetic images (and real per half) in each probe.
+        fd_sampler_steps (`int`, 20): DDIM steps of the probe's samples.
     """
 
     source: str = "all_train"
@@ -102,6 +106,9 @@ class GeneratorSettings:
     log_every: int = 50
     seed: int = 0
     device: str = "auto"
+    fd_every: int = 0
+    fd_samples: int = 48
+    fd_sampler_steps: int = 20
 
 
 def validate_settings(settings: dict | GeneratorSettings | None) -> GeneratorSettings:
@@ -125,6 +132,9 @@ def validate_settings(settings: dict | GeneratorSettings | None) -> GeneratorSet
         check_positive(SECTION, name, getattr(s, name))
     check_positive(SECTION, "lr", s.lr)
     check_positive(SECTION, "warmup_steps", s.warmup_steps, allow_zero=True)
+    check_positive(SECTION, "fd_every", s.fd_every, allow_zero=True)
+    check_positive(SECTION, "fd_samples", s.fd_samples)
+    check_positive(SECTION, "fd_sampler_steps", s.fd_sampler_steps)
     if not 0.0 <= s.ema_decay < 1.0:
         raise ConfigError(f"'{SECTION}.ema_decay' must be in [0, 1); got {s.ema_decay!r}")
     return s
@@ -353,6 +363,14 @@ def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | Generato
             },
         )
 
+    fd_probe = None  # FD ratio of a fixed small sample at checkpoints (sraseg.embed.probe)
+    if s.fd_every:
+        from sraseg.embed.probe import FDProbe
+
+        patients = read_table(prepared_dir / "slices.parquet", ("slice_id", "patient")).set_index("slice_id")
+        fd_probe = FDProbe.create(images, rows, patients.loc[rows, "patient"].astype(str).to_numpy(), s.fd_samples,
+                                  s.fd_every, s.steps, s.fd_sampler_steps, out_dir, step, s.seed)  # fmt: skip
+
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=step if step else None)
@@ -390,6 +408,9 @@ def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | Generato
                 _write_log(out_dir / "train_log.csv", log_rows)  # watchable while training
             if progress.due():
                 progress.report(loss=f"{log_rows[-1]['loss']:.4f}" if log_rows else "-")
+
+            if fd_probe is not None and (row := fd_probe.maybe_log(step, unet, ema, noise_scheduler, device)):
+                writer.add_scalar("fd_ratio", row["fd_ratio"], step)
 
             # checkpointing: atomic last.ckpt every checkpoint_every steps and at the end
             if step % s.checkpoint_every == 0 or step == s.steps:

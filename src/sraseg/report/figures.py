@@ -159,3 +159,25 @@ def real_vs_synthetic(results_dir: Path, path: Path, n: int = 8, seed: int = 0) 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def generator_fd_curve(fd_log: Path, path: Path) -> None:
+    """The generator's FD ratio (fixed small sample vs real, over the real-vs-real floor) against steps."""
+    from matplotlib.figure import Figure
+
+    from sraseg.embed.probe import read_fd_log
+
+    rows = read_fd_log(fd_log)
+    if not rows:
+        return
+    fig = Figure(figsize=(5, 3.2), dpi=120)
+    ax = fig.add_subplot()
+    ax.plot([r["step"] for r in rows], [r["fd_ratio"] for r in rows], marker="o", ms=3)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="real vs real (floor)")
+    ax.set_xlabel("generator step")
+    ax.set_ylabel("FD / real floor")
+    ax.set_title("synthetic sample vs real train slices (stand-in encoder)", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)

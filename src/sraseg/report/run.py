@@ -3,7 +3,8 @@ metric modes, with the encoder's provenance and the synthetic set's FD-DINOv2 on
 
 Reads (under results/{ds}/): {exp}/seed{seed}/eval/summary.json, {exp}/seed{seed}/train_log.csv,
 {exp}/seed{seed}/predictions/, prepared/, synthetic/, embed/encoder.json, embed/fd_dinov2.json,
-embed/projection.png, blend/{exp}/preview.png. Missing optional inputs (no synthetic data for a
+embed/index.json (hubness per pairing rule), embed/projection.png, blend/{exp}/preview.png,
+generator/fd_log.csv (the generator's FD ratio against its steps). Missing optional inputs (no synthetic data for a
 labeled-only study) leave their figure out; a missing summary is an error.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sraseg.embed.common import describe_encoder
 from sraseg.embed.index import HUB_WARNING_SHARE
 from sraseg.errors import DatasetError
 from sraseg.io import read_json, staged_outputs
@@ -109,10 +111,11 @@ def _provenance_lines(results_dir: Path) -> list[str]:
         encoder = read_json(encoder_path)
         source = encoder.get("weights_source", "unknown")
         where = encoder.get("weights_path") or ""
-        lines.append(f"- DINOv2 encoder: `{encoder.get('model')}` at {encoder.get('img_size')} px, weights: {source} {where}".rstrip())
+        role = "Encoder" if encoder.get("stand_in_for") else "DINOv2 encoder"
+        lines.append(f"- {role}: {describe_encoder(encoder)}; at {encoder.get('img_size')} px, weights: {source} {where}".rstrip())
         if encoder.get("untrained"):
             lines.append(
-                "- **WARNING: the DINOv2 encoder is UNTRAINED (random weights).** Neighbours, FD-DINOv2 and the "
+                f"- **WARNING: the {role.lower()} is UNTRAINED (random weights).** Neighbours, FD-DINOv2 and the "
                 "similarity-alignment targets come from random features; provide real weights "
                 "(`sraseg fetch-weights`) for results that mean what the paper means."
             )
@@ -120,9 +123,21 @@ def _provenance_lines(results_dir: Path) -> list[str]:
     if fd_path.is_file():
         fd = read_json(fd_path)
         value = fd.get("fd_dinov2", fd.get("fd"))
-        lines.append(f"- FD-DINOv2 of the synthetic set against the real training slices: {value:.4g}")
+        text = f"- FD of the synthetic set against the real training slices: {value:.4g}"
+        if fd.get("fd_ratio") is not None:
+            text += (f" = **{fd['fd_ratio']:.2f} x** the real floor {fd['fd_floor']:.4g} (FD between two "
+                     "patient-disjoint halves of the real training slices; 1 = as close as real to real)")
+        lines.append(text)
     index_path = results_dir / "embed" / "index.json"
-    hubness = read_json(index_path).get("neighbour_hubness") if index_path.is_file() else None
+    index = read_json(index_path) if index_path.is_file() else {}
+    for rule, stats in (index.get("pairing_hubness") or {}).items():
+        cap = f" (cap {stats['cap']} uses)" if "cap" in stats else ""
+        cosine = f"{stats['mean_cosine']:.3f}" if stats.get("mean_cosine") is not None else "n/a"
+        lines.append(
+            f"- Pairing `{rule}` (one partner per synthetic image): {stats['distinct']} distinct real partners, "
+            f"largest share {100 * stats['top_share']:.0f}%{cap}, mean cosine {cosine}"
+        )
+    hubness = index.get("neighbour_hubness")
     if hubness:
         share = 100 * hubness["top_share"]
         lines.append(
@@ -219,6 +234,9 @@ def run(results_dir: Path | str, out_dir: Path | str, settings: dict) -> pd.Data
         write_html(frame, staged.path("results.html"), title, provenance, config.seeds)
         figures.training_curves(results_dir, config.experiments, config.seeds, staged.path("figures/training_curves.png"))
         figures.overlays(results_dir, config.experiments, config.seeds[0], staged.path("figures/overlays.png"))
+        fd_log = results_dir / "generator" / "fd_log.csv"
+        if fd_log.is_file():
+            figures.generator_fd_curve(fd_log, staged.path("figures/generator_fd_ratio.png"))
         if (results_dir / "synthetic" / "images.npy").is_file():
             figures.real_vs_synthetic(results_dir, staged.path("figures/real_vs_synthetic.png"))
         projection = results_dir / "embed" / "projection.png"

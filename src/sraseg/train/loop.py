@@ -186,6 +186,7 @@ class TrainContext:
     bank_real_pos: np.ndarray | None = None  # row in the labeled arrays of each bank entry's real slice
     embed: object = None
     bank_real_embed_rows: np.ndarray | None = None  # row in real.npy of each bank entry's real slice
+    bank_sa_rows: np.ndarray | None = None  # row in real.npy of each bank entry's SA target
     step: int = 0
     _moved: dict = field(default_factory=dict, init=False, repr=False)
     _map_generator: torch.Generator | None = field(default=None, init=False, repr=False)
@@ -324,7 +325,7 @@ def _sraseg_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
         k = min(cfg.sa_batch, len(idx))
         features = ctx.student.encode(torch.cat([s_raw[:k], r_raw[:k]]))
         embed = ctx.embed
-        target_syn = ctx.rows(embed.real, embed.neighbour_row[bank.synthetic_ids[idx[:k]]])
+        target_syn = ctx.rows(embed.real, ctx.bank_sa_rows[idx[:k]])
         target_real = ctx.rows(embed.real, ctx.bank_real_embed_rows[idx[:k]])
         terms["sa_loss"] = sa_loss(ctx.head, features[:k], target_syn, features[k:], target_real)
         terms["loss"] = terms["loss"] + cfg.sa_weight * terms["sa_loss"]
@@ -441,7 +442,7 @@ def run(
         SrasegError: the loss became NaN or infinite (checked at each log, validation and checkpoint step).
     """
     # run()'s tools, imported here: the steps need only torch (benchmarks/gpu_check.py)
-    from sraseg.io import staged_outputs, write_json
+    from sraseg.io import read_table, staged_outputs, write_json
     from sraseg.progress import Progress
 
     # --- settings and inputs -------------------------------------------------------------------
@@ -473,7 +474,14 @@ def run(
         ctx.bank_real_pos = prepared.labeled_position(ctx.bank.real_ids, Path(blend_dir) / "pairs.parquet")
         if cfg.sa:
             ctx.embed = load_embed(embed_dir, len(ctx.synthetic))
-            no_neighbour = np.unique(ctx.bank.synthetic_ids[ctx.embed.neighbour_row[ctx.bank.synthetic_ids] < 0])
+            # SA target of each entry: its pairs.parquet sa_real_id (balanced: the partner), else rank-0 neighbour
+            ctx.bank_sa_rows = ctx.embed.neighbour_row[ctx.bank.synthetic_ids]
+            pairs_path = Path(blend_dir) / "pairs.parquet"
+            sa_ids = read_table(pairs_path, ("blend_id",)).sort_values("blend_id").get("sa_real_id")
+            if sa_ids is not None and (sa_ids.to_numpy() >= 0).any():
+                own = sa_ids.to_numpy() >= 0
+                ctx.bank_sa_rows[own] = ctx.embed.rows_of(sa_ids.to_numpy()[own], pairs_path)
+            no_neighbour = np.unique(ctx.bank.synthetic_ids[ctx.bank_sa_rows < 0])
             if len(no_neighbour):
                 raise DatasetError(f"{Path(embed_dir) / 'neighbours.parquet'}: no rank-0 neighbour for synthetic "
                                   f"id(s) {no_neighbour[:5].tolist()} used by the blend bank")
