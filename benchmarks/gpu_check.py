@@ -46,8 +46,15 @@ from sraseg.device import amp_dtype, autocast, grad_scaler  # noqa: E402
 from sraseg.settings import parse_settings  # noqa: E402
 from sraseg.train.alignment import ProjectionHead  # noqa: E402
 from sraseg.train.data import BlendBank, EmbedTargets, Prepared  # noqa: E402
-from sraseg.train.loop import TrainContext, TrainSettings, check_settings, make_optimizer, training_phases  # noqa: E402
-from sraseg.train.teacher import _graphed_filter, largest_components_torch, update_ema  # noqa: E402
+from sraseg.train.loop import (  # noqa: E402
+    TrainContext,
+    TrainSettings,
+    check_settings,
+    make_optimizer,
+    train_iteration,
+    training_phases,
+)
+from sraseg.train.teacher import _graphed_filter, largest_components_torch  # noqa: E402
 from sraseg.train.unet import UNet  # noqa: E402
 
 EXTRA_IMPORTS = sorted({m.split(".")[0] for m in set(sys.modules) - _BEFORE} - {"sraseg"})
@@ -150,15 +157,7 @@ def time_phase(ctx: TrainContext, step_fn, optimizer, scaler, steps: int, warmup
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
         start = time.perf_counter()
-        ctx.student.train()
-        with autocast(device):
-            terms = step_fn(ctx)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(terms["loss"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if ctx.teacher is not None:
-            update_ema(ctx.teacher, ctx.student, ctx.cfg.ema_decay)
+        terms = train_iteration(ctx, step_fn, optimizer, scaler)
         ctx.step += 1
         losses.append(terms["loss"].detach())
         if timed:

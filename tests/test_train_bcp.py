@@ -120,8 +120,8 @@ def test_bcp_resume_across_the_switch_is_exact(stop_at, straight, inputs, tmp_pa
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
     a, b = load_file(str(tmp_path / "model.safetensors")), load_file(str(straight / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in b)
-    ours, theirs = (torch.load(d / "last.ckpt", weights_only=True)["optimizer"]["state"] for d in (tmp_path, straight))
-    assert all(torch.equal(ours[k]["momentum_buffer"], theirs[k]["momentum_buffer"]) for k in theirs)
+    # (the published weights equal only if the momentum buffers were restored: the checkpoint is gone now)
+    assert not (tmp_path / "last.ckpt").exists()
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert drop(csv.DictReader(open(tmp_path / "train_log.csv"))) == drop(
         csv.DictReader(open(straight / "train_log.csv"))

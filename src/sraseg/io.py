@@ -17,7 +17,7 @@ import pandas as pd
 
 from sraseg.errors import DatasetError
 
-__all__ = ["StagedOutputs", "staged_outputs", "write_json", "read_json", "read_table", "load_array", "setup_logging"]
+__all__ = ["StagedOutputs", "staged_outputs", "write_json", "write_csv", "read_json", "read_table", "load_array", "setup_logging"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,19 @@ def _to_builtin(value: Any) -> Any:
 def write_json(path: Path | str, data: Any) -> None:
     """Write `data` as indented JSON (numpy scalars and paths converted)."""
     Path(path).write_text(json.dumps(data, indent=2, default=_to_builtin, allow_nan=True) + "\n")
+
+
+def write_csv(path: Path | str, rows: list[dict], columns: tuple[str, ...]) -> None:
+    """A CSV table replaced atomically: a reader (a person watching a run) never sees half a table."""
+    import csv
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        table = csv.DictWriter(handle, fieldnames=columns)
+        table.writeheader()
+        table.writerows(rows)
+    os.replace(tmp, path)
 
 
 def _need_file(path: Path | str, hint: str = "") -> Path:

@@ -7,7 +7,6 @@ Only train-split rows are ever read (`source="all_train"`: every train slice, la
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import os
@@ -27,7 +26,7 @@ from diffusers.training_utils import EMAModel
 from sraseg.device import autocast, pick_device, seed_everything
 from sraseg.errors import ConfigError, DatasetError
 from sraseg.generate.common import build_unet, check_resolution, open_images, read_slices, resize_stack
-from sraseg.io import read_table, staged_outputs, write_json
+from sraseg.io import read_table, staged_outputs, write_csv, write_json
 from sraseg.progress import Progress
 from sraseg.resume import job_key
 from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
@@ -272,15 +271,6 @@ def _load_checkpoint(path: Path, key: str) -> dict | None:
     return state
 
 
-def _write_log(path: Path, rows: list[dict]) -> None:
-    """The log table, replaced atomically (it is rewritten at each log step while training runs)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
 
 def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | GeneratorSettings | None = None) -> Path:
     """Train the generator and write the pipeline `out_dir/{model_index.json,unet/,scheduler/}`, `train_log.csv`, `generator.json`.
@@ -405,7 +395,7 @@ def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | Generato
                 loss_sum, loss_count = 0.0, 0
                 writer.add_scalar("loss", row["loss"], step)
                 writer.add_scalar("lr", row["lr"], step)
-                _write_log(out_dir / "train_log.csv", log_rows)  # watchable while training
+                write_csv(out_dir / "train_log.csv", log_rows, LOG_COLUMNS)  # watchable while training
             if progress.due():
                 progress.report(loss=f"{log_rows[-1]['loss']:.4f}" if log_rows else "-")
 
@@ -428,7 +418,7 @@ def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | Generato
     with staged_outputs(out_dir) as staged:
         # a diffusers pipeline folder (model_index.json, unet/, scheduler/): DiffusionPipeline.from_pretrained loads it
         DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(staged.tmp_dir, safe_serialization=True)
-        _write_log(staged.path("train_log.csv"), log_rows)
+        write_csv(staged.path("train_log.csv"), log_rows, LOG_COLUMNS)
         write_json(
             staged.path("generator.json"),
             {

@@ -15,11 +15,9 @@ best self-training checkpoint); the pre-train best only initialises self-trainin
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -49,7 +47,7 @@ from sraseg.train.losses import bcp_region_loss, one_hot, soft_dice_ce
 from sraseg.train.teacher import pseudo_labels, update_ema
 from sraseg.train.unet import UNet, save_model
 
-__all__ = ["METHODS", "TrainSettings", "TrainContext", "check_settings", "make_optimizer", "training_phases", "run", "validate"]
+__all__ = ["METHODS", "TrainSettings", "TrainContext", "check_settings", "make_optimizer", "training_phases", "train_iteration", "run", "validate"]
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +323,9 @@ def _sraseg_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
         k = min(cfg.sa_batch, len(idx))
         features = ctx.student.encode(torch.cat([s_raw[:k], r_raw[:k]]))
         embed = ctx.embed
-        target_syn = ctx.rows(embed.real, ctx.bank_sa_rows[idx[:k]])
+        # SA target: the bank's own partner (balanced pairing), else the rank-0 neighbour
+        sa_rows = ctx.bank_sa_rows if ctx.bank_sa_rows is not None else embed.neighbour_row[bank.synthetic_ids]
+        target_syn = ctx.rows(embed.real, sa_rows[idx[:k]])
         target_real = ctx.rows(embed.real, ctx.bank_real_embed_rows[idx[:k]])
         terms["sa_loss"] = sa_loss(ctx.head, features[:k], target_syn, features[k:], target_real)
         terms["loss"] = terms["loss"] + cfg.sa_weight * terms["sa_loss"]
@@ -344,6 +344,23 @@ def training_phases(cfg: TrainSettings) -> list[tuple[str, int, Callable[[TrainC
     }
     table["bcp_synthetic"] = table["bcp_real"]
     return [p for p in table[cfg.method] if p[1] > 0]
+
+
+def train_iteration(ctx: TrainContext, step_fn: Callable[[TrainContext], dict], optimizer: torch.optim.Optimizer,
+                    scaler) -> dict[str, torch.Tensor]:
+    """One training iteration as run() does it (and benchmarks/gpu_check.py times it): the step's
+    forward and loss under autocast, backward and optimizer step through the grad scaler, then the
+    teacher's EMA update. Returns the step's loss terms, still on the device."""
+    ctx.student.train()
+    with autocast(ctx.device):
+        terms = step_fn(ctx)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(terms["loss"]).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    if ctx.teacher is not None:
+        update_ema(ctx.teacher, ctx.student, ctx.cfg.ema_decay)
+    return terms
 
 
 def _phase_at(phases: list, step: int) -> tuple[str, int, int, Callable[[TrainContext], dict]]:
@@ -442,7 +459,7 @@ def run(
         SrasegError: the loss became NaN or infinite (checked at each log, validation and checkpoint step).
     """
     # run()'s tools, imported here: the steps need only torch (benchmarks/gpu_check.py)
-    from sraseg.io import read_table, staged_outputs, write_json
+    from sraseg.io import read_table, staged_outputs, write_csv, write_json
     from sraseg.progress import Progress
 
     # --- settings and inputs -------------------------------------------------------------------
@@ -579,19 +596,9 @@ def run(
                 state.update(best_dice=-1.0, best_iteration=0, best_state={})
             state["phase"] = phase
 
-            # compute losses
+            # one optimisation step of the student, then the teacher's EMA update
             ctx.step = state["step"]
-            student.train()
-            with autocast(device):
-                terms = step_fn(ctx)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(terms["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-
-            # teacher EMA update
-            if ctx.teacher is not None:
-                update_ema(ctx.teacher, student, cfg.ema_decay)
+            terms = train_iteration(ctx, step_fn, optimizer, scaler)
 
             # bookkeeping on the device; a non-finite loss is caught at the next read-back
             state["step"] += 1
@@ -629,7 +636,7 @@ def run(
                 for n, d in zip((*CLASS_NAMES, "mean"), (*dice, mean_dice)):
                     writer.add_scalar(f"val/dice_{n}", float(d), state["step"])
                 writer.flush()
-                _write_log_table(out_dir / "train_log.csv", state["log_rows"])  # watchable while training
+                write_csv(out_dir / "train_log.csv", state["log_rows"], LOG_COLUMNS)  # watchable while training
                 log.info("%s %s iteration %d: loss %.4f, val Dice %.4f (best %.4f at %d)", cfg.method, phase,
                          iteration, row["loss"], mean_dice, state["best_dice"], state["best_iteration"])
             if reporting:
@@ -649,7 +656,7 @@ def run(
                 iteration=state["best_iteration"], val_dice_mean=state["best_dice"])
     with staged_outputs(out_dir) as staged:
         save_model(staged.path("model.safetensors"), final, meta)
-        _write_log_table(staged.path("train_log.csv"), state["log_rows"])
+        write_csv(staged.path("train_log.csv"), state["log_rows"], LOG_COLUMNS)
         write_json(staged.path("train.json"), dict(
             settings=resolved, seed=seed, device=str(device), iterations=total,
             inputs=dict(prepared_dir=str(prepared_dir), synthetic_dir=synthetic_dir and str(synthetic_dir),
@@ -663,12 +670,3 @@ def run(
              state["best_iteration"], out_dir)
     return out_dir
 
-
-def _write_log_table(path: Path, rows: list[dict]) -> None:
-    """train_log.csv, replaced atomically (a reader never sees half a table)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        table = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
-        table.writeheader()
-        table.writerows(rows)
-    os.replace(tmp, path)
