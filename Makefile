@@ -7,9 +7,10 @@ CORES ?= all
 
 .PHONY: setup demo test lint clean
 
-$(BIN)/sraseg: pyproject.toml requirements/constraints.txt
+$(BIN)/sraseg: pyproject.toml requirements/constraints.txt requirements/standin.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[dev,slurm,standin]'
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[dev,slurm]'
+	$(BIN)/pip install --quiet --no-deps --require-hashes -r requirements/standin.txt
 	touch $@
 
 setup: $(BIN)/sraseg

