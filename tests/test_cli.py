@@ -80,12 +80,14 @@ def test_missing_required_folder_is_named(capsys):
     assert "--synthetic-dir" in capsys.readouterr().err
 
 
-def test_fetch_weights_defaults_to_the_acdc_config_model():
+def test_fetch_weights_defaults_to_the_acdc_config_model(tmp_path):
     args = build_parser().parse_args(["fetch-weights", "--out-file", "w.safetensors"])
     acdc = yaml.safe_load((REPO / "config" / "acdc.yaml").read_text())
     assert args.kwargs(args)["model"] == acdc["embed"]["model"]
-    tiny = build_parser().parse_args(["fetch-weights", "--out-file", "w", "--config", str(REPO / "config" / "tiny.yaml")])
-    assert tiny.kwargs(tiny)["model"] == SCHEMA["properties"]["embed"]["properties"]["model"]["default"]
+    bare = tmp_path / "bare.yaml"  # a config without embed.model: the schema's default
+    bare.write_text("embed: {img_size: 56}\n")
+    given = build_parser().parse_args(["fetch-weights", "--out-file", "w", "--config", str(bare)])
+    assert given.kwargs(given)["model"] == SCHEMA["properties"]["embed"]["properties"]["model"]["default"]
 
 
 def _visible_flags(stage: str) -> set[str]:

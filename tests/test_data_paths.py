@@ -87,6 +87,7 @@ def test_predict_feeds_the_model_the_prepared_slices(split, dataset, tmp_path, m
     _, prepared = dataset
     model = Recorder()
     monkeypatch.setattr(unet, "load_model", lambda path, device="cpu": (model, {"image_size": SIZE}))
+    (tmp_path / "model.safetensors").touch()  # load_model is replaced; the file must only exist
     predict.run(tmp_path / "model.safetensors", prepared, split, tmp_path / "out", batch_size=5)
     slices = pd.read_parquet(prepared / "slices.parquet")
     want = np.load(prepared / "images.npy")[(slices["split"] == split).to_numpy()]
