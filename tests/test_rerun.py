@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from test_generate import TINY as GEN_TINY
 from test_generate import make_prepared as make_generator_prepared
-from train_fixtures import TINY, make_all
+from train_fixtures import TINY, Interrupted, interrupt_after, make_all
 
 from sraseg.generate import train as generator
 from sraseg.progress import Progress
@@ -28,28 +28,10 @@ SMALL_NET = dict(channels=[8, 16, 32], dropout=[0.05, 0.1, 0.2])
 SETTINGS = dict(TINY, method="labeled_only", **SMALL_NET)  # 4 iterations, a checkpoint after each
 
 
-class _Stop(Exception):
-    pass
-
-
 @pytest.fixture()
 def inputs(tmp_path):
     return make_all(tmp_path / "inputs")
 
-
-def _interrupt_after(monkeypatch, step: int, run):
-    """Run `run()` with save_checkpoint stopping the process right after writing `step`'s checkpoint."""
-    real_save = loop.save_checkpoint
-
-    def save_then_stop(path, state):
-        real_save(path, state)
-        if state["step"] == step:
-            raise _Stop
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
-    with pytest.raises(_Stop):
-        run()
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
 
 
 def _count_iterations(monkeypatch) -> list:
@@ -73,7 +55,7 @@ def test_published_run_leaves_no_checkpoint_and_reruns_fresh(inputs, tmp_path, m
 @pytest.mark.parametrize("change", ["settings", "seed", "input"])
 def test_other_jobs_checkpoint_is_ignored(change, inputs, tmp_path, monkeypatch, caplog):
     out = tmp_path / "out"
-    _interrupt_after(monkeypatch, 3, lambda: loop.run(out_dir=out, settings=SETTINGS, seed=1, **inputs))
+    interrupt_after(monkeypatch, 3, lambda: loop.run(out_dir=out, settings=SETTINGS, seed=1, **inputs))
     assert torch.load(out / "last.ckpt", weights_only=True)["step"] == 3
     settings, seed = dict(SETTINGS), 1
     if change == "settings":
@@ -120,11 +102,11 @@ def test_generator_checkpoint_of_other_settings_is_ignored(tmp_path, monkeypatch
     def stop_at_4(*args, **kwargs):
         calls.append(1)
         if len(calls) == 4:
-            raise _Stop
+            raise Interrupted
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(generator, "train_step", stop_at_4)
-    with pytest.raises(_Stop):
+    with pytest.raises(Interrupted):
         generator.run(prepared, tmp_path / "gen", settings)
     assert torch.load(tmp_path / "gen" / "last.ckpt", weights_only=True)["step"] == 2
     calls.clear()

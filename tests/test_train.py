@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_fixtures import TINY, make_all, make_prepared, student_weights
+from train_fixtures import TINY, interrupt_after, make_all, make_prepared, student_weights
 
 from sraseg.errors import ConfigError, DatasetError, SrasegError
 from sraseg.train import loop
@@ -134,24 +134,10 @@ def test_method_publishes_outputs(method, runs, inputs):
 # --- resume -----------------------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    pass
-
-
 @pytest.mark.parametrize("method", ["labeled_only", "sraseg"])
 def test_interrupted_run_resumes_exactly(method, runs, inputs, tmp_path, monkeypatch):
-    real_save = loop.save_checkpoint
-
-    def save_then_stop(path, state):
-        real_save(path, state)
-        if state["step"] == 3:
-            raise _Stop
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
-    with pytest.raises(_Stop):
-        loop.run(out_dir=tmp_path, settings=dict(TINY, method=method), seed=5, **inputs)
+    interrupt_after(monkeypatch, 3, lambda: loop.run(out_dir=tmp_path, settings=dict(TINY, method=method), seed=5, **inputs))
     assert not (tmp_path / "model.safetensors").exists()  # nothing published before the end
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
     calls, real_loss = [], loop.soft_dice_ce
     monkeypatch.setattr(loop, "soft_dice_ce", lambda *a: calls.append(1) or real_loss(*a))
     loop.run(out_dir=tmp_path, settings=dict(TINY, method=method), seed=5, **inputs)

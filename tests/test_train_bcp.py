@@ -8,7 +8,7 @@ import csv
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_fixtures import TINY, make_all, student_weights
+from train_fixtures import TINY, interrupt_after, make_all, student_weights
 
 from sraseg.train import loop
 from sraseg.train.losses import bcp_region_loss, soft_dice_ce
@@ -96,25 +96,11 @@ def test_bcp_uses_region_loss_with_pseudo_region_at_half(inputs, tmp_path, monke
         assert not torch.all(target.argmax(1)[~pseudo_region] == 2)  # the true-label region is not all MYO
 
 
-class _Stop(Exception):
-    pass
-
-
 @pytest.mark.parametrize("stop_at", [PRETRAIN, PRETRAIN + 1])  # at the switch, and one step into self-training
 def test_bcp_resume_across_the_switch_is_exact(stop_at, straight, inputs, tmp_path, monkeypatch):
-    real_save = loop.save_checkpoint
-
-    def save_then_stop(path, state):
-        real_save(path, state)
-        if state["step"] == stop_at:
-            raise _Stop
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
-    with pytest.raises(_Stop):
-        loop.run(out_dir=tmp_path, settings=dict(TINY, method="bcp_real"), seed=5, **inputs)
+    interrupt_after(monkeypatch, stop_at, lambda: loop.run(out_dir=tmp_path, settings=dict(TINY, method="bcp_real"), seed=5, **inputs))
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert saved["step"] == stop_at and saved["optimizer"]["state"]  # momentum buffers are in the checkpoint
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
     loop.run(out_dir=tmp_path, settings=dict(TINY, method="bcp_real"), seed=5, **inputs)
     resumed, uninterrupted = student_weights(tmp_path), student_weights(straight)
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)

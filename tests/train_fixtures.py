@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from sraseg.blend.maps import make_blend_maps
@@ -134,3 +135,26 @@ def student_weights(out_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(out_dir / "model.safetensors"))
+
+
+class Interrupted(Exception):
+    """Stands for a kill of the train process right after it wrote a checkpoint."""
+
+
+def interrupt_after(monkeypatch, step: int, run) -> None:
+    """Call `run()` with the train loop stopping right after it writes the checkpoint of global `step`."""
+    from sraseg.train import loop
+
+    real_save = loop.save_checkpoint
+
+    def save_then_stop(path, state):
+        real_save(path, state)
+        if state["step"] == step:
+            raise Interrupted
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
+    try:
+        with pytest.raises(Interrupted):
+            run()
+    finally:
+        monkeypatch.setattr(loop, "save_checkpoint", real_save)
