@@ -194,6 +194,14 @@ def test_balanced_never_exceeds_cap_and_spreads_a_hub_that_nearest_keeps():
     partners, cap = balanced_partners(real, syn / np.linalg.norm(syn, axis=1, keepdims=True), 1)
     assert cap == 1
     np.testing.assert_array_equal(partners[:, 0], perm)
+    # A domain gap: 8 synthetic vectors, noisy copies of 8 of 24 real rows, all carrying one shared
+    # offset far larger than the signal. Raw cosine then favours the real rows nearest the offset;
+    # the per-domain centring removes it and finds the true rows.
+    real = unit_rows(rng, 24, 64)
+    pick = rng.permutation(24)[:8]
+    syn = real[pick] + 0.05 * rng.standard_normal((8, 64)) + 4.0 * unit_rows(rng, 1, 64)
+    partners, _ = balanced_partners(real, syn / np.linalg.norm(syn, axis=1, keepdims=True), 1)
+    np.testing.assert_array_equal(partners[:, 0], pick)
 
 
 def test_index_reports_fd_floor_ratio_and_hubness_per_rule(tmp_path):
