@@ -20,6 +20,7 @@ import torch
 from sraseg.embed.common import STAND_IN_MODEL
 from sraseg.embed.frechet import frechet_distance, patient_halves
 from sraseg.errors import WeightsError
+from sraseg.io import write_csv
 
 __all__ = ["FDProbe", "FD_LOG", "FD_COLUMNS", "read_fd_log"]
 
@@ -88,7 +89,7 @@ class FDProbe:
         floor = frechet_distance(emb_a, emb_b)["fd"]
         path = Path(out_dir) / FD_LOG
         kept = [r for r in read_fd_log(path) if r["step"] <= resume_step]
-        _write_rows(path, kept)
+        write_csv(path, kept, FD_COLUMNS)
         log.info("generator FD probe: %d synthetic vs %d real (patient-disjoint floor %.4f) every %d steps",
                  n, n, floor, every)  # fmt: skip
         return cls(encoder, emb_a, floor, [_SEED_BASE + i for i in range(n)], every, total, sampler_steps, path)
@@ -116,15 +117,7 @@ class FDProbe:
         self.seconds += time.perf_counter() - started
         row = {"step": step, "fd": fd, "fd_floor": self.floor, "fd_ratio": fd / self.floor if self.floor > 0 else
                float("nan"), "seconds": self.seconds}  # fmt: skip
-        _write_rows(self.path, [*read_fd_log(self.path), row])
+        write_csv(self.path, [*read_fd_log(self.path), row], FD_COLUMNS)
         log.info("generator step %d: FD %.4f = %.2f x real floor", step, fd, row["fd_ratio"])
         return row
 
-
-def _write_rows(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FD_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
