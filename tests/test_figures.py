@@ -54,3 +54,30 @@ def test_figure_is_written(results: Path, tmp_path: Path):
     path = tmp_path / "curves.png"
     training_curves(results, EXPERIMENTS, [1, 2], path)
     assert path.stat().st_size > 5000
+
+
+def write_bank(folder: Path, pairing: str, partners: list[int], n_labeled: int, cap=None) -> None:
+    """blend.json + pairs.parquet as the blend stage writes them (only the columns the figure reads)."""
+    import pandas as pd
+
+    from sraseg.io import write_json
+
+    folder.mkdir(parents=True)
+    pd.DataFrame({"real_id": partners}).to_parquet(folder / "pairs.parquet")
+    write_json(folder / "blend.json", {"settings": {"pairing": pairing}, "n_labeled_slices": n_labeled, "cap": cap})
+
+
+def test_partner_use_counts_every_labeled_slice_once_per_rule(tmp_path: Path):
+    from sraseg.report.figures import partner_use, partner_use_figure
+
+    write_bank(tmp_path / "hub", "nearest", [7] * 8 + [3, 3], n_labeled=5)
+    write_bank(tmp_path / "hub_hard", "nearest", [1] * 10, n_labeled=5)  # same rule again: not drawn twice
+    write_bank(tmp_path / "spread", "balanced", [1, 1, 2, 2, 3, 3, 4, 4, 5, 7], n_labeled=7, cap=2)
+    dirs = {name: tmp_path / name for name in ("hub", "hub_hard", "spread")}
+    use = partner_use(dirs)
+    assert list(use) == ["nearest", "balanced"]
+    assert use["nearest"]["counts"].tolist() == [8, 2, 0, 0, 0] and use["nearest"]["experiment"] == "hub"
+    assert use["balanced"]["counts"].tolist() == [2, 2, 2, 2, 1, 1, 0] and use["balanced"]["cap"] == 2
+    path = tmp_path / "use.png"
+    partner_use_figure(dirs, path)
+    assert path.stat().st_size > 5000

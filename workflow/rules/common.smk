@@ -144,7 +144,9 @@ def report_optional_inputs():
         inputs.append(f"{SYNTHETIC}/images.npy")
     if uses("embed"):
         inputs += [f"{EMBED}/encoder.json", f"{EMBED}/fd_dinov2.json", f"{EMBED}/projection.png", f"{EMBED}/index.json"]
-    inputs += [f"{RESULTS}/blend/{exp}/preview.png" for exp in EXPERIMENTS if needs(exp, "blend")]
+    for exp in EXPERIMENTS:
+        if needs(exp, "blend"):
+            inputs += [f"{RESULTS}/blend/{exp}/{name}" for name in ("preview.png", "pairs.parquet", "blend.json")]
     return inputs
 
 
@@ -173,6 +175,10 @@ def report_outputs():
             f"{out}/figures/embedding_projection.png",
             caption=caption.format("projection"),
             category="Synthetic data",
+        )
+    if any(needs(exp, "blend") for exp in EXPERIMENTS):
+        outputs["partner_use"] = report(
+            f"{out}/figures/partner_use.png", caption=caption.format("partner_use"), category="Blend bank"
         )
     for exp in EXPERIMENTS:
         if needs(exp, "blend"):

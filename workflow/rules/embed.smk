@@ -75,6 +75,7 @@ rule blend:
         maps=f"{RESULTS}/blend/{{exp}}/maps.npy",
         pairs=f"{RESULTS}/blend/{{exp}}/pairs.parquet",
         preview=f"{RESULTS}/blend/{{exp}}/preview.png",
+        info=f"{RESULTS}/blend/{{exp}}/blend.json",
     params:
         code=stage_code("sraseg.blend.run"),
         settings=blend_settings,

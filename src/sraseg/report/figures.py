@@ -1,5 +1,5 @@
-"""Report figures (matplotlib, no display needed): training curves, prediction overlays, and real
-versus synthetic slices."""
+"""Report figures (matplotlib, no display needed): training curves, prediction overlays, real
+versus synthetic slices, the generator's FD curve and how the pairing rules spread partners."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pandas as pd  # noqa: E402
 
 from sraseg.io import load_array, read_table  # noqa: E402
 
-__all__ = ["curve_data", "training_curves", "overlays", "real_vs_synthetic"]
+__all__ = ["curve_data", "training_curves", "overlays", "real_vs_synthetic", "partner_use", "partner_use_figure"]
 
 log = logging.getLogger(__name__)
 
@@ -181,3 +181,48 @@ def generator_fd_curve(fd_log: Path, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
+
+
+def partner_use(blend_dirs: dict[str, Path]) -> dict[str, dict]:
+    """Per pairing rule (the first experiment using it): how often each labeled slice is a partner.
+
+    Returns rule -> {"experiment", "counts" (int array over all labeled slices, unused ones as 0,
+    sorted descending), "cap" (balanced's use limit or None)}.
+    """
+    from sraseg.io import read_json
+
+    out = {}
+    for name, folder in blend_dirs.items():
+        info = read_json(folder / "blend.json")
+        rule = info["settings"]["pairing"]
+        if rule in out:
+            continue
+        pairs = read_table(folder / "pairs.parquet")
+        counts = np.sort(pairs["real_id"].value_counts().to_numpy())[::-1]
+        counts = np.concatenate([counts, np.zeros(max(0, info["n_labeled_slices"] - len(counts)), dtype=counts.dtype)])
+        out[rule] = {"experiment": name, "counts": counts, "cap": info.get("cap")}
+    return out
+
+
+def partner_use_figure(blend_dirs: dict[str, Path], path: Path) -> None:
+    """Blend maps per labeled real slice, slices ranked by use, one line per pairing rule (hubness)."""
+    use = partner_use(blend_dirs)
+    if not use:
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=120)
+    for rule, entry in use.items():
+        counts = entry["counts"]
+        share = 100 * counts[0] / max(1, counts.sum())
+        label = f"{rule}: {int((counts > 0).sum())}/{len(counts)} slices used, top {share:.0f}%"
+        ax.step(np.arange(1, len(counts) + 1), counts, where="mid", label=label)
+        if entry["cap"]:
+            ax.axhline(entry["cap"], color="grey", lw=0.8, ls=":")
+    ax.set_yscale("symlog", linthresh=10)
+    ax.set_xlabel("labeled real slice, ranked by use")
+    ax.set_ylabel("blend maps pairing with it")
+    ax.set_title("real partners of the synthetic images (dotted: balanced's cap)", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

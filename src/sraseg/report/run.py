@@ -4,6 +4,7 @@ metric modes, with the encoder's provenance and the synthetic set's FD-DINOv2 on
 Reads (under results/{ds}/): {exp}/seed{seed}/eval/summary.json, {exp}/seed{seed}/train_log.csv,
 {exp}/seed{seed}/predictions/, prepared/, synthetic/, embed/encoder.json, embed/fd_dinov2.json,
 embed/index.json (hubness per pairing rule), embed/projection.png, blend/{exp}/preview.png,
+blend/{exp}/pairs.parquet and blend.json (partner use per pairing rule),
 generator/fd_log.csv (the generator's FD ratio against its steps). Missing optional inputs (no synthetic data for a
 labeled-only study) leave their figure out; a missing summary is an error.
 """
@@ -242,6 +243,10 @@ def run(results_dir: Path | str, out_dir: Path | str, settings: dict) -> pd.Data
         projection = results_dir / "embed" / "projection.png"
         if projection.is_file():
             shutil.copyfile(projection, staged.path("figures/embedding_projection.png"))
+        blend_dirs = {name: results_dir / "blend" / name for name in config.experiments
+                      if (results_dir / "blend" / name / "pairs.parquet").is_file()}
+        if blend_dirs:
+            figures.partner_use_figure(blend_dirs, staged.path("figures/partner_use.png"))
         for name in config.experiments:
             preview = results_dir / "blend" / name / "preview.png"
             if preview.is_file():
