@@ -378,3 +378,70 @@ def test_bf16_autocast_keeps_sampling_in_fp32(generator, monkeypatch):
     assert torch.bfloat16 in seen  # autocast really ran the UNet in bf16
     assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
     assert (bf16 - fp32).abs().max() < 0.1 and not torch.equal(bf16, fp32)
+
+
+# ---------------------------------------------------------------- noise schedule (issue 21)
+
+
+class _Constant(torch.nn.Module):
+    """A stand-in UNet that predicts a fixed tensor, so a loss can be computed by hand."""
+
+    def __init__(self, prediction: torch.Tensor):
+        super().__init__()
+        self.prediction = prediction
+
+    def forward(self, sample, timesteps):
+        return type("Out", (), {"sample": self.prediction})()
+
+
+def test_default_schedule_ends_at_pure_noise_and_samples_from_it():
+    s = train.validate_settings(TINY)
+    scheduler = train.make_scheduler(s)
+    assert float(scheduler.alphas_cumprod[-1]) == pytest.approx(0.0, abs=1e-12)  # zero terminal SNR
+    assert scheduler.config.prediction_type == "v_prediction"
+    # the sampler inherits the training scheduler's config: trailing spacing visits the last level first
+    ddim, _ = sample.make_sampler(scheduler, "ddim", 10)
+    assert int(ddim.timesteps[0]) == s.num_train_timesteps - 1
+    assert ddim.config.rescale_betas_zero_snr and not ddim.config.clip_sample
+    old = train.make_scheduler(train.validate_settings(dict(TINY, prediction_type="epsilon", zero_terminal_snr=False,
+                                                           timestep_spacing="leading")))  # fmt: skip
+    assert float(old.alphas_cumprod[-1]) > 1e-5
+    old_ddim, _ = sample.make_sampler(old, "ddim", 10)
+    assert int(old_ddim.timesteps[0]) < s.num_train_timesteps - 1  # leading skips the noisiest levels
+
+
+def test_zero_terminal_snr_needs_v_prediction():
+    with pytest.raises(ConfigError, match="zero_terminal_snr.*v_prediction"):
+        train.validate_settings(dict(TINY, prediction_type="epsilon", zero_terminal_snr=True))
+
+
+def test_loss_target_follows_the_prediction_type():
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.rand((3, 1, 4, 4), generator=gen) * 2 - 1
+    noise = torch.randn(clean.shape, generator=gen)
+    t = torch.tensor([10, 500, 999])
+    v_sched = train.make_scheduler(train.validate_settings(TINY))
+    velocity = v_sched.alphas_cumprod[t].sqrt()[:, None, None, None] * noise - (
+        1 - v_sched.alphas_cumprod[t]
+    ).sqrt()[:, None, None, None] * clean
+    assert float(train.diffusion_loss(_Constant(velocity), v_sched, clean, noise, t)) == pytest.approx(0.0, abs=1e-10)
+    assert float(train.diffusion_loss(_Constant(noise), v_sched, clean, noise, t)) > 0.1
+    eps_sched = train.make_scheduler(train.validate_settings(dict(TINY, prediction_type="epsilon", zero_terminal_snr=False)))
+    assert float(train.diffusion_loss(_Constant(noise), eps_sched, clean, noise, t)) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_min_snr_weights_by_hand():
+    """min(SNR, gamma) / (SNR + 1) per sample for v-prediction, min(SNR, gamma) / SNR for epsilon."""
+    clean = torch.zeros((2, 1, 2, 2))
+    noise = torch.zeros_like(clean)
+    t = torch.tensor([5, 900])
+    errors = torch.tensor([1.0, 2.0])[:, None, None, None].expand(2, 1, 2, 2)  # per-sample MSE 1 and 4
+    for kind, zero_snr in (("v_prediction", True), ("epsilon", False)):
+        sched = train.make_scheduler(train.validate_settings(dict(TINY, prediction_type=kind, zero_terminal_snr=zero_snr)))
+        a = sched.alphas_cumprod[t].double()
+        snr = a / (1 - a)
+        weight = snr.clamp(max=5.0) / (snr + 1 if kind == "v_prediction" else snr)
+        expected = float((torch.tensor([1.0, 4.0], dtype=torch.float64) * weight).mean())
+        got = float(train.diffusion_loss(_Constant(errors), sched, clean, noise, t, snr_gamma=5.0))
+        assert got == pytest.approx(expected, rel=1e-5), kind
+        assert got != pytest.approx(2.5, rel=1e-3)  # not the unweighted mean

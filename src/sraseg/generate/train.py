@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_snr
 
 from sraseg.device import autocast, pick_device, seed_everything
 from sraseg.errors import ConfigError, DatasetError
@@ -74,6 +74,11 @@ class GeneratorSettings:
         warmup_steps (`int`, 100): linear learning-rate warmup iterations.
         num_train_timesteps (`int`, 1000): DDPM noise levels.
         beta_schedule (`str`, "linear"): DDPM beta schedule ("linear", "scaled_linear", "squaredcos_cap_v2").
+        prediction_type (`str`, "v_prediction"): the UNet predicts "epsilon" (the noise) or "v_prediction".
+        zero_terminal_snr (`bool`, True): rescale the betas so the last level is pure noise (needs v_prediction).
+        timestep_spacing (`str`, "trailing"): "trailing" or "leading" noise levels for a sampler with fewer steps.
+        clip_sample (`bool`, False): clip the predicted clean image to [-1, 1] at each sampling step.
+        snr_gamma (`float`, 0.0): min-SNR-gamma loss weighting; 0 = uniform over noise levels.
         ema_decay (`float`, 0.999): upper bound of the EMA decay (warmed up as 1 - (1 + step)**-0.75).
         hflip (`bool`, False): random horizontal flips; off because cardiac orientation matters.
         checkpoint_every (`int`, 200): iterations between `last.ckpt` writes.
@@ -99,6 +104,11 @@ class GeneratorSettings:
     warmup_steps: int = 100
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
+    prediction_type: str = "v_prediction"
+    zero_terminal_snr: bool = True
+    timestep_spacing: str = "trailing"
+    clip_sample: bool = False
+    snr_gamma: float = 0.0
     ema_decay: float = 0.999
     hflip: bool = False
     checkpoint_every: int = 200
@@ -136,6 +146,11 @@ def validate_settings(settings: dict | GeneratorSettings | None) -> GeneratorSet
     check_positive(SECTION, "fd_sampler_steps", s.fd_sampler_steps)
     if not 0.0 <= s.ema_decay < 1.0:
         raise ConfigError(f"'{SECTION}.ema_decay' must be in [0, 1); got {s.ema_decay!r}")
+    if s.zero_terminal_snr and s.prediction_type != "v_prediction":
+        # at the pure-noise level the noise says nothing about the image: epsilon cannot be turned into x0
+        raise ConfigError(
+            f"'{SECTION}.zero_terminal_snr' needs prediction_type 'v_prediction'; got '{s.prediction_type}'"
+        )
     return s
 
 
@@ -186,32 +201,56 @@ def load_training_images(prepared_dir: Path, source: str, resolution: int) -> tu
 
 
 def make_scheduler(s: GeneratorSettings) -> DDPMScheduler:
-    """The training noise scheduler (epsilon prediction); saved beside the model for sampling."""
+    """The training noise scheduler; saved beside the model, so sampling inherits its schedule,
+    prediction type, spacing and clipping."""
     return DDPMScheduler(
-        num_train_timesteps=s.num_train_timesteps, beta_schedule=s.beta_schedule, prediction_type="epsilon"
+        num_train_timesteps=s.num_train_timesteps,
+        beta_schedule=s.beta_schedule,
+        prediction_type=s.prediction_type,
+        rescale_betas_zero_snr=s.zero_terminal_snr,
+        timestep_spacing=s.timestep_spacing,
+        clip_sample=s.clip_sample,
     )
 
 
 def diffusion_loss(
-    unet: UNet2DModel, scheduler: DDPMScheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    clean: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    snr_gamma: float = 0.0,
 ) -> torch.Tensor:
-    """DDPM epsilon-prediction loss: MSE between the added noise and the UNet's prediction.
+    """DDPM loss: MSE between the UNet's prediction and its target (the added noise for epsilon
+    prediction, the velocity for v-prediction), optionally min-SNR-gamma weighted per sample.
 
     Args:
         clean: float32 [B,1,R,R] in [-1,1]; noise: same shape, N(0,1); timesteps: int64 [B].
+        snr_gamma: > 0 weighs each sample by min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v), so the
+            nearly clean levels, whose loss is easy and large in number, stop dominating the gradient.
 
     Returns:
         scalar float32 loss.
     """
     noisy = scheduler.add_noise(clean, noise, timesteps)
-    pred = unet(noisy, timesteps).sample
-    return F.mse_loss(pred.float(), noise.float())
+    pred = unet(noisy, timesteps).sample.float()
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(clean, noise, timesteps)
+    else:
+        target = noise
+    if snr_gamma <= 0:
+        return F.mse_loss(pred, target.float())
+    snr = compute_snr(scheduler, timesteps).float()
+    weight = snr.clamp(max=snr_gamma)
+    weight = weight / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weight / snr
+    per_sample = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weight).mean()
 
 
-def train_step(unet, scheduler, optimizer, lr_scheduler, ema, batch, noise, timesteps, device) -> float:
+def train_step(unet, scheduler, optimizer, lr_scheduler, ema, batch, noise, timesteps, device, snr_gamma=0.0) -> float:
     """One optimisation step (autocast on CUDA); returns the loss. Module-level so tests can interrupt it."""
     with autocast(device):
-        loss = diffusion_loss(unet, scheduler, batch, noise, timesteps)
+        loss = diffusion_loss(unet, scheduler, batch, noise, timesteps, snr_gamma)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(unet.parameters(), MAX_GRAD_NORM)
@@ -373,7 +412,7 @@ def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | Generato
             batch, noise, timesteps = _draw_batch(images, s, gen)
             loss = train_step(
                 unet, noise_scheduler, optimizer, lr_scheduler, ema,
-                batch.to(device), noise.to(device), timesteps.to(device), device,
+                batch.to(device), noise.to(device), timesteps.to(device), device, s.snr_gamma,
             )  # fmt: skip
             if not np.isfinite(loss):
                 raise ConfigError(f"'{SECTION}.lr': loss became {loss} at step {step + 1}; lower the learning rate")
