@@ -21,7 +21,8 @@ def _help(stage: str, capsys) -> str:
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("stage", "section"), [("train", "train"), ("sample", "sample"), ("train-generator", "generator")])
+@pytest.mark.parametrize(("stage", "section"), [("train", "train"), ("sample", "sample"), ("train-generator", "generator"),
+                                                ("content", "content")])
 def test_help_lists_every_setting_with_its_schema_default(stage, section, capsys):
     text = _help(stage, capsys)
     rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ") and len(line.split()) > 1}

@@ -23,6 +23,7 @@ SECTIONS = {
     "index": ("sraseg.embed.index", "IndexSettings"),
     "blend": ("sraseg.blend.run", "BlendSettings"),
     "train": ("sraseg.train.loop", "TrainSettings"),
+    "content": ("sraseg.evaluate.content", "ContentSettings"),
 }
 
 

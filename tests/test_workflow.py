@@ -61,7 +61,7 @@ def test_labeled_only_plan_never_builds_the_generator(workdir: Path):
     (workdir / "config" / "supervised.yaml").write_text(yaml.safe_dump(config))
     result = snakemake(workdir, "-n", config="supervised.yaml")
     assert "prepare" in result.stdout
-    for rule in ("train_generator", "sample", "embed", "index", "blend"):
+    for rule in ("train_generator", "sample", "embed", "index", "blend", "content"):
         assert f"rule {rule}:" not in result.stdout
 
 
@@ -115,8 +115,14 @@ def test_tiny_workflow_end_to_end(workdir: Path):
     assert encoder["weights_sha256"].startswith("b0353104")
     fd = json.loads((results / "embed" / "fd_dinov2.json").read_text())
     assert fd["fd_ratio"] == pytest.approx(fd["fd_dinov2"] / fd["fd_floor"])
-    for figure in ("training_curves", "overlays", "real_vs_synthetic", "embedding_projection", "blend_sraseg"):
+    for figure in ("training_curves", "overlays", "real_vs_synthetic", "embedding_projection", "blend_sraseg",
+                   "synthetic_content"):  # fmt: skip
         assert (results / "report" / "figures" / f"{figure}.png").stat().st_size > 1000
+    # what the synthetic images contain: the labeled-only model against held-out real slices, in the report
+    content = json.loads((results / "content" / "content.json").read_text())
+    assert set(content["per_class"]) == {"RV", "MYO", "LV"} and content["n_synthetic"] == 8
+    assert content["model"].endswith("labeled_only/seed1/model.safetensors")
+    assert "## What the synthetic images contain" in markdown
     # Nothing is left to do after a complete run.
     dry = snakemake(workdir, "-n", snakefile=snakefile)
     assert "Nothing to be done" in dry.stdout + dry.stderr
@@ -157,7 +163,9 @@ def _reruns(workdir: Path, snakefile: Path, results: Path) -> None:
     upstream_mtimes = {p: p.stat().st_mtime_ns for p in (results / "generator" / "train_log.csv",
                        results / "prepared" / "slices.parquet", results / "sraseg" / "seed1" / "model.safetensors")}
     ran = snakemake(workdir, config="changed.yaml", snakefile=snakefile)
-    assert job_stats(ran.stdout + ran.stderr) == {"train": 1, "predict": 1, "evaluate": 1, "report": 1, "all": 1}
+    # the content stage segments with the labeled-only model, so it reruns with it
+    assert job_stats(ran.stdout + ran.stderr) == {"train": 1, "predict": 1, "evaluate": 1, "content": 1, "report": 1,
+                                                  "all": 1}  # fmt: skip
     assert model.read_bytes() != before
     assert {p: p.stat().st_mtime_ns for p in upstream_mtimes} == upstream_mtimes
     assert json.loads((results / "labeled_only" / "seed1" / "train.json").read_text())["settings"]["labeled_batch"] == 3

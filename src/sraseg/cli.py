@@ -331,6 +331,28 @@ def _add_evaluate(sub):
     )
 
 
+def _add_content(sub):
+    p = _parser(sub, "content", "what the synthetic images contain: the labeled-only model segments them and "
+                "as many held-out real slices", "content")  # fmt: skip
+    _path(p, "--model", required=True, help="labeled-only train output: results/{ds}/{exp}/seed{N} or its model.safetensors")
+    _path(p, "--synthetic-dir", "--synthetic", required=True, help="sample stage output folder")
+    _path(p, "--prepared-dir", "--prepared", required=True, help="prepare output folder")
+    _path(p, "--out-dir", required=True, help="content folder (content.json, content.parquet, content.png)")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
+                   help="overrides the settings' device (auto: CUDA when torch sees one)")  # fmt: skip
+    _add_config(p)
+    p.set_defaults(
+        target="sraseg.evaluate.content",
+        kwargs=lambda a: dict(
+            model=a.model,
+            synthetic_dir=a.synthetic_dir,
+            prepared_dir=a.prepared_dir,
+            out_dir=a.out_dir,
+            settings=section_settings(a) | ({} if a.device is None else {"device": a.device}),
+        ),
+    )
+
+
 def _report_settings(a) -> dict:
     merged = {}
     if a.config is not None:
@@ -373,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_train,
         _add_predict,
         _add_evaluate,
+        _add_content,
         _add_report,
     ):
         add(sub)

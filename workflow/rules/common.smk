@@ -34,6 +34,7 @@ PREPARED = f"{RESULTS}/prepared"
 GENERATOR = f"{RESULTS}/generator"
 SYNTHETIC = f"{RESULTS}/synthetic"
 EMBED = f"{RESULTS}/embed"
+CONTENT = f"{RESULTS}/content"
 LOGS = f"{RESULTS}/logs"
 EXPERIMENTS = config["experiments"]
 SEEDS = config["seeds"]
@@ -137,11 +138,29 @@ def uses(what):
     return any(needs(exp, what) for exp in EXPERIMENTS)
 
 
+def content_experiment():
+    """The first experiment with method labeled_only (its first seed's model segments for `content`), or None."""
+    return next((exp for exp in EXPERIMENTS if method_of(exp) == "labeled_only"), None)
+
+
+def content_enabled():
+    """The content rule exists when there is a labeled-only model and some experiment uses synthetic data."""
+    return content_experiment() is not None and uses("synthetic")
+
+
+def content_model():
+    """The weights and description of the labeled-only model the content rule segments with."""
+    run = f"{RESULTS}/{content_experiment()}/seed{SEEDS[0]}"
+    return {"model": f"{run}/model.safetensors", "meta": f"{run}/model.json"}
+
+
 def report_optional_inputs():
     """Synthetic-data provenance shown in the report, when some experiment built it."""
     inputs = []
     if uses("synthetic"):
         inputs.append(f"{SYNTHETIC}/images.npy")
+    if content_enabled():
+        inputs += [f"{CONTENT}/content.json", f"{CONTENT}/content.png"]
     if uses("embed"):
         inputs += [f"{EMBED}/encoder.json", f"{EMBED}/fd_dinov2.json", f"{EMBED}/projection.png", f"{EMBED}/index.json"]
     for exp in EXPERIMENTS:
@@ -169,6 +188,10 @@ def report_outputs():
     if uses("synthetic"):
         outputs["samples"] = report(
             f"{out}/figures/real_vs_synthetic.png", caption=caption.format("samples"), category="Synthetic data"
+        )
+    if content_enabled():
+        outputs["content"] = report(
+            f"{out}/figures/synthetic_content.png", caption=caption.format("content"), category="Synthetic data"
         )
     if uses("embed"):
         outputs["projection"] = report(

@@ -3,7 +3,8 @@ metric modes, with the encoder's provenance and the synthetic set's FD-DINOv2 on
 
 Reads (under results/{ds}/): {exp}/seed{seed}/eval/summary.json, {exp}/seed{seed}/train_log.csv,
 {exp}/seed{seed}/predictions/, prepared/, synthetic/, embed/encoder.json, embed/fd_dinov2.json,
-embed/index.json (hubness per pairing rule), embed/projection.png, blend/{exp}/preview.png,
+embed/index.json (hubness per pairing rule), embed/projection.png, content/content.json and content.png (what
+the synthetic images contain, as the labeled-only model segments them), blend/{exp}/preview.png,
 blend/{exp}/pairs.parquet and blend.json (partner use per pairing rule),
 generator/fd_log.csv (the generator's FD ratio against its steps). Missing optional inputs (no synthetic data for a
 labeled-only study) leave their figure out; a missing summary is an error.
@@ -25,7 +26,7 @@ from sraseg.errors import DatasetError
 from sraseg.io import read_json, staged_outputs
 from sraseg.settings import parse_settings
 
-__all__ = ["ReportSettings", "collect_results", "write_markdown", "write_html", "run"]
+__all__ = ["ReportSettings", "collect_results", "content_lines", "write_markdown", "write_html", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,57 @@ def _provenance_lines(results_dir: Path) -> list[str]:
     return lines
 
 
+CONTENT_HEADING = "What the synthetic images contain"
+
+
+def _points(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}"
+
+
+def content_lines(results_dir: Path) -> list[str]:
+    """The content stage's findings (content/content.json) as bullet lines; none when it did not run.
+
+    Per class: presence real vs synthetic, the gap and its real-vs-real floor, the area W1 and its floor;
+    then the intensity check.
+    """
+    path = results_dir / "content" / "content.json"
+    if not path.is_file():
+        return []
+    record = read_json(path)
+    try:
+        model = "/".join(Path(record["model"]).parts[-3:])
+        floor = record.get("floor")
+        lines = [
+            f"- Segmented by the `{record.get('model_method') or 'labeled_only'}` model ({model}): "
+            f"{record['n_synthetic']} synthetic images against {record['n_real']} held-out real slices "
+            f"({record['real_set'].replace('_', ' ')}, {record['real_patients']} patients); a class is present "
+            f"where it covers at least {100 * record['min_area']:g}% of the image. Floor: "
+            + ("two patient-disjoint halves of the held-out real set (sizes "
+               f"{floor['sizes'][0]} and {floor['sizes'][1]})" if floor else "none (fewer than two patients)")
+        ]
+        for name in record["classes"]:
+            c = record["per_class"][name]
+            w1_floor = "n/a" if c.get("area_w1_floor") is None else f"{c['area_w1_floor']:.4f}"
+            gap_floor = "n/a" if c.get("presence_gap_floor") is None else f"{_points(c['presence_gap_floor'])} points"
+            lines.append(
+                f"- {name}: present in {_points(c['presence_real'])}% of real, {_points(c['presence_synthetic'])}% "
+                f"of synthetic images, gap **{100 * c['presence_gap']:+.0f} points** (floor {gap_floor}); "
+                f"area W1 **{c['area_w1']:.4f}** (floor {w1_floor}), "
+                f"mean area {100 * c['area_mean_real']:.1f}% real, {100 * c['area_mean_synthetic']:.1f}% synthetic"
+            )
+        intensity = record["intensity"]
+        syn, real = intensity["synthetic"], intensity["real"]
+        lines.append(
+            f"- Intensity: mean {syn['mean']:.3f} synthetic, {real['mean']:.3f} real; mean per-slice minimum "
+            f"{syn['mean_min']:.3f} synthetic, {real['mean_min']:.3f} real"
+            + (" (**grey background**: the synthetic slices lack the black background of MRI)"
+               if intensity.get("grey_background") else "")
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise DatasetError(f"{path}: not a content record ({err!r}); rerun the content stage") from None
+    return lines
+
+
 def _sections(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame, list[tuple[str, list]]]]:
     """Per mode: (heading, its rows, [(table caption, columns)]); shared by the markdown and HTML tables."""
     overall = [(name.upper() if name in ("hd95", "asd") else name.capitalize(), name, "mean") for name in METRICS]
@@ -167,9 +219,12 @@ def _sections(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame, list[tuple[s
     return out
 
 
-def write_markdown(frame: pd.DataFrame, path: Path, title: str, provenance: list[str], seeds: list[int]) -> None:
+def write_markdown(frame: pd.DataFrame, path: Path, title: str, provenance: list[str], seeds: list[int],
+                   content: list[str] | None = None) -> None:  # fmt: skip
     parts = [f"# {title}", ""]
     parts += provenance + [f"- seeds: {', '.join(map(str, seeds))}; values are mean ± std over seeds", ""]
+    if content:
+        parts += [f"## {CONTENT_HEADING}", ""] + content + [""]
     for heading, sub, tables in _sections(frame):
         parts.append(f"## {heading}")
         for caption, columns in tables:
@@ -188,7 +243,8 @@ def _inline_html(text: str) -> str:
     return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
 
 
-def write_html(frame: pd.DataFrame, path: Path, title: str, provenance: list[str], seeds: list[int]) -> None:
+def write_html(frame: pd.DataFrame, path: Path, title: str, provenance: list[str], seeds: list[int],
+               content: list[str] | None = None) -> None:  # fmt: skip
     """The results tables as one self-contained HTML page (embedded in `snakemake --report`)."""
     import html
 
@@ -202,6 +258,9 @@ def write_html(frame: pd.DataFrame, path: Path, title: str, provenance: list[str
         "<ul>" + "".join(f"<li>{_inline_html(line)}</li>" for line in provenance if line.strip()),
         f"<li>seeds: {', '.join(map(str, seeds))}; values are mean ± std over seeds</li></ul>",
     ]
+    if content:
+        parts.append(f"<h2>{html.escape(CONTENT_HEADING)}</h2>")
+        parts.append("<ul>" + "".join(f"<li>{_inline_html(line)}</li>" for line in content) + "</ul>")
     for heading, sub, tables in _sections(frame):
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         for caption, columns in tables:
@@ -231,8 +290,9 @@ def run(results_dir: Path | str, out_dir: Path | str, settings: dict) -> pd.Data
     with staged_outputs(out_dir) as staged:
         frame.to_csv(staged.path("results.csv"), index=False)
         title, provenance = f"Results: {results_dir.name}", _provenance_lines(results_dir)
-        write_markdown(frame, staged.path("results.md"), title, provenance, config.seeds)
-        write_html(frame, staged.path("results.html"), title, provenance, config.seeds)
+        content = content_lines(results_dir)
+        write_markdown(frame, staged.path("results.md"), title, provenance, config.seeds, content)
+        write_html(frame, staged.path("results.html"), title, provenance, config.seeds, content)
         figures.training_curves(results_dir, config.experiments, config.seeds, staged.path("figures/training_curves.png"))
         figures.overlays(results_dir, config.experiments, config.seeds[0], staged.path("figures/overlays.png"))
         fd_log = results_dir / "generator" / "fd_log.csv"
@@ -240,6 +300,9 @@ def run(results_dir: Path | str, out_dir: Path | str, settings: dict) -> pd.Data
             figures.generator_fd_curve(fd_log, staged.path("figures/generator_fd_ratio.png"))
         if (results_dir / "synthetic" / "images.npy").is_file():
             figures.real_vs_synthetic(results_dir, staged.path("figures/real_vs_synthetic.png"))
+        content_figure = results_dir / "content" / "content.png"
+        if content_figure.is_file():
+            shutil.copyfile(content_figure, staged.path("figures/synthetic_content.png"))
         projection = results_dir / "embed" / "projection.png"
         if projection.is_file():
             shutil.copyfile(projection, staged.path("figures/embedding_projection.png"))
