@@ -9,6 +9,7 @@ mixed the opposite way. Whatever loss the step uses, it must be (much) lower for
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from sraseg.settings import parse_settings
 from sraseg.train import loop
 from sraseg.train.data import augment, load_blend, load_prepared, load_synthetic, sample_indices
 from sraseg.train.losses import one_hot, soft_dice_ce
-from sraseg.train.teacher import pseudo_labels, update_ema
+from sraseg.train.teacher import pseudo_labels, teacher_logits, update_ema
 from sraseg.train.unet import UNet
 
 LEVELS = torch.tensor([0.1, 0.8, 0.4, 0.9])  # train_fixtures.disc_slice: intensity of each class
@@ -89,6 +90,57 @@ def test_pseudo_labels_use_the_teacher_in_eval_mode():
     images = torch.rand(3, 1, 16, 16)
     first, second = pseudo_labels(teacher, images, C), pseudo_labels(teacher, images, C)
     assert torch.equal(first, second) and same_state(state_of(teacher), before)
+
+
+def _batch_norms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def test_teacher_train_mode_normalises_with_the_batch_and_leaves_running_statistics():
+    """teacher_mode train (the reference): BatchNorm uses the statistics of the batch it is given, so the
+    same image gets other logits (and here other pseudo-labels) beside other images; eval mode gives the
+    same ones in any batch. Neither mode writes the running statistics, and the teacher ends in eval mode."""
+    torch.manual_seed(0)
+    teacher = UNet(channels=[4, 8], dropout=[0.0, 0.0])
+    teacher.train()
+    teacher(torch.rand(4, 1, 16, 16) * 0.2)  # running statistics unlike either batch below
+    teacher.eval()
+    before = state_of(teacher)
+    image = torch.rand(1, 1, 16, 16)
+    batch_a = torch.cat([image, torch.rand(3, 1, 16, 16)])
+    batch_b = torch.cat([image, torch.rand(3, 1, 16, 16) * 3 + 1])
+    for mode in ("eval", "train"):
+        a, b = teacher_logits(teacher, batch_a, mode)[0], teacher_logits(teacher, batch_b, mode)[0]
+        assert torch.equal(a, b) == (mode == "eval"), mode
+        assert same_state(state_of(teacher), before), f"{mode} mode moved the teacher's buffers"
+        assert not teacher.training and all(m.track_running_stats for m in _batch_norms(teacher))
+    # train mode is exactly a forward in train() on the batch's statistics (which would move the buffers)
+    plain = copy.deepcopy(teacher).train()
+    torch.testing.assert_close(teacher_logits(teacher, batch_a, "train"), plain(batch_a), rtol=0, atol=0)
+    assert not same_state(state_of(plain), before)
+    labels = {mode: [pseudo_labels(teacher, x, C, mode)[0] for x in (batch_a, batch_b)] for mode in ("eval", "train")}
+    assert torch.equal(*labels["eval"]) and not torch.equal(*labels["train"])
+    with pytest.raises(ValueError, match="eval, train"):
+        pseudo_labels(teacher, batch_a, C, "inference")
+
+
+def test_teacher_train_mode_has_dropout_on_and_the_ema_stays_exact():
+    torch.manual_seed(1)
+    teacher, student = UNet(**SMALL_NET), UNet(**SMALL_NET)
+    student.train()
+    student(torch.rand(2, 1, 16, 16))  # the student's running statistics move
+    images = torch.rand(2, 1, 16, 16)
+    before = state_of(teacher)
+    assert torch.equal(teacher_logits(teacher, images, "eval"), teacher_logits(teacher, images, "eval"))
+    assert not torch.equal(teacher_logits(teacher, images, "train"), teacher_logits(teacher, images, "train"))
+    pseudo_labels(teacher, images, C, "train")
+    update_ema(teacher, student, 0.99)
+    after, s = state_of(teacher), state_of(student)
+    for key, value in after.items():  # exactly the EMA of what the teacher had before it labelled
+        if value.is_floating_point():
+            torch.testing.assert_close(value, 0.99 * before[key] + 0.01 * s[key], rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(value, s[key])
 
 
 # --- augmentation ---------------------------------------------------------------------------------------
