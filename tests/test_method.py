@@ -25,7 +25,7 @@ from train_fixtures import TINY, make_all, make_blend
 from sraseg.errors import SrasegError
 from sraseg.settings import parse_settings
 from sraseg.train import loop
-from sraseg.train.data import augment, load_blend, load_prepared, load_synthetic, sample_indices
+from sraseg.train.data import augment, augment_pair, load_blend, load_prepared, load_synthetic, sample_indices
 from sraseg.train.losses import one_hot, soft_dice_ce
 from sraseg.train.teacher import pseudo_labels, teacher_logits, update_ema
 from sraseg.train.unet import UNet
@@ -187,6 +187,31 @@ def test_augment_moves_image_and_label_together():
     assert len({tuple(out_labels[i].flatten().tolist()) for i in range(len(labels)) if kinds[i] == "flip"}) > 3
     same = augment(images, labels, torch.Generator().manual_seed(0), "none")
     assert torch.equal(same[0], images) and torch.equal(same[1], labels)
+
+
+def test_augment_pair_shared_or_separate():
+    """shared: one transform per row for both batches (the draws of one `augment` on the stacked channels);
+    separate: the first batch's transforms, then the second's with its labels, drawn in that order."""
+    labels = _asymmetric_labels(24)
+    images = labels / 3  # both batches start as the same images: a shared transform keeps them equal
+
+    def draw(pairing):
+        return augment_pair(images, images.clone(), labels, torch.Generator().manual_seed(0), "rot_flip_or_rotate",
+                            pairing)
+
+    f, s, lab = draw("shared")
+    assert torch.equal(f, s) and not torch.equal(f, images)
+    pair, want_lab = augment(torch.cat([images, images], 1), labels, torch.Generator().manual_seed(0),
+                             "rot_flip_or_rotate")
+    assert torch.equal(torch.cat([f, s], 1), pair) and torch.equal(lab, want_lab)
+    f, s, lab = draw("separate")
+    assert sum(not torch.equal(f[i], s[i]) for i in range(len(labels))) > 6, "separate transforms differ on many rows"
+    g = torch.Generator().manual_seed(0)
+    want_f, _ = augment(images, None, g, "rot_flip_or_rotate")
+    want_s, want_lab = augment(images, labels, g, "rot_flip_or_rotate")  # the labels follow the second batch
+    assert torch.equal(f, want_f) and torch.equal(s, want_s) and torch.equal(lab, want_lab)
+    with pytest.raises(ValueError, match="shared, separate"):
+        draw("mixed")
 
 
 # --- the steps: a context as run builds it, spies on every input of the mix ------------------------------
