@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sraseg.train import loop
 from sraseg.train.losses import (
     DICE_EPS,
     bcp_region_loss,
@@ -88,13 +89,14 @@ def test_pseudo_weight_half_equals_the_hand_value():
     CE: (0.5 * ln 2 + 1 * ln 4/3) / (0.5 + 1)."""
     dice = 1 - (0.5 / (1.0 + DICE_EPS) + 1.5 / (2.0 + DICE_EPS)) / 2
     ce = (0.5 * math.log(2) + math.log(4 / 3)) / 1.5
-    loss, got_dice, got_ce = soft_dice_ce(TWO_PIXELS["logits"], TWO_PIXELS["target"],
-                                          weight=1 - 0.5 * TWO_PIXELS["share"])
-    assert got_dice.item() == pytest.approx(dice, rel=1e-6)
-    assert got_ce.item() == pytest.approx(ce, rel=1e-6)
-    assert loss.item() == pytest.approx(0.375 + 0.422843, abs=1e-5)
-    # weights all 1 give the plain soft loss
+    terms = loop._soft_terms(TWO_PIXELS["logits"], TWO_PIXELS["target"], TWO_PIXELS["share"], 0.5)
+    assert terms["dice_loss"].item() == pytest.approx(dice, rel=1e-6)
+    assert terms["ce_loss"].item() == pytest.approx(ce, rel=1e-6)
+    assert terms["loss"].item() == pytest.approx(0.375 + 0.422843, abs=1e-5)
+    # pseudo_weight 1 is the plain soft loss, and weights all 1 give it too
     plain = soft_dice_ce(TWO_PIXELS["logits"], TWO_PIXELS["target"])[0]
+    assert torch.equal(loop._soft_terms(TWO_PIXELS["logits"], TWO_PIXELS["target"], TWO_PIXELS["share"], 1.0)["loss"],
+                       plain)
     ones = soft_dice_ce(TWO_PIXELS["logits"], TWO_PIXELS["target"], weight=torch.ones(1, 1, 1, 2))[0]
     assert ones.item() == pytest.approx(plain.item(), rel=1e-6)
     assert plain.item() == pytest.approx(1 - (1 / 1.75 + 1.5 / 2.25) / 2 + (math.log(2) + math.log(4 / 3)) / 2, rel=1e-5)
@@ -106,6 +108,8 @@ def test_soft_loss_split_is_the_loss_on_each_source():
     pseudo, true = soft_dice_ce_split(TWO_PIXELS["logits"], TWO_PIXELS["target"], TWO_PIXELS["share"])
     assert pseudo.item() == pytest.approx(1 - (1 / (1.5 + DICE_EPS)) / 2 + math.log(2), rel=1e-6)
     assert true.item() == pytest.approx(1 - (1.5 / (1.75 + DICE_EPS)) / 2 + math.log(4 / 3), rel=1e-6)
+    terms = loop._soft_terms(TWO_PIXELS["logits"], TWO_PIXELS["target"], TWO_PIXELS["share"], 1.0)
+    assert (terms["loss_pseudo"], terms["loss_true"]) == (pseudo, true)
 
 
 def test_weighted_soft_loss_is_scale_free_and_checks_shapes():

@@ -22,11 +22,12 @@ from safetensors.torch import load_file
 from torch import nn
 from train_fixtures import TINY, make_all, make_blend
 
+import sraseg.train.data as train_data
 from sraseg.errors import SrasegError
 from sraseg.settings import parse_settings
 from sraseg.train import loop
 from sraseg.train.data import augment, augment_pair, load_blend, load_prepared, load_synthetic, sample_indices
-from sraseg.train.losses import one_hot, soft_dice_ce
+from sraseg.train.losses import one_hot, sigmoid_rampup, soft_dice_ce, soft_dice_ce_split
 from sraseg.train.teacher import pseudo_labels, teacher_logits, update_ema
 from sraseg.train.unet import UNet
 
@@ -241,7 +242,10 @@ class Calls:
     maps: list = field(default_factory=list)
     indices: list = field(default_factory=list)
     pseudo: list = field(default_factory=list)  # (teacher, images, pseudo-labels)
+    modes: list = field(default_factory=list)  # the teacher mode of each pseudo_labels call
     targets: list = field(default_factory=list)  # soft_dice_ce targets
+    weights: list = field(default_factory=list)  # soft_dice_ce per-pixel weights (None: unweighted)
+    shares: list = field(default_factory=list)  # soft_dice_ce_split pseudo-label shares
 
 
 def spy(monkeypatch, ctx: loop.TrainContext) -> Calls:
@@ -252,9 +256,10 @@ def spy(monkeypatch, ctx: loop.TrainContext) -> Calls:
         calls.augment.append((images.clone(), None if labels is None else labels.clone(), *out))
         return out
 
-    def pseudo_spy(teacher, images, num_classes):
-        out = pseudo_labels(teacher, images, num_classes)
+    def pseudo_spy(teacher, images, num_classes, mode="eval"):
+        out = pseudo_labels(teacher, images, num_classes, mode)
         calls.pseudo.append((teacher, images.clone(), out))
+        calls.modes.append(mode)
         return out
 
     def indices_spy(population, count, generator):
@@ -264,7 +269,12 @@ def spy(monkeypatch, ctx: loop.TrainContext) -> Calls:
 
     def loss_spy(logits, target, *args, **kwargs):
         calls.targets.append(target.detach().clone())
+        calls.weights.append(kwargs.get("weight"))
         return soft_dice_ce(logits, target, *args, **kwargs)
+
+    def split_spy(logits, target, pseudo_share):
+        calls.shares.append(pseudo_share.clone())
+        return soft_dice_ce_split(logits, target, pseudo_share)
 
     maps = ctx.blend_maps
 
@@ -273,9 +283,11 @@ def spy(monkeypatch, ctx: loop.TrainContext) -> Calls:
         return calls.maps[-1]
 
     monkeypatch.setattr(loop, "augment", augment_spy)
+    monkeypatch.setattr(train_data, "augment", augment_spy)  # augment_pair's calls (sraseg's pairs)
     monkeypatch.setattr(loop, "pseudo_labels", pseudo_spy)
     monkeypatch.setattr(loop, "sample_indices", indices_spy)
     monkeypatch.setattr(loop, "soft_dice_ce", loss_spy)
+    monkeypatch.setattr(loop, "soft_dice_ce_split", split_spy)
     ctx.blend_maps = maps_spy
     return calls
 
@@ -382,10 +394,18 @@ def test_bcp_selftrain_mixes_both_ways_with_teacher_labels_of_unmixed_images(met
     assert torch.equal(a, a.round()) and len(a) == 2 * (len(l_img) // 2)  # one hard map per mixed image
 
 
+def _augmented_pair(calls, ctx):
+    """(s, r, r's labels) as the step augmented them: one call on the stacked pair, or one call each."""
+    if ctx.cfg.pair_augment == "shared":
+        _, _, pair, r_lab = calls.augment[0]
+        return pair[:, :1], pair[:, 1:], r_lab
+    (_, _, s, _), (_, _, r, r_lab) = calls.augment[:2]
+    return s, r, r_lab
+
+
 def sraseg_expect(calls, ctx):
     idx = calls.indices[0].numpy()
-    _, _, pair, r_lab = calls.augment[0]
-    s, r = pair[:, :1], pair[:, 1:]
+    s, r, r_lab = _augmented_pair(calls, ctx)
     a = ctx.bank.maps[torch.from_numpy(idx)][:, None].float()
     _, _, pseudo = calls.pseudo[0]
     ys, yr = one_hot(pseudo, C), _labels(r_lab)
@@ -417,6 +437,77 @@ def test_sraseg_selftrain_mixes_bank_pairs_with_teacher_labels_of_unmixed_synthe
     a = ctx.bank.maps[calls.indices[0]].float()
     assert ((a > 0) & (a < 1)).any()  # soft maps: the label really is continuous
     torch.testing.assert_close(torch.cat(calls.targets), sraseg_expect(calls, ctx)[0][1])
+    assert calls.weights == [None, None]  # pseudo_weight 1: the reference's unweighted soft loss
+
+
+def test_sraseg_separate_pair_augmentation_mixes_each_image_with_its_own_transform(inputs, monkeypatch):
+    calls, ctx, _ = run_step(monkeypatch, inputs, "sraseg", loop._sraseg_selftrain_step, sraseg_expect,
+                             pair_augment="separate")
+    idx = calls.indices[0].numpy()
+    (s_in, s_lab_in, s, _), (r_in, r_lab_in, r, _) = calls.augment[:2]
+    rows = torch.from_numpy(ctx.bank_real_pos[idx])
+    assert s_lab_in is None and torch.equal(s_in[:, 0], ctx.synthetic[torch.from_numpy(ctx.bank.synthetic_ids[idx])])
+    assert torch.equal(r_in[:, 0], ctx.prepared.labeled_images[rows])
+    assert torch.equal(r_lab_in[:, 0], ctx.prepared.labeled_labels[rows].float())
+    teacher, seen, _ = calls.pseudo[0]
+    assert torch.equal(seen, s)  # the teacher labels the synthetic image as it was augmented
+    torch.testing.assert_close(torch.cat(calls.targets), sraseg_expect(calls, ctx)[0][1])
+
+
+@pytest.mark.parametrize("method", ["bcp_real", "sraseg"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_selftrain_steps_label_in_the_configured_teacher_mode(method, mode, inputs, monkeypatch):
+    ctx = make_ctx(inputs, method, teacher_mode=mode)
+    calls = spy(monkeypatch, ctx)
+    ctx.student = UNet(**SMALL_NET)
+    loop.training_phases(ctx.cfg)[-1][2](ctx)
+    assert calls.modes == [mode]
+
+
+@pytest.mark.parametrize("rampup", [0, 4])
+def test_sraseg_pseudo_weight_weighs_the_pseudo_share_of_each_pixel(rampup, inputs, monkeypatch):
+    """pseudo_weight w (times the ramp-up factor r): pixel weights 1 - (1 - w*r)*m with m = a in x1 and
+    1 - a in x2; the loss split gets the same shares."""
+    ctx = make_ctx(inputs, "sraseg", pseudo_weight=0.5, unlabeled_rampup=rampup)
+    calls = spy(monkeypatch, ctx)
+    ctx.student = UNet(**SMALL_NET)
+    terms = loop._sraseg_selftrain_step(ctx)
+    a = ctx.bank.maps[calls.indices[0]].float()[:, None]
+    h = len(a) // 2
+    share = torch.cat([a[:h], 1 - a[h:]])
+    w = 0.5 * sigmoid_rampup(ctx.step - ctx.cfg.pretrain_iterations, rampup)
+    assert (w == 0.5) == (rampup == 0) and ctx.step - ctx.cfg.pretrain_iterations == 1
+    torch.testing.assert_close(torch.cat(calls.weights), 1 - (1 - w) * share, rtol=0, atol=1e-7)
+    torch.testing.assert_close(torch.cat(calls.shares), share, rtol=0, atol=0)
+    assert {"loss_true", "loss_pseudo", "pl_frac_rv", "pl_frac_myo", "pl_frac_lv"} <= terms.keys()
+
+
+@pytest.mark.parametrize("method", ["bcp_real", "sraseg"])
+def test_mean_reduction_is_half_the_sum(method, inputs):
+    """selftrain_reduction mean: every loss term exactly half the sum's (same draws; SA off here, it is
+    added after the reduction); the pseudo-label fractions do not change."""
+    out = {}
+    for reduction in ("sum", "mean"):
+        ctx = make_ctx(inputs, method, selftrain_reduction=reduction)
+        torch.manual_seed(0)
+        ctx.student = UNet(**SMALL_NET)
+        out[reduction] = {k: v.detach() for k, v in loop.training_phases(ctx.cfg)[-1][2](ctx).items()}
+    assert out["sum"].keys() == out["mean"].keys()
+    for key, total in out["sum"].items():
+        want = out["mean"][key] if key.startswith("pl_frac") else 2 * out["mean"][key]
+        assert torch.equal(total, want), key
+
+
+def test_bcp_loss_split_and_pseudo_label_fractions(inputs, monkeypatch):
+    """BCP: loss = loss_true + 0.5 * loss_pseudo (each region's terms before its weight); pl_frac_* are
+    the class shares of the pseudo-labels (here all MYO)."""
+    ctx = make_ctx(inputs, "bcp_real")
+    ctx.student = UNet(**SMALL_NET)
+    monkeypatch.setattr(loop, "pseudo_labels", lambda t, x, c, mode="eval": torch.full((len(x), *x.shape[2:]), 2))
+    terms = loop._bcp_selftrain_step(ctx)
+    torch.testing.assert_close(terms["loss"], terms["loss_true"] + 0.5 * terms["loss_pseudo"])
+    assert not torch.allclose(terms["loss"], 0.5 * terms["loss_true"] + terms["loss_pseudo"])
+    assert (terms["pl_frac_rv"], terms["pl_frac_myo"], terms["pl_frac_lv"]) == (0.0, 1.0, 0.0)
 
 
 def test_sraseg_selftrain_with_the_hard_bank(inputs, tmp_path, monkeypatch):
