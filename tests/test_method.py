@@ -540,6 +540,9 @@ def test_teacher_and_model_selection_in_the_loop(inputs, tmp_path, monkeypatch):
     events: list[tuple] = []
 
     def fake_validate(model, images, labels, cases, device, batch=32):
+        if any(e[0] == "self" and e[1] is model for e in events):  # the teacher's Dice, logged beside
+            events.append(("teacher_val", state_of(model)))
+            return np.full(3, 1.0)  # better than any student: must not be what picks the kept model
         events.append(("val", state_of(model)))
         return np.full(3, dice[sum(e[0] == "val" for e in events) - 1])
 
@@ -563,8 +566,10 @@ def test_teacher_and_model_selection_in_the_loop(inputs, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "update_ema", ema_spy)
     out = loop.run(out_dir=tmp_path / "run", settings=settings, seed=2, **inputs)
 
-    kinds = [e[0] for e in events if e[0] != "val"]
+    kinds = [e[0] for e in events if e[0] not in ("val", "teacher_val")]
     assert kinds == ["pre"] * 3 + ["self", "ema"] * 3
+    # the teacher is validated right after the student at each self-training validation, as it is then
+    assert [e[0] for e in events if e[0] in ("val", "teacher_val")] == ["val"] * 3 + ["val", "teacher_val"] * 3
     assert all(e[1] is None for e in events if e[0] == "pre")
     vals = [e[1] for e in events if e[0] == "val"]
     selfs = [e for e in events if e[0] == "self"]
@@ -573,6 +578,10 @@ def test_teacher_and_model_selection_in_the_loop(inputs, tmp_path, monkeypatch):
     assert not same_state(vals[1], vals[2])
     assert same_state(selfs[0][3], vals[1])
     assert same_state({k: v for k, v in vals[1].items() if k in selfs[0][2]}, selfs[0][2])
+    # the teacher validated is the one after that iteration's EMA update
+    teacher_vals = [e[1] for e in events if e[0] == "teacher_val"]
+    assert same_state({k: v for k, v in teacher_vals[0].items() if k in selfs[1][2]}, selfs[1][2])
+    assert same_state(teacher_vals[-1], state_of(selfs[0][1]))
     # EMA after every step, on the teacher the step used, towards the student just updated
     for k, ema in enumerate(emas):
         assert ema[1] is selfs[k][1] and ema[2] is selfs[k][4] and ema[3] == 0.9
@@ -585,6 +594,40 @@ def test_teacher_and_model_selection_in_the_loop(inputs, tmp_path, monkeypatch):
     assert same_state(published, vals[4]) and not same_state(published, vals[5])
     best = json.loads((out / "train.json").read_text())["best"]
     assert best["phase"] == "selftrain" and best["iteration"] == 2 and best["val_dice_mean"] == pytest.approx(0.8)
+
+
+def test_a_dense_validation_can_pick_the_kept_model(inputs, tmp_path, monkeypatch):
+    """dense_val_every 1 for 2 iterations, val_every 4: the student is validated at self-training iterations
+    1, 2 and 4; the best (iteration 1, a dense check) is the published model. The teacher is validated at
+    each of them too and scores higher, yet never picks the model."""
+    settings = dict(TINY, method="bcp_real", pretrain_iterations=1, selftrain_iterations=4, val_every=4,
+                    dense_val_every=1, dense_val_iterations=2, **SMALL_NET)
+    dice, seen = iter([0.5, 0.9, 0.2, 0.3]), []
+    teachers = []
+    real_selftrain = loop._bcp_selftrain_step
+
+    def selftrain_spy(ctx):
+        teachers.append(ctx.teacher)
+        return real_selftrain(ctx)
+
+    def fake_validate(model, images, labels, cases, device, batch=32):
+        if teachers and model is teachers[0]:
+            seen.append("teacher")
+            return np.full(3, 1.0)
+        seen.append(state_of(model))
+        return np.full(3, next(dice))
+
+    monkeypatch.setattr(loop, "validate", fake_validate)
+    monkeypatch.setattr(loop, "_bcp_selftrain_step", selftrain_spy)
+    out = loop.run(out_dir=tmp_path / "run", settings=settings, seed=2, **inputs)
+    rows = list(csv.DictReader(open(out / "train_log.csv")))
+    assert [(r["phase"], int(r["iteration"])) for r in rows] == [("pretrain", 1), ("selftrain", 1), ("selftrain", 2),
+                                                                 ("selftrain", 4)]
+    assert [x == "teacher" for x in seen] == [False] + [False, True] * 3
+    assert [float(r["teacher_val_dice_mean"]) for r in rows[1:]] == [1.0] * 3
+    best = json.loads((out / "train.json").read_text())["best"]
+    assert (best["phase"], best["iteration"]) == ("selftrain", 1)
+    assert same_state(load_file(str(out / "model.safetensors")), seen[1])
 
 
 # --- validation --------------------------------------------------------------------------------------------

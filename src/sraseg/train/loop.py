@@ -14,9 +14,10 @@ best self-training checkpoint); the pre-train best only initialises self-trainin
 Self-training's switches (defaults = today's behaviour, which is the reference's except `teacher_mode`):
 `pseudo_weight` and `unlabeled_rampup` weigh the pseudo-labelled part, `selftrain_reduction` sums or
 averages the two mixed images' losses, `teacher_mode` runs the teacher in eval or train mode while it
-labels, `pair_augment` augments SRA-Seg's synthetic/real pair with one transform or two. The self-train
-steps also return the loss split into its true-label and pseudo-label parts and the pseudo-labels' class
-fractions.
+labels, `pair_augment` augments SRA-Seg's synthetic/real pair with one transform or two. Instruments in
+train_log.csv: the teacher's validation Dice beside the student's, the loss split into its true-label and
+pseudo-label parts, the pseudo-labels' class fractions (the labeled slices' own are in train.json), and
+denser validation early in self-training (`dense_val_every`).
 """
 
 from __future__ import annotations
@@ -69,10 +70,16 @@ log = logging.getLogger(__name__)
 
 METHODS = ("labeled_only", "bcp_real", "bcp_synthetic", "sraseg")
 CLASS_NAMES = ("rv", "myo", "lv")
+# train_log.csv, one row per validation. Columns added later go at the end, so readers by position still work.
 LOG_COLUMNS = (
     "phase", "iteration", "step", "loss", "dice_loss", "ce_loss", "sa_loss",
     "val_dice_rv", "val_dice_myo", "val_dice_lv", "val_dice_mean", "lr", "seconds",
+    "teacher_val_dice_rv", "teacher_val_dice_myo", "teacher_val_dice_lv", "teacher_val_dice_mean",
+    "loss_true", "loss_pseudo", "pl_frac_rv", "pl_frac_myo", "pl_frac_lv",
 )  # fmt: skip
+# The step terms a row averages over the iterations since the previous row (NaN where a phase has none).
+TERM_COLUMNS = ("loss", "dice_loss", "ce_loss", "sa_loss", "loss_true", "loss_pseudo", "pl_frac_rv", "pl_frac_myo",
+                "pl_frac_lv")
 SELFTRAIN_REDUCTIONS = ("sum", "mean")
 CHECKPOINT_FORMAT = 1
 
@@ -101,6 +108,9 @@ class TrainSettings:
             losses in self-training.
         pair_augment: shared (one transform for sraseg's synthetic image and its real partner) or separate.
         val_every: validate every this many iterations of a phase (and at each phase's end).
+        dense_val_every, dense_val_iterations: also validate every dense_val_every iterations during the
+            first dense_val_iterations of self-training (0: off); these validations may pick the kept
+            checkpoint like any other.
         checkpoint_every: write last.ckpt every this many iterations (and at the end).
         sa, sa_weight: SRA-Seg's similarity-alignment loss and its weight in the self-train loss.
         sa_batch: un-mixed synthetic images (and as many real ones) given the extra encoder pass for SA.
@@ -127,6 +137,8 @@ class TrainSettings:
     selftrain_reduction: str = "sum"
     pair_augment: str = "shared"
     val_every: int = 200
+    dense_val_every: int = 0
+    dense_val_iterations: int = 200
     checkpoint_every: int = 200
     sa: bool = True
     sa_weight: float = 0.1
@@ -152,7 +164,7 @@ def check_settings(cfg: TrainSettings) -> None:
     check_choice("train", "selftrain_reduction", cfg.selftrain_reduction, SELFTRAIN_REDUCTIONS)
     check_choice("train", "pair_augment", cfg.pair_augment, PAIR_AUGMENTS)
     for name in ("pretrain_iterations", "selftrain_iterations", "sa_weight", "weight_decay", "momentum",
-                 "pseudo_weight", "unlabeled_rampup"):
+                 "pseudo_weight", "unlabeled_rampup", "dense_val_every", "dense_val_iterations"):
         check_positive("train", name, getattr(cfg, name), allow_zero=True)
     for name in ("labeled_batch", "unlabeled_batch", "lr", "val_every", "checkpoint_every", "sa_batch", "val_batch"):
         check_positive("train", name, getattr(cfg, name))
@@ -500,6 +512,68 @@ def validate(model: UNet, images: torch.Tensor, labels: torch.Tensor, cases: np.
     return np.mean(scores, axis=0)
 
 
+def _validation_due(cfg: TrainSettings, phase: str, iteration: int, length: int) -> bool:
+    """Validate at this iteration of the phase: every val_every and at the phase's end; in the first
+    dense_val_iterations of self-training also every dense_val_every (the switch is where runs differ)."""
+    if iteration % cfg.val_every == 0 or iteration == length:
+        return True
+    return (phase == "selftrain" and cfg.dense_val_every > 0 and iteration <= cfg.dense_val_iterations
+            and iteration % cfg.dense_val_every == 0)
+
+
+def _validate_models(prepared, device: torch.device, batch: int, student: UNet,
+                     teacher: UNet | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """`validate` of the student and, when one is given, of the teacher (None without one)."""
+    scores = [validate(m, prepared.val_images, prepared.val_labels, prepared.val_cases, device, batch)
+              for m in (student, teacher) if m is not None]
+    return scores[0], scores[1] if len(scores) > 1 else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The log table and TensorBoard.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _log_row(running: dict[str, torch.Tensor], count: int, dice: np.ndarray, teacher_dice: np.ndarray | None,
+             **fields) -> dict:
+    """One train_log.csv row.
+
+    Args:
+        running: step-term sums since the previous row, on the device (read back here, in one sync).
+        count: iterations they sum over.
+        dice, teacher_dice: val Dice (RV, MYO, LV) of the student and of the teacher (None before it exists).
+        fields: phase, iteration, step, lr, seconds.
+    Returns:
+        {column: value} for LOG_COLUMNS; NaN for a term the phase has not and for the teacher's Dice in
+        pre-training.
+    """
+    names = [k for k in TERM_COLUMNS if k in running]
+    sums = torch.stack([running[k] for k in names]).tolist() if names else []
+    means = dict(zip(names, (s / max(count, 1) for s in sums)))
+    teacher_dice = np.full(3, np.nan) if teacher_dice is None else teacher_dice
+    row = dict(fields, **{k: means.get(k, float("nan")) for k in TERM_COLUMNS})
+    for prefix, values in (("val_dice", dice), ("teacher_val_dice", teacher_dice)):
+        row.update({f"{prefix}_{n}": float(d) for n, d in zip(CLASS_NAMES, values)})
+        row[f"{prefix}_mean"] = float(values.mean())
+    return row
+
+
+def _write_val_scalars(writer, row: dict, step: int) -> None:
+    """The row's validation Dice to TensorBoard: val/dice_* (student) and val/teacher_dice_* (self-training)."""
+    for n in (*CLASS_NAMES, "mean"):
+        writer.add_scalar(f"val/dice_{n}", row[f"val_dice_{n}"], step)
+        if np.isfinite(row[f"teacher_val_dice_{n}"]):
+            writer.add_scalar(f"val/teacher_dice_{n}", row[f"teacher_val_dice_{n}"], step)
+    writer.flush()
+
+
+def _labeled_fraction(labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Each foreground class's share of the labeled slices' pixels: what pl_frac_* (the pseudo-labels'
+    shares on the unlabeled images) would be for images like the real ones."""
+    counts = torch.bincount(labels.reshape(-1).long(), minlength=num_classes).double()
+    return {n: float(counts[c] / counts.sum()) for c, n in enumerate(CLASS_NAMES, start=1)}
+
+
 # ---------------------------------------------------------------------------------------------------
 # The run.
 # ---------------------------------------------------------------------------------------------------
@@ -565,6 +639,9 @@ def run(
     seed_everything(seed)
     generator = torch.Generator().manual_seed(seed)
     prepared = load_prepared(prepared_dir, cfg.num_classes)
+    labeled_fraction = _labeled_fraction(prepared.labeled_labels, cfg.num_classes)
+    log.info("labeled slices: class share of the pixels %s (pl_frac_* in train_log.csv: the pseudo-labels')",
+             ", ".join(f"{n} {f:.4f}" for n, f in labeled_fraction.items()))
     ctx = TrainContext(cfg=cfg, seed=seed, device=device, generator=generator, prepared=prepared, student=None)
     if cfg.method == "bcp_real":
         if len(prepared.unlabeled_images) == 0:
@@ -698,34 +775,30 @@ def run(
             progress.update()
 
             # validation, progress line and checkpoint: the only steps that read values back
-            validating = iteration % cfg.val_every == 0 or iteration == length
+            validating = _validation_due(cfg, phase, iteration, length)
             checkpointing = state["step"] % cfg.checkpoint_every == 0 or state["step"] == total
             reporting = progress.due()
             if not (validating or checkpointing or reporting):
                 continue
             values = read_back()
             if validating:
-                dice = validate(student, prepared.val_images, prepared.val_labels, prepared.val_cases, device,
-                                cfg.val_batch)
+                # the student picks the kept model; the teacher's Dice beside it shows who leads after the switch
+                dice, teacher_dice = _validate_models(prepared, device, cfg.val_batch, student,
+                                                      ctx.teacher if phase == "selftrain" else None)
                 mean_dice = float(dice.mean())
                 if mean_dice > state["best_dice"]:
                     state.update(best_dice=mean_dice, best_iteration=iteration, best_state=cpu_state(student))
-                count = max(state["running_count"], 1)
-                row = dict(phase=phase, iteration=iteration, step=state["step"],
-                           **{k: float(running[k]) / count if k in running else float("nan")
-                              for k in ("loss", "dice_loss", "ce_loss", "sa_loss")},
-                           **{f"val_dice_{n}": float(d) for n, d in zip(CLASS_NAMES, dice)},
-                           val_dice_mean=mean_dice, lr=optimizer.param_groups[0]["lr"],
-                           seconds=time.perf_counter() - started)  # fmt: skip
+                row = _log_row(running, state["running_count"], dice, teacher_dice, phase=phase, iteration=iteration,
+                               step=state["step"], lr=optimizer.param_groups[0]["lr"],
+                               seconds=time.perf_counter() - started)
                 state["log_rows"].append(row)
                 running.clear()
                 state["running_count"] = 0
-                for n, d in zip((*CLASS_NAMES, "mean"), (*dice, mean_dice)):
-                    writer.add_scalar(f"val/dice_{n}", float(d), state["step"])
-                writer.flush()
+                _write_val_scalars(writer, row, state["step"])
                 write_csv(out_dir / "train_log.csv", state["log_rows"], LOG_COLUMNS)  # watchable while training
-                log.info("%s %s iteration %d: loss %.4f, val Dice %.4f (best %.4f at %d)", cfg.method, phase,
-                         iteration, row["loss"], mean_dice, state["best_dice"], state["best_iteration"])
+                log.info("%s %s iteration %d: loss %.4f, val Dice %.4f (teacher %.4f; best %.4f at %d)", cfg.method,
+                         phase, iteration, row["loss"], mean_dice, row["teacher_val_dice_mean"], state["best_dice"],
+                         state["best_iteration"])
             if reporting:
                 progress.report(phase=phase, loss=f"{values.get('loss', float('nan')):.4f}",
                                 best=f"{state['best_dice']:.3f}")  # fmt: skip
@@ -745,7 +818,7 @@ def run(
         save_model(staged.path("model.safetensors"), final, meta)
         write_csv(staged.path("train_log.csv"), state["log_rows"], LOG_COLUMNS)
         write_json(staged.path("train.json"), dict(
-            settings=resolved, seed=seed, device=str(device), iterations=total,
+            settings=resolved, seed=seed, device=str(device), iterations=total, labeled_fraction=labeled_fraction,
             inputs=dict(prepared_dir=str(prepared_dir), synthetic_dir=synthetic_dir and str(synthetic_dir),
                         embed_dir=embed_dir and str(embed_dir), blend_dir=blend_dir and str(blend_dir)),
             best=dict(phase=state["phase"], iteration=state["best_iteration"], val_dice_mean=state["best_dice"]),
