@@ -193,12 +193,19 @@ def test_step_loss_is_the_same_on_both_component_routes(method, inputs, monkeypa
         assert torch.equal(losses[0][key], losses[1][key]), key
 
 
+# issue 22's self-training switches, all away from their defaults
+ABLATIONS = dict(teacher_mode="train", pair_augment="separate", pseudo_weight=0.5, unlabeled_rampup=10,
+                 selftrain_reduction="mean")
+
+
+@pytest.mark.parametrize("ablations", [{}, ABLATIONS], ids=["defaults", "ablations"])
 @pytest.mark.parametrize("method", ["labeled_only", "bcp_real", "sraseg"])
-def test_step_functions_read_nothing_back_from_the_device(method, inputs):
+def test_step_functions_read_nothing_back_from_the_device(method, ablations, inputs):
     """Run every phase's step on the `meta` device, whose tensors hold no values: any read-back to the host
-    (.item(), float(), .cpu(), .numpy(), bool(), a data-dependent shape) raises there, as it would sync a GPU."""
+    (.item(), float(), .cpu(), .numpy(), bool(), a data-dependent shape) raises there, as it would sync a GPU.
+    The instruments (loss split, pseudo-label fractions) are step terms and must pass the same test."""
     cpu = make_bench(method, inputs, torch.device("cpu"), method=method, labeled_batch=4, unlabeled_batch=4,
-                     sa_batch=2)
+                     sa_batch=2, **ablations)
     meta = torch.device("meta")
     ctx = copy.copy(cpu.ctx)
     object.__setattr__(ctx, "device", meta)
@@ -214,9 +221,12 @@ def test_step_functions_read_nothing_back_from_the_device(method, inputs):
     ctx.student = cpu.ctx.student.to(meta)
     ctx.head = cpu.ctx.head.to(meta) if cpu.ctx.head is not None else None
     ctx.teacher = copy.deepcopy(ctx.student).eval()
-    for _, _, step_fn in loop.training_phases(ctx.cfg):
+    for phase, _, step_fn in loop.training_phases(ctx.cfg):
         terms = step_fn(ctx)
         assert terms["loss"].device == meta
+        if phase == "selftrain":
+            assert {"loss_true", "loss_pseudo", "pl_frac_rv"} <= terms.keys()
+            assert all(v.device == meta for v in terms.values())
         terms["loss"].backward()
         update_ema(ctx.teacher, ctx.student, 0.99)
 

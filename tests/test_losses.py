@@ -1,5 +1,6 @@
-"""Soft Dice + soft CE: equals plain Dice + CE on one-hot labels, and handles continuous labels.
-BCP's region loss: equals a value computed by hand, and weighs a pseudo-labelled region half a true one."""
+"""Soft Dice + soft CE: equals plain Dice + CE on one-hot labels, and handles continuous labels; with per-pixel
+weights (pseudo_weight, the loss split) it equals values computed by hand. BCP's region loss: equals a value
+computed by hand, weighs a pseudo-labelled region half a true one, and splits into its regions. The ramp-up."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sraseg.train.losses import bcp_region_loss, one_hot, soft_dice_ce
+from sraseg.train import loop
+from sraseg.train.losses import (
+    DICE_EPS,
+    bcp_region_loss,
+    bcp_region_parts,
+    one_hot,
+    sigmoid_rampup,
+    soft_dice_ce,
+    soft_dice_ce_split,
+)
 
 
 def test_one_hot_equals_dice_plus_cross_entropy():
@@ -61,6 +71,76 @@ def test_extreme_logits_stay_finite_and_shape_checked():
     assert torch.isfinite(loss) and ce.item() == pytest.approx(-math.log(1e-7), rel=1e-4)
     with pytest.raises(ValueError, match="shape"):
         soft_dice_ce(torch.zeros(1, 4, 2, 2), torch.zeros(1, 3, 2, 2))
+
+
+# --- per-pixel weights: pseudo_weight and the loss split ----------------------------------------------
+
+# Two pixels, two classes. Pixel 0 comes from the pseudo-labelled image (m = 1, label class 0, P = (1/2, 1/2));
+# pixel 1 from the true-labelled one (m = 0, label class 1, P = (1/4, 3/4)).
+TWO_PIXELS = dict(logits=torch.tensor([[0.0, 0.0], [0.0, math.log(3.0)]]).T.reshape(1, 2, 1, 2),
+                  target=torch.tensor([[1.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 2),
+                  share=torch.tensor([1.0, 0.0]).reshape(1, 1, 1, 2))
+
+
+def test_pseudo_weight_half_equals_the_hand_value():
+    """pseudo_weight 0.5: pixel weights (0.5, 1).
+    Dice: class 0: 2 * (0.5*1/2*1) / (0.5*(1/2 + 1) + 1*(1/4 + 0)) = 0.5 / 1.0; class 1: 2 * (1*3/4*1) /
+    (0.5*(1/2 + 0) + 1*(3/4 + 1)) = 1.5 / 2.0; Dice loss = 1 - (0.5 + 0.75)/2 = 0.375.
+    CE: (0.5 * ln 2 + 1 * ln 4/3) / (0.5 + 1)."""
+    dice = 1 - (0.5 / (1.0 + DICE_EPS) + 1.5 / (2.0 + DICE_EPS)) / 2
+    ce = (0.5 * math.log(2) + math.log(4 / 3)) / 1.5
+    terms = loop._soft_terms(TWO_PIXELS["logits"], TWO_PIXELS["target"], TWO_PIXELS["share"], 0.5)
+    assert terms["dice_loss"].item() == pytest.approx(dice, rel=1e-6)
+    assert terms["ce_loss"].item() == pytest.approx(ce, rel=1e-6)
+    assert terms["loss"].item() == pytest.approx(0.375 + 0.422843, abs=1e-5)
+    # pseudo_weight 1 is the plain soft loss, and weights all 1 give it too
+    plain = soft_dice_ce(TWO_PIXELS["logits"], TWO_PIXELS["target"])[0]
+    assert torch.equal(loop._soft_terms(TWO_PIXELS["logits"], TWO_PIXELS["target"], TWO_PIXELS["share"], 1.0)["loss"],
+                       plain)
+    ones = soft_dice_ce(TWO_PIXELS["logits"], TWO_PIXELS["target"], weight=torch.ones(1, 1, 1, 2))[0]
+    assert ones.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert plain.item() == pytest.approx(1 - (1 / 1.75 + 1.5 / 2.25) / 2 + (math.log(2) + math.log(4 / 3)) / 2, rel=1e-5)
+
+
+def test_soft_loss_split_is_the_loss_on_each_source():
+    """Pseudo part: pixel 0 alone: Dice 1 - (2*(1/2) / (3/2) + 0 / (1/2)) / 2 = 2/3, CE ln 2.
+    True part: pixel 1 alone: Dice 1 - (0 / (1/4) + 2*(3/4) / (7/4)) / 2 = 4/7, CE ln 4/3."""
+    pseudo, true = soft_dice_ce_split(TWO_PIXELS["logits"], TWO_PIXELS["target"], TWO_PIXELS["share"])
+    assert pseudo.item() == pytest.approx(1 - (1 / (1.5 + DICE_EPS)) / 2 + math.log(2), rel=1e-6)
+    assert true.item() == pytest.approx(1 - (1.5 / (1.75 + DICE_EPS)) / 2 + math.log(4 / 3), rel=1e-6)
+    terms = loop._soft_terms(TWO_PIXELS["logits"], TWO_PIXELS["target"], TWO_PIXELS["share"], 1.0)
+    assert (terms["loss_pseudo"], terms["loss_true"]) == (pseudo, true)
+
+
+def test_weighted_soft_loss_is_scale_free_and_checks_shapes():
+    torch.manual_seed(2)
+    logits, target = torch.randn(2, 4, 6, 6), one_hot(torch.randint(0, 4, (2, 6, 6)), 4)
+    weight = torch.rand(2, 1, 6, 6)
+    a, b = soft_dice_ce(logits, target, weight=weight), soft_dice_ce(logits, target, weight=3 * weight)
+    for x, y in zip(a, b):
+        assert x.item() == pytest.approx(y.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="weight"):
+        soft_dice_ce(logits, target, weight=torch.ones(2, 6, 6))
+
+
+@pytest.mark.parametrize("weights", [(0.5, 1.0), (1.0, 0.5), (0.25, 0.75)])
+def test_bcp_region_parts_give_the_loss_by_their_weights(weights):
+    torch.manual_seed(3)
+    logits, target = torch.randn(2, 4, 6, 6) * 2, one_hot(torch.randint(0, 4, (2, 6, 6)), 4)
+    mask = torch.ones(2, 1, 6, 6)
+    mask[:, :, 1:5, 2:6] = 0
+    first, second = bcp_region_parts(logits, target, mask)
+    loss = bcp_region_loss(logits, target, mask, *weights)[0]
+    assert loss.item() == pytest.approx(weights[0] * first.item() + weights[1] * second.item(), rel=1e-6)
+    assert first.item() != pytest.approx(second.item(), rel=1e-3)
+
+
+def test_sigmoid_rampup_values():
+    assert sigmoid_rampup(0, 100) == pytest.approx(math.exp(-5.0)) and sigmoid_rampup(0, 100) == pytest.approx(0.0067379, abs=1e-7)
+    assert sigmoid_rampup(50, 100) == pytest.approx(math.exp(-1.25)) and sigmoid_rampup(50, 100) == pytest.approx(0.2865048, abs=1e-7)
+    assert sigmoid_rampup(25, 100) == pytest.approx(math.exp(-5 * 0.75**2))
+    assert sigmoid_rampup(100, 100) == 1.0 and sigmoid_rampup(5000, 100) == 1.0
+    assert sigmoid_rampup(0, 0) == 1.0 and sigmoid_rampup(7, 0) == 1.0  # no ramp-up
 
 
 # --- BCP's region loss ---------------------------------------------------------------------------

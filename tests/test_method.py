@@ -9,6 +9,7 @@ mixed the opposite way. Whatever loss the step uses, it must be (much) lower for
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 from dataclasses import dataclass, field
@@ -21,12 +22,13 @@ from safetensors.torch import load_file
 from torch import nn
 from train_fixtures import TINY, make_all, make_blend
 
+import sraseg.train.data as train_data
 from sraseg.errors import SrasegError
 from sraseg.settings import parse_settings
 from sraseg.train import loop
-from sraseg.train.data import augment, load_blend, load_prepared, load_synthetic, sample_indices
-from sraseg.train.losses import one_hot, soft_dice_ce
-from sraseg.train.teacher import pseudo_labels, update_ema
+from sraseg.train.data import augment, augment_pair, load_blend, load_prepared, load_synthetic, sample_indices
+from sraseg.train.losses import one_hot, sigmoid_rampup, soft_dice_ce, soft_dice_ce_split
+from sraseg.train.teacher import pseudo_labels, teacher_logits, update_ema
 from sraseg.train.unet import UNet
 
 LEVELS = torch.tensor([0.1, 0.8, 0.4, 0.9])  # train_fixtures.disc_slice: intensity of each class
@@ -91,6 +93,57 @@ def test_pseudo_labels_use_the_teacher_in_eval_mode():
     assert torch.equal(first, second) and same_state(state_of(teacher), before)
 
 
+def _batch_norms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def test_teacher_train_mode_normalises_with_the_batch_and_leaves_running_statistics():
+    """teacher_mode train (the reference): BatchNorm uses the statistics of the batch it is given, so the
+    same image gets other logits (and here other pseudo-labels) beside other images; eval mode gives the
+    same ones in any batch. Neither mode writes the running statistics, and the teacher ends in eval mode."""
+    torch.manual_seed(0)
+    teacher = UNet(channels=[4, 8], dropout=[0.0, 0.0])
+    teacher.train()
+    teacher(torch.rand(4, 1, 16, 16) * 0.2)  # running statistics unlike either batch below
+    teacher.eval()
+    before = state_of(teacher)
+    image = torch.rand(1, 1, 16, 16)
+    batch_a = torch.cat([image, torch.rand(3, 1, 16, 16)])
+    batch_b = torch.cat([image, torch.rand(3, 1, 16, 16) * 3 + 1])
+    for mode in ("eval", "train"):
+        a, b = teacher_logits(teacher, batch_a, mode)[0], teacher_logits(teacher, batch_b, mode)[0]
+        assert torch.equal(a, b) == (mode == "eval"), mode
+        assert same_state(state_of(teacher), before), f"{mode} mode moved the teacher's buffers"
+        assert not teacher.training and all(m.track_running_stats for m in _batch_norms(teacher))
+    # train mode is exactly a forward in train() on the batch's statistics (which would move the buffers)
+    plain = copy.deepcopy(teacher).train()
+    torch.testing.assert_close(teacher_logits(teacher, batch_a, "train"), plain(batch_a), rtol=0, atol=0)
+    assert not same_state(state_of(plain), before)
+    labels = {mode: [pseudo_labels(teacher, x, C, mode)[0] for x in (batch_a, batch_b)] for mode in ("eval", "train")}
+    assert torch.equal(*labels["eval"]) and not torch.equal(*labels["train"])
+    with pytest.raises(ValueError, match="eval, train"):
+        pseudo_labels(teacher, batch_a, C, "inference")
+
+
+def test_teacher_train_mode_has_dropout_on_and_the_ema_stays_exact():
+    torch.manual_seed(1)
+    teacher, student = UNet(**SMALL_NET), UNet(**SMALL_NET)
+    student.train()
+    student(torch.rand(2, 1, 16, 16))  # the student's running statistics move
+    images = torch.rand(2, 1, 16, 16)
+    before = state_of(teacher)
+    assert torch.equal(teacher_logits(teacher, images, "eval"), teacher_logits(teacher, images, "eval"))
+    assert not torch.equal(teacher_logits(teacher, images, "train"), teacher_logits(teacher, images, "train"))
+    pseudo_labels(teacher, images, C, "train")
+    update_ema(teacher, student, 0.99)
+    after, s = state_of(teacher), state_of(student)
+    for key, value in after.items():  # exactly the EMA of what the teacher had before it labelled
+        if value.is_floating_point():
+            torch.testing.assert_close(value, 0.99 * before[key] + 0.01 * s[key], rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(value, s[key])
+
+
 # --- augmentation ---------------------------------------------------------------------------------------
 
 
@@ -137,6 +190,31 @@ def test_augment_moves_image_and_label_together():
     assert torch.equal(same[0], images) and torch.equal(same[1], labels)
 
 
+def test_augment_pair_shared_or_separate():
+    """shared: one transform per row for both batches (the draws of one `augment` on the stacked channels);
+    separate: the first batch's transforms, then the second's with its labels, drawn in that order."""
+    labels = _asymmetric_labels(24)
+    images = labels / 3  # both batches start as the same images: a shared transform keeps them equal
+
+    def draw(pairing):
+        return augment_pair(images, images.clone(), labels, torch.Generator().manual_seed(0), "rot_flip_or_rotate",
+                            pairing)
+
+    f, s, lab = draw("shared")
+    assert torch.equal(f, s) and not torch.equal(f, images)
+    pair, want_lab = augment(torch.cat([images, images], 1), labels, torch.Generator().manual_seed(0),
+                             "rot_flip_or_rotate")
+    assert torch.equal(torch.cat([f, s], 1), pair) and torch.equal(lab, want_lab)
+    f, s, lab = draw("separate")
+    assert sum(not torch.equal(f[i], s[i]) for i in range(len(labels))) > 6, "separate transforms differ on many rows"
+    g = torch.Generator().manual_seed(0)
+    want_f, _ = augment(images, None, g, "rot_flip_or_rotate")
+    want_s, want_lab = augment(images, labels, g, "rot_flip_or_rotate")  # the labels follow the second batch
+    assert torch.equal(f, want_f) and torch.equal(s, want_s) and torch.equal(lab, want_lab)
+    with pytest.raises(ValueError, match="shared, separate"):
+        draw("mixed")
+
+
 # --- the steps: a context as run builds it, spies on every input of the mix ------------------------------
 
 
@@ -164,7 +242,10 @@ class Calls:
     maps: list = field(default_factory=list)
     indices: list = field(default_factory=list)
     pseudo: list = field(default_factory=list)  # (teacher, images, pseudo-labels)
+    modes: list = field(default_factory=list)  # the teacher mode of each pseudo_labels call
     targets: list = field(default_factory=list)  # soft_dice_ce targets
+    weights: list = field(default_factory=list)  # soft_dice_ce per-pixel weights (None: unweighted)
+    shares: list = field(default_factory=list)  # soft_dice_ce_split pseudo-label shares
 
 
 def spy(monkeypatch, ctx: loop.TrainContext) -> Calls:
@@ -175,9 +256,10 @@ def spy(monkeypatch, ctx: loop.TrainContext) -> Calls:
         calls.augment.append((images.clone(), None if labels is None else labels.clone(), *out))
         return out
 
-    def pseudo_spy(teacher, images, num_classes):
-        out = pseudo_labels(teacher, images, num_classes)
+    def pseudo_spy(teacher, images, num_classes, mode="eval"):
+        out = pseudo_labels(teacher, images, num_classes, mode)
         calls.pseudo.append((teacher, images.clone(), out))
+        calls.modes.append(mode)
         return out
 
     def indices_spy(population, count, generator):
@@ -187,7 +269,12 @@ def spy(monkeypatch, ctx: loop.TrainContext) -> Calls:
 
     def loss_spy(logits, target, *args, **kwargs):
         calls.targets.append(target.detach().clone())
+        calls.weights.append(kwargs.get("weight"))
         return soft_dice_ce(logits, target, *args, **kwargs)
+
+    def split_spy(logits, target, pseudo_share):
+        calls.shares.append(pseudo_share.clone())
+        return soft_dice_ce_split(logits, target, pseudo_share)
 
     maps = ctx.blend_maps
 
@@ -196,9 +283,11 @@ def spy(monkeypatch, ctx: loop.TrainContext) -> Calls:
         return calls.maps[-1]
 
     monkeypatch.setattr(loop, "augment", augment_spy)
+    monkeypatch.setattr(train_data, "augment", augment_spy)  # augment_pair's calls (sraseg's pairs)
     monkeypatch.setattr(loop, "pseudo_labels", pseudo_spy)
     monkeypatch.setattr(loop, "sample_indices", indices_spy)
     monkeypatch.setattr(loop, "soft_dice_ce", loss_spy)
+    monkeypatch.setattr(loop, "soft_dice_ce_split", split_spy)
     ctx.blend_maps = maps_spy
     return calls
 
@@ -305,10 +394,18 @@ def test_bcp_selftrain_mixes_both_ways_with_teacher_labels_of_unmixed_images(met
     assert torch.equal(a, a.round()) and len(a) == 2 * (len(l_img) // 2)  # one hard map per mixed image
 
 
+def _augmented_pair(calls, ctx):
+    """(s, r, r's labels) as the step augmented them: one call on the stacked pair, or one call each."""
+    if ctx.cfg.pair_augment == "shared":
+        _, _, pair, r_lab = calls.augment[0]
+        return pair[:, :1], pair[:, 1:], r_lab
+    (_, _, s, _), (_, _, r, r_lab) = calls.augment[:2]
+    return s, r, r_lab
+
+
 def sraseg_expect(calls, ctx):
     idx = calls.indices[0].numpy()
-    _, _, pair, r_lab = calls.augment[0]
-    s, r = pair[:, :1], pair[:, 1:]
+    s, r, r_lab = _augmented_pair(calls, ctx)
     a = ctx.bank.maps[torch.from_numpy(idx)][:, None].float()
     _, _, pseudo = calls.pseudo[0]
     ys, yr = one_hot(pseudo, C), _labels(r_lab)
@@ -340,6 +437,77 @@ def test_sraseg_selftrain_mixes_bank_pairs_with_teacher_labels_of_unmixed_synthe
     a = ctx.bank.maps[calls.indices[0]].float()
     assert ((a > 0) & (a < 1)).any()  # soft maps: the label really is continuous
     torch.testing.assert_close(torch.cat(calls.targets), sraseg_expect(calls, ctx)[0][1])
+    assert calls.weights == [None, None]  # pseudo_weight 1: the reference's unweighted soft loss
+
+
+def test_sraseg_separate_pair_augmentation_mixes_each_image_with_its_own_transform(inputs, monkeypatch):
+    calls, ctx, _ = run_step(monkeypatch, inputs, "sraseg", loop._sraseg_selftrain_step, sraseg_expect,
+                             pair_augment="separate")
+    idx = calls.indices[0].numpy()
+    (s_in, s_lab_in, s, _), (r_in, r_lab_in, r, _) = calls.augment[:2]
+    rows = torch.from_numpy(ctx.bank_real_pos[idx])
+    assert s_lab_in is None and torch.equal(s_in[:, 0], ctx.synthetic[torch.from_numpy(ctx.bank.synthetic_ids[idx])])
+    assert torch.equal(r_in[:, 0], ctx.prepared.labeled_images[rows])
+    assert torch.equal(r_lab_in[:, 0], ctx.prepared.labeled_labels[rows].float())
+    teacher, seen, _ = calls.pseudo[0]
+    assert torch.equal(seen, s)  # the teacher labels the synthetic image as it was augmented
+    torch.testing.assert_close(torch.cat(calls.targets), sraseg_expect(calls, ctx)[0][1])
+
+
+@pytest.mark.parametrize("method", ["bcp_real", "sraseg"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_selftrain_steps_label_in_the_configured_teacher_mode(method, mode, inputs, monkeypatch):
+    ctx = make_ctx(inputs, method, teacher_mode=mode)
+    calls = spy(monkeypatch, ctx)
+    ctx.student = UNet(**SMALL_NET)
+    loop.training_phases(ctx.cfg)[-1][2](ctx)
+    assert calls.modes == [mode]
+
+
+@pytest.mark.parametrize("rampup", [0, 4])
+def test_sraseg_pseudo_weight_weighs_the_pseudo_share_of_each_pixel(rampup, inputs, monkeypatch):
+    """pseudo_weight w (times the ramp-up factor r): pixel weights 1 - (1 - w*r)*m with m = a in x1 and
+    1 - a in x2; the loss split gets the same shares."""
+    ctx = make_ctx(inputs, "sraseg", pseudo_weight=0.5, unlabeled_rampup=rampup)
+    calls = spy(monkeypatch, ctx)
+    ctx.student = UNet(**SMALL_NET)
+    terms = loop._sraseg_selftrain_step(ctx)
+    a = ctx.bank.maps[calls.indices[0]].float()[:, None]
+    h = len(a) // 2
+    share = torch.cat([a[:h], 1 - a[h:]])
+    w = 0.5 * sigmoid_rampup(ctx.step - ctx.cfg.pretrain_iterations, rampup)
+    assert (w == 0.5) == (rampup == 0) and ctx.step - ctx.cfg.pretrain_iterations == 1
+    torch.testing.assert_close(torch.cat(calls.weights), 1 - (1 - w) * share, rtol=0, atol=1e-7)
+    torch.testing.assert_close(torch.cat(calls.shares), share, rtol=0, atol=0)
+    assert {"loss_true", "loss_pseudo", "pl_frac_rv", "pl_frac_myo", "pl_frac_lv"} <= terms.keys()
+
+
+@pytest.mark.parametrize("method", ["bcp_real", "sraseg"])
+def test_mean_reduction_is_half_the_sum(method, inputs):
+    """selftrain_reduction mean: every loss term exactly half the sum's (same draws; SA off here, it is
+    added after the reduction); the pseudo-label fractions do not change."""
+    out = {}
+    for reduction in ("sum", "mean"):
+        ctx = make_ctx(inputs, method, selftrain_reduction=reduction)
+        torch.manual_seed(0)
+        ctx.student = UNet(**SMALL_NET)
+        out[reduction] = {k: v.detach() for k, v in loop.training_phases(ctx.cfg)[-1][2](ctx).items()}
+    assert out["sum"].keys() == out["mean"].keys()
+    for key, total in out["sum"].items():
+        want = out["mean"][key] if key.startswith("pl_frac") else 2 * out["mean"][key]
+        assert torch.equal(total, want), key
+
+
+def test_bcp_loss_split_and_pseudo_label_fractions(inputs, monkeypatch):
+    """BCP: loss = loss_true + 0.5 * loss_pseudo (each region's terms before its weight); pl_frac_* are
+    the class shares of the pseudo-labels (here all MYO)."""
+    ctx = make_ctx(inputs, "bcp_real")
+    ctx.student = UNet(**SMALL_NET)
+    monkeypatch.setattr(loop, "pseudo_labels", lambda t, x, c, mode="eval": torch.full((len(x), *x.shape[2:]), 2))
+    terms = loop._bcp_selftrain_step(ctx)
+    torch.testing.assert_close(terms["loss"], terms["loss_true"] + 0.5 * terms["loss_pseudo"])
+    assert not torch.allclose(terms["loss"], 0.5 * terms["loss_true"] + terms["loss_pseudo"])
+    assert (terms["pl_frac_rv"], terms["pl_frac_myo"], terms["pl_frac_lv"]) == (0.0, 1.0, 0.0)
 
 
 def test_sraseg_selftrain_with_the_hard_bank(inputs, tmp_path, monkeypatch):
@@ -372,6 +540,9 @@ def test_teacher_and_model_selection_in_the_loop(inputs, tmp_path, monkeypatch):
     events: list[tuple] = []
 
     def fake_validate(model, images, labels, cases, device, batch=32):
+        if any(e[0] == "self" and e[1] is model for e in events):  # the teacher's Dice, logged beside
+            events.append(("teacher_val", state_of(model)))
+            return np.full(3, 1.0)  # better than any student: must not be what picks the kept model
         events.append(("val", state_of(model)))
         return np.full(3, dice[sum(e[0] == "val" for e in events) - 1])
 
@@ -395,8 +566,10 @@ def test_teacher_and_model_selection_in_the_loop(inputs, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "update_ema", ema_spy)
     out = loop.run(out_dir=tmp_path / "run", settings=settings, seed=2, **inputs)
 
-    kinds = [e[0] for e in events if e[0] != "val"]
+    kinds = [e[0] for e in events if e[0] not in ("val", "teacher_val")]
     assert kinds == ["pre"] * 3 + ["self", "ema"] * 3
+    # the teacher is validated right after the student at each self-training validation, as it is then
+    assert [e[0] for e in events if e[0] in ("val", "teacher_val")] == ["val"] * 3 + ["val", "teacher_val"] * 3
     assert all(e[1] is None for e in events if e[0] == "pre")
     vals = [e[1] for e in events if e[0] == "val"]
     selfs = [e for e in events if e[0] == "self"]
@@ -405,6 +578,10 @@ def test_teacher_and_model_selection_in_the_loop(inputs, tmp_path, monkeypatch):
     assert not same_state(vals[1], vals[2])
     assert same_state(selfs[0][3], vals[1])
     assert same_state({k: v for k, v in vals[1].items() if k in selfs[0][2]}, selfs[0][2])
+    # the teacher validated is the one after that iteration's EMA update
+    teacher_vals = [e[1] for e in events if e[0] == "teacher_val"]
+    assert same_state({k: v for k, v in teacher_vals[0].items() if k in selfs[1][2]}, selfs[1][2])
+    assert same_state(teacher_vals[-1], state_of(selfs[0][1]))
     # EMA after every step, on the teacher the step used, towards the student just updated
     for k, ema in enumerate(emas):
         assert ema[1] is selfs[k][1] and ema[2] is selfs[k][4] and ema[3] == 0.9
@@ -417,6 +594,40 @@ def test_teacher_and_model_selection_in_the_loop(inputs, tmp_path, monkeypatch):
     assert same_state(published, vals[4]) and not same_state(published, vals[5])
     best = json.loads((out / "train.json").read_text())["best"]
     assert best["phase"] == "selftrain" and best["iteration"] == 2 and best["val_dice_mean"] == pytest.approx(0.8)
+
+
+def test_a_dense_validation_can_pick_the_kept_model(inputs, tmp_path, monkeypatch):
+    """dense_val_every 1 for 2 iterations, val_every 4: the student is validated at self-training iterations
+    1, 2 and 4; the best (iteration 1, a dense check) is the published model. The teacher is validated at
+    each of them too and scores higher, yet never picks the model."""
+    settings = dict(TINY, method="bcp_real", pretrain_iterations=1, selftrain_iterations=4, val_every=4,
+                    dense_val_every=1, dense_val_iterations=2, **SMALL_NET)
+    dice, seen = iter([0.5, 0.9, 0.2, 0.3]), []
+    teachers = []
+    real_selftrain = loop._bcp_selftrain_step
+
+    def selftrain_spy(ctx):
+        teachers.append(ctx.teacher)
+        return real_selftrain(ctx)
+
+    def fake_validate(model, images, labels, cases, device, batch=32):
+        if teachers and model is teachers[0]:
+            seen.append("teacher")
+            return np.full(3, 1.0)
+        seen.append(state_of(model))
+        return np.full(3, next(dice))
+
+    monkeypatch.setattr(loop, "validate", fake_validate)
+    monkeypatch.setattr(loop, "_bcp_selftrain_step", selftrain_spy)
+    out = loop.run(out_dir=tmp_path / "run", settings=settings, seed=2, **inputs)
+    rows = list(csv.DictReader(open(out / "train_log.csv")))
+    assert [(r["phase"], int(r["iteration"])) for r in rows] == [("pretrain", 1), ("selftrain", 1), ("selftrain", 2),
+                                                                 ("selftrain", 4)]
+    assert [x == "teacher" for x in seen] == [False] + [False, True] * 3
+    assert [float(r["teacher_val_dice_mean"]) for r in rows[1:]] == [1.0] * 3
+    best = json.loads((out / "train.json").read_text())["best"]
+    assert (best["phase"], best["iteration"]) == ("selftrain", 1)
+    assert same_state(load_file(str(out / "model.safetensors")), seen[1])
 
 
 # --- validation --------------------------------------------------------------------------------------------

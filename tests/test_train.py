@@ -131,6 +131,54 @@ def test_method_publishes_outputs(method, runs, inputs):
 # the hard-blend bank ablation: tests/test_method.py::test_sraseg_selftrain_with_the_hard_bank
 
 
+# The columns train_log.csv had before issue 22; new ones are appended after them.
+FIRST_COLUMNS = ["phase", "iteration", "step", "loss", "dice_loss", "ce_loss", "sa_loss", "val_dice_rv", "val_dice_myo",
+                 "val_dice_lv", "val_dice_mean", "lr", "seconds"]
+INSTRUMENTS = ["teacher_val_dice_rv", "teacher_val_dice_myo", "teacher_val_dice_lv", "teacher_val_dice_mean",
+               "loss_true", "loss_pseudo", "pl_frac_rv", "pl_frac_myo", "pl_frac_lv"]
+
+
+@pytest.mark.parametrize("method", ["bcp_synthetic", "sraseg"])
+def test_instruments_at_the_switch(method, inputs, tmp_path):
+    """dense_val_every 1 for the first 2 self-training iterations, val_every 4: rows at pre-training's end,
+    then at self-training iterations 1, 2 (dense) and 4; teacher Dice, loss split and pseudo-label fractions
+    in self-training rows only, NaN before; the teacher's Dice in TensorBoard; the labeled slices' class
+    shares in train.json."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    settings = dict(TINY, method=method, selftrain_iterations=4, val_every=4, dense_val_every=1, dense_val_iterations=2)
+    out = loop.run(out_dir=tmp_path, settings=settings, seed=5, **inputs)
+    table = pd.read_csv(out / "train_log.csv")
+    assert list(table.columns) == FIRST_COLUMNS + INSTRUMENTS
+    assert list(zip(table["phase"], table["iteration"])) == [("pretrain", 2), ("selftrain", 1), ("selftrain", 2),
+                                                             ("selftrain", 4)]
+    pre, self_rows = table[table["phase"] == "pretrain"], table[table["phase"] == "selftrain"]
+    assert pre[INSTRUMENTS].isna().all().all() and self_rows[INSTRUMENTS].notna().all().all()
+    assert self_rows.filter(like="teacher_val_dice").apply(lambda c: c.between(0, 1)).all().all()
+    fractions = self_rows[["pl_frac_rv", "pl_frac_myo", "pl_frac_lv"]]
+    assert (fractions >= 0).all().all() and (fractions.sum(axis=1) <= 1 + 1e-6).all()
+    assert (self_rows["loss_true"] > 0).all() and (self_rows["loss_pseudo"] > 0).all()
+    if method == "bcp_synthetic":  # BCP's split is its loss by the region weights
+        np.testing.assert_allclose(self_rows["loss"], self_rows["loss_true"] + 0.5 * self_rows["loss_pseudo"], rtol=1e-5)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    teacher = [(e.step, e.value) for e in events.Scalars("val/teacher_dice_mean")]
+    assert [step for step, _ in teacher] == (self_rows["step"]).tolist()
+    np.testing.assert_allclose([v for _, v in teacher], self_rows["teacher_val_dice_mean"], rtol=1e-6)
+    assert len(events.Scalars("val/dice_mean")) == len(table)
+    assert {"train/loss_pseudo", "train/pl_frac_rv"} <= set(events.Tags()["scalars"])
+    labels = np.load(inputs["prepared_dir"] / "labels.npy")[pd.read_parquet(inputs["prepared_dir"] / "slices.parquet")
+                                                          ["labeled"].to_numpy()]
+    shares = json.loads((out / "train.json").read_text())["labeled_fraction"]
+    assert shares == pytest.approx({n: float((labels == c).mean()) for c, n in enumerate(("rv", "myo", "lv"), 1)})
+
+
+def test_default_log_has_the_instrument_columns_and_no_dense_rows(runs):
+    table = pd.read_csv(runs["sraseg"] / "train_log.csv")
+    assert list(table.columns) == FIRST_COLUMNS + INSTRUMENTS
+    assert table["iteration"].tolist() == [2, 2]  # val_every 2: dense validation is off by default
+
+
 # --- resume -----------------------------------------------------------------------------------------
 
 

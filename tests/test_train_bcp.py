@@ -4,6 +4,7 @@ state carried from pre-training into self-training, and resume across that switc
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 import torch
@@ -74,7 +75,7 @@ def test_bcp_uses_region_loss_with_pseudo_region_at_half(inputs, tmp_path, monke
     # the teacher's pseudo-labels are replaced by "all MYO", so the pseudo-labelled region is recognisable
     calls, soft_calls = [], []
 
-    def all_myo(teacher, images, num_classes):
+    def all_myo(teacher, images, num_classes, mode="eval"):
         return torch.full((len(images), *images.shape[2:]), 2, dtype=torch.long)
 
     def spy_region(logits, target, mask, first_weight, second_weight):
@@ -94,6 +95,24 @@ def test_bcp_uses_region_loss_with_pseudo_region_at_half(inputs, tmp_path, monke
         assert (w1, w2) == ((0.5, 1.0) if i % 2 == 0 else (1.0, 0.5))
         assert torch.all(target.argmax(1)[pseudo_region] == 2)
         assert not torch.all(target.argmax(1)[~pseudo_region] == 2)  # the true-label region is not all MYO
+
+
+def test_bcp_rampup_scales_the_pseudo_region_weight(inputs, tmp_path, monkeypatch):
+    """unlabeled_rampup R: the pseudo-labelled region's weight is 0.5 * exp(-5 (1 - i/R)^2) at self-training
+    iteration i (0 first), the true-label region's stays 1; pre-training is untouched."""
+    weights = []
+
+    def spy_region(logits, target, mask, first_weight, second_weight):
+        weights.append((first_weight, second_weight))
+        return bcp_region_loss(logits, target, mask, first_weight, second_weight)
+
+    monkeypatch.setattr(loop, "bcp_region_loss", spy_region)
+    loop.run(out_dir=tmp_path, settings=dict(TINY, method="bcp_real", selftrain_iterations=3, unlabeled_rampup=2),
+             seed=5, **inputs)
+    assert weights[:PRETRAIN] == [(1.0, 1.0)] * PRETRAIN
+    ramp = [math.exp(-5.0), math.exp(-1.25), 1.0]  # t = 0, 1/2, 1
+    want = [w for r in ramp for w in (0.5 * r, 1.0, 1.0, 0.5 * r)]  # x1's pseudo region first, x2's second
+    assert [w for pair in weights[PRETRAIN:] for w in pair] == pytest.approx(want, rel=1e-12)
 
 
 @pytest.mark.parametrize("stop_at", [PRETRAIN, PRETRAIN + 1])  # at the switch, and one step into self-training

@@ -35,11 +35,14 @@ __all__ = [
     "load_blend",
     "sample_indices",
     "augment",
+    "PAIR_AUGMENTS",
+    "augment_pair",
 ]
 
 log = logging.getLogger(__name__)
 
 AUGMENTATIONS = ("rot_flip_or_rotate", "none")
+PAIR_AUGMENTS = ("shared", "separate")
 MAX_ANGLE = 20.0  # degrees, rotation augmentation range [-20, 20]
 
 
@@ -250,6 +253,36 @@ def augment(
         return images, labels
     with full_precision(images.device):
         return _augment(images.float(), None if labels is None else labels.float(), generator)
+
+
+def augment_pair(
+    first: torch.Tensor, second: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator, mode: str,
+    pairing: str = "shared",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Augment two image batches whose rows belong together (SRA-Seg's synthetic image and its real
+    partner) and the second batch's labels.
+
+    shared: sample i of both batches gets one transform (they were paired to match, and a rot90 applied
+    to one only would undo that); the draws are those of one `augment` call on the stacked channels.
+    separate: each batch its own transforms, drawn first for `first`, then for `second` and its labels.
+
+    Args:
+        first, second: float [B,K,H,W]; labels: float [B,L,H,W] of `second`, or None.
+        generator, mode: as `augment`.
+        pairing: "shared" or "separate".
+    Returns:
+        (first, second, labels) transformed, same shapes.
+    Raises:
+        ValueError: an unknown pairing.
+    """
+    if pairing == "shared":
+        pair, labels = augment(torch.cat([first, second], 1), labels, generator, mode)
+        return pair[:, : first.shape[1]], pair[:, first.shape[1] :], labels
+    if pairing != "separate":
+        raise ValueError(f"pair augmentation must be one of {', '.join(PAIR_AUGMENTS)}; got {pairing!r}")
+    first, _ = augment(first, None, generator, mode)
+    second, labels = augment(second, labels, generator, mode)
+    return first, second, labels
 
 
 def _augment(

@@ -10,6 +10,14 @@ Phases (global step counts all of them):
   region 0.5, true-label region 1); labeled_only and sraseg use the soft Dice + CE (`soft_dice_ce`).
 The published model is the best-validation student of the last phase (BCP and the reference keep the
 best self-training checkpoint); the pre-train best only initialises self-training.
+
+Self-training's switches (defaults = today's behaviour, which is the reference's except `teacher_mode`):
+`pseudo_weight` and `unlabeled_rampup` weigh the pseudo-labelled part, `selftrain_reduction` sums or
+averages the two mixed images' losses, `teacher_mode` runs the teacher in eval or train mode while it
+labels, `pair_augment` augments SRA-Seg's synthetic/real pair with one transform or two. Instruments in
+train_log.csv: the teacher's validation Dice beside the student's, the loss split into its true-label and
+pseudo-label parts, the pseudo-labels' class fractions (the labeled slices' own are in train.json), and
+denser validation early in self-training (`dense_val_every`).
 """
 
 from __future__ import annotations
@@ -36,15 +44,24 @@ from sraseg.train.alignment import ProjectionHead, sa_loss
 from sraseg.train.checkpoint import cpu_state, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from sraseg.train.data import (
     AUGMENTATIONS,
+    PAIR_AUGMENTS,
     augment,
+    augment_pair,
     load_blend,
     load_embed,
     load_prepared,
     load_synthetic,
     sample_indices,
 )
-from sraseg.train.losses import bcp_region_loss, one_hot, soft_dice_ce
-from sraseg.train.teacher import pseudo_labels, update_ema
+from sraseg.train.losses import (
+    bcp_region_loss,
+    bcp_region_parts,
+    one_hot,
+    sigmoid_rampup,
+    soft_dice_ce,
+    soft_dice_ce_split,
+)
+from sraseg.train.teacher import TEACHER_MODES, pseudo_labels, update_ema
 from sraseg.train.unet import UNet, save_model
 
 __all__ = ["METHODS", "TrainSettings", "TrainContext", "check_settings", "make_optimizer", "training_phases", "train_iteration", "run", "validate"]
@@ -53,10 +70,17 @@ log = logging.getLogger(__name__)
 
 METHODS = ("labeled_only", "bcp_real", "bcp_synthetic", "sraseg")
 CLASS_NAMES = ("rv", "myo", "lv")
+# train_log.csv, one row per validation. Columns added later go at the end, so readers by position still work.
 LOG_COLUMNS = (
     "phase", "iteration", "step", "loss", "dice_loss", "ce_loss", "sa_loss",
     "val_dice_rv", "val_dice_myo", "val_dice_lv", "val_dice_mean", "lr", "seconds",
+    "teacher_val_dice_rv", "teacher_val_dice_myo", "teacher_val_dice_lv", "teacher_val_dice_mean",
+    "loss_true", "loss_pseudo", "pl_frac_rv", "pl_frac_myo", "pl_frac_lv",
 )  # fmt: skip
+# The step terms a row averages over the iterations since the previous row (NaN where a phase has none).
+TERM_COLUMNS = ("loss", "dice_loss", "ce_loss", "sa_loss", "loss_true", "loss_pseudo", "pl_frac_rv", "pl_frac_myo",
+                "pl_frac_lv")
+SELFTRAIN_REDUCTIONS = ("sum", "mean")
 CHECKPOINT_FORMAT = 1
 
 
@@ -73,7 +97,20 @@ class TrainSettings:
         unlabeled_batch: unlabeled images (BCP) or blend-bank entries (sraseg) per self-train iteration.
         lr, momentum, weight_decay: SGD, constant learning rate.
         ema_decay: teacher EMA decay, every iteration.
+        teacher_mode: eval (running BatchNorm statistics, dropout off) or train (the reference: the
+            unlabeled batch's own statistics, dropout on; running statistics left untouched) while the
+            teacher pseudo-labels.
+        pseudo_weight: weight of the pseudo-labelled part of sraseg's soft loss (1: the reference; BCP's
+            region loss has its own 0.5). Pixels weigh 1 - (1 - w)*m, m the pixel's pseudo-labelled share.
+        unlabeled_rampup: iterations of the sigmoid ramp-up exp(-5 (1 - t)^2) that multiplies the pseudo
+            part's weight (sraseg's pseudo_weight, BCP's 0.5) from self-training's first iteration; 0: none.
+        selftrain_reduction: sum (the reference: L(x1,y1) + L(x2,y2)) or mean of the two mixed images'
+            losses in self-training.
+        pair_augment: shared (one transform for sraseg's synthetic image and its real partner) or separate.
         val_every: validate every this many iterations of a phase (and at each phase's end).
+        dense_val_every, dense_val_iterations: also validate every dense_val_every iterations during the
+            first dense_val_iterations of self-training (0: off); these validations may pick the kept
+            checkpoint like any other.
         checkpoint_every: write last.ckpt every this many iterations (and at the end).
         sa, sa_weight: SRA-Seg's similarity-alignment loss and its weight in the self-train loss.
         sa_batch: un-mixed synthetic images (and as many real ones) given the extra encoder pass for SA.
@@ -94,7 +131,14 @@ class TrainSettings:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     ema_decay: float = 0.99
+    teacher_mode: str = "eval"
+    pseudo_weight: float = 1.0
+    unlabeled_rampup: int = 0
+    selftrain_reduction: str = "sum"
+    pair_augment: str = "shared"
     val_every: int = 200
+    dense_val_every: int = 0
+    dense_val_iterations: int = 200
     checkpoint_every: int = 200
     sa: bool = True
     sa_weight: float = 0.1
@@ -116,7 +160,11 @@ def check_settings(cfg: TrainSettings) -> None:
     check_choice("train", "blend_kernel", cfg.blend_kernel, KERNELS)
     check_choice("train", "augment", cfg.augment, AUGMENTATIONS)
     check_choice("train", "device", cfg.device, ("auto", "cpu", "cuda"))
-    for name in ("pretrain_iterations", "selftrain_iterations", "sa_weight", "weight_decay", "momentum"):
+    check_choice("train", "teacher_mode", cfg.teacher_mode, TEACHER_MODES)
+    check_choice("train", "selftrain_reduction", cfg.selftrain_reduction, SELFTRAIN_REDUCTIONS)
+    check_choice("train", "pair_augment", cfg.pair_augment, PAIR_AUGMENTS)
+    for name in ("pretrain_iterations", "selftrain_iterations", "sa_weight", "weight_decay", "momentum",
+                 "pseudo_weight", "unlabeled_rampup", "dense_val_every", "dense_val_iterations"):
         check_positive("train", name, getattr(cfg, name), allow_zero=True)
     for name in ("labeled_batch", "unlabeled_batch", "lr", "val_every", "checkpoint_every", "sa_batch", "val_batch"):
         check_positive("train", name, getattr(cfg, name))
@@ -237,9 +285,17 @@ def _loss_terms(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.T
 
 
 def _bcp_terms(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, first_weight: float,
-               second_weight: float) -> dict[str, torch.Tensor]:
+               second_weight: float, pseudo_region: str | None = None) -> dict[str, torch.Tensor]:
+    """BCP's region loss; with `pseudo_region` ("first": mask = 1, "second": mask = 0) also loss_pseudo and
+    loss_true, the two regions' terms before their weights (`bcp_region_parts`, no gradient), so that
+    loss = w_true*loss_true + w_pseudo*loss_pseudo."""
     loss, dice, ce = bcp_region_loss(logits, target, mask, first_weight, second_weight)
-    return {"loss": loss, "dice_loss": dice, "ce_loss": ce}
+    terms = {"loss": loss, "dice_loss": dice, "ce_loss": ce}
+    if pseudo_region is not None:
+        with torch.no_grad():
+            first, second = bcp_region_parts(logits.detach(), target, mask)
+        terms["loss_pseudo"], terms["loss_true"] = (first, second) if pseudo_region == "first" else (second, first)
+    return terms
 
 
 # BCP's region weights: a pseudo-labelled region counts half as much as a true-label one.
@@ -248,6 +304,43 @@ TRUE_LABEL_WEIGHT, PSEUDO_LABEL_WEIGHT = 1.0, 0.5
 
 def _sum_terms(*terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: sum(t[k] for t in terms) for k in terms[0]}
+
+
+def _soft_terms(logits: torch.Tensor, target: torch.Tensor, pseudo_share: torch.Tensor,
+                pseudo_weight: float) -> dict[str, torch.Tensor]:
+    """SRA-Seg's soft loss of mixed images whose pseudo-labelled image holds share m = `pseudo_share`
+    [B,1,H,W] of each pixel, and its parts loss_pseudo, loss_true (`soft_dice_ce_split`, no gradient).
+
+    pseudo_weight 1 is the reference's soft loss (the same call as ever); any other w weighs each pixel
+    1 - (1 - w)*m in the Dice sums and the CE mean: true-label pixels 1, pseudo-labelled ones w, the blend
+    band in between."""
+    if pseudo_weight == 1.0:
+        terms = _loss_terms(logits, target)
+    else:
+        loss, dice, ce = soft_dice_ce(logits, target, weight=1.0 - (1.0 - pseudo_weight) * pseudo_share)
+        terms = {"loss": loss, "dice_loss": dice, "ce_loss": ce}
+    with torch.no_grad():
+        terms["loss_pseudo"], terms["loss_true"] = soft_dice_ce_split(logits.detach(), target, pseudo_share)
+    return terms
+
+
+def _unlabeled_rampup(ctx: TrainContext) -> float:
+    """The ramp-up factor of the pseudo-labelled part at this self-training step (1 without a ramp-up):
+    a host float from the step counter, so the step reads nothing back."""
+    return sigmoid_rampup(ctx.step - ctx.cfg.pretrain_iterations, ctx.cfg.unlabeled_rampup)
+
+
+def _selftrain_terms(cfg: TrainSettings, per_image: list[dict[str, torch.Tensor]],
+                     pseudo: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The terms of a self-train step: the mixed images' terms summed (the reference) or averaged
+    (`selftrain_reduction: mean`), and pl_frac_rv/myo/lv, each class's share of the pseudo-labels' pixels
+    (`pseudo`: one-hot float [B,C,H,W]), kept on the device like the losses."""
+    terms = _sum_terms(*per_image)
+    if cfg.selftrain_reduction == "mean":
+        terms = {k: v / len(per_image) for k, v in terms.items()}
+    fractions = pseudo.detach().float().mean(dim=(0, 2, 3))
+    terms.update({f"pl_frac_{name}": fractions[c] for c, name in enumerate(CLASS_NAMES, start=1)})
+    return terms
 
 
 def _supervised_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
@@ -275,14 +368,16 @@ def _pretrain_step(ctx: TrainContext, kind: str) -> dict[str, torch.Tensor]:
 def _bcp_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
     """BCP self-train, bidirectional hard copy-paste with teacher pseudo-labels of the unlabeled images:
     x1 = a*u_a + (1-a)*l_a, x2 = a*l_b + (1-a)*u_b (one fresh hard map per mixed image).
-    Loss: BCP's region loss on x1 and on x2, summed; the unlabeled (pseudo-labelled) region weighs 0.5."""
+    Loss: BCP's region loss on x1 and on x2, summed (or averaged); the unlabeled (pseudo-labelled) region
+    weighs 0.5 (times the ramp-up factor when `unlabeled_rampup` is set)."""
     cfg = ctx.cfg
     images, labels = ctx.labeled_batch(cfg.labeled_batch)
     idx = sample_indices(len(ctx.unlabeled), cfg.unlabeled_batch, ctx.generator)
     unlabeled, _ = augment(ctx.to_device(ctx.rows(ctx.unlabeled, idx)[:, None]), None, ctx.generator, cfg.augment)
     half = min(len(images), len(unlabeled)) // 2
     y_l = one_hot(labels, cfg.num_classes)
-    y_u = one_hot(pseudo_labels(ctx.teacher, unlabeled, cfg.num_classes), cfg.num_classes)
+    y_u = one_hot(pseudo_labels(ctx.teacher, unlabeled, cfg.num_classes, cfg.teacher_mode), cfg.num_classes)
+    pseudo = PSEUDO_LABEL_WEIGHT * _unlabeled_rampup(ctx)
     a = ctx.blend_maps(2 * half, "hard")
     a1, a2 = a[:half], a[half:]
     x1 = mix(a1, unlabeled[:half], images[:half])
@@ -290,17 +385,20 @@ def _bcp_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
     x2 = mix(a2, images[half : 2 * half], unlabeled[half : 2 * half])
     y2 = mix(a2, y_l[half : 2 * half], y_u[half : 2 * half])
     logits = ctx.student(torch.cat([x1, x2]))
-    return _sum_terms(_bcp_terms(logits[:half], y1, a1, PSEUDO_LABEL_WEIGHT, TRUE_LABEL_WEIGHT),
-                      _bcp_terms(logits[half:], y2, a2, TRUE_LABEL_WEIGHT, PSEUDO_LABEL_WEIGHT))
+    return _selftrain_terms(cfg, [_bcp_terms(logits[:half], y1, a1, pseudo, TRUE_LABEL_WEIGHT, "first"),
+                                  _bcp_terms(logits[half:], y2, a2, TRUE_LABEL_WEIGHT, pseudo, "second")], y_u)
 
 
 def _sraseg_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
     """SRA-Seg self-train on blend-bank entries (synthetic s, its paired labeled real r, map a):
-    1. augment s and r with the same transform (the pair was chosen to match);
+    1. augment s and r with the same transform (the pair was chosen to match; `pair_augment: separate`
+       draws one for each);
     2. Y(s) = teacher argmax + largest component on the un-mixed s, Y(r) = true label;
     3. a-half: x1 = a*s + (1-a)*r, y1 = a*Y(s) + (1-a)*Y(r); b-half: x2 = a*r + (1-a)*s, y2 likewise;
     4. loss = L_soft(x1,y1) + L_soft(x2,y2) + sa_weight * L_SA, L_SA on the un-augmented images (their
-       DINOv2 embeddings were computed without augmentation)."""
+       DINOv2 embeddings were computed without augmentation). L_soft weighs the pseudo-labelled share
+       (a in x1, 1-a in x2) by pseudo_weight times the ramp-up factor (1 and 1 in the reference), and
+       `selftrain_reduction: mean` halves the two L_soft terms' sum."""
     cfg, bank, prepared = ctx.cfg, ctx.bank, ctx.prepared
     idx = sample_indices(len(bank.maps), cfg.unlabeled_batch, ctx.generator).numpy()
     syn_ids, real_pos = bank.synthetic_ids[idx], ctx.bank_real_pos[idx]  # host-side bookkeeping
@@ -308,9 +406,8 @@ def _sraseg_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
     r_raw = ctx.to_device(ctx.rows(prepared.labeled_images, real_pos)[:, None])
     r_label = ctx.to_device(ctx.rows(prepared.labeled_labels, real_pos)[:, None].float())  # on the device
     a = ctx.to_device(ctx.rows(bank.maps, idx)[:, None].float())
-    pair, r_label = augment(torch.cat([s_raw, r_raw], 1), r_label, ctx.generator, cfg.augment)
-    s, r = pair[:, :1], pair[:, 1:]
-    y_s = one_hot(pseudo_labels(ctx.teacher, s, cfg.num_classes), cfg.num_classes)
+    s, r, r_label = augment_pair(s_raw, r_raw, r_label, ctx.generator, cfg.augment, cfg.pair_augment)
+    y_s = one_hot(pseudo_labels(ctx.teacher, s, cfg.num_classes, cfg.teacher_mode), cfg.num_classes)
     y_r = one_hot(r_label[:, 0].round().long(), cfg.num_classes)
     half = len(idx) // 2
     x1 = mix(a[:half], s[:half], r[:half])
@@ -318,7 +415,9 @@ def _sraseg_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
     x2 = mix(a[half:], r[half:], s[half:])
     y2 = mix(a[half:], y_r[half:], y_s[half:])
     logits = ctx.student(torch.cat([x1, x2]))
-    terms = _sum_terms(_loss_terms(logits[:half], y1), _loss_terms(logits[half:], y2))
+    weight = cfg.pseudo_weight * _unlabeled_rampup(ctx)
+    terms = _selftrain_terms(cfg, [_soft_terms(logits[:half], y1, a[:half], weight),
+                                   _soft_terms(logits[half:], y2, 1.0 - a[half:], weight)], y_s)
     if cfg.sa:
         k = min(cfg.sa_batch, len(idx))
         features = ctx.student.encode(torch.cat([s_raw[:k], r_raw[:k]]))
@@ -413,6 +512,68 @@ def validate(model: UNet, images: torch.Tensor, labels: torch.Tensor, cases: np.
     return np.mean(scores, axis=0)
 
 
+def _validation_due(cfg: TrainSettings, phase: str, iteration: int, length: int) -> bool:
+    """Validate at this iteration of the phase: every val_every and at the phase's end; in the first
+    dense_val_iterations of self-training also every dense_val_every (the switch is where runs differ)."""
+    if iteration % cfg.val_every == 0 or iteration == length:
+        return True
+    return (phase == "selftrain" and cfg.dense_val_every > 0 and iteration <= cfg.dense_val_iterations
+            and iteration % cfg.dense_val_every == 0)
+
+
+def _validate_models(prepared, device: torch.device, batch: int, student: UNet,
+                     teacher: UNet | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """`validate` of the student and, when one is given, of the teacher (None without one)."""
+    scores = [validate(m, prepared.val_images, prepared.val_labels, prepared.val_cases, device, batch)
+              for m in (student, teacher) if m is not None]
+    return scores[0], scores[1] if len(scores) > 1 else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The log table and TensorBoard.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _log_row(running: dict[str, torch.Tensor], count: int, dice: np.ndarray, teacher_dice: np.ndarray | None,
+             **fields) -> dict:
+    """One train_log.csv row.
+
+    Args:
+        running: step-term sums since the previous row, on the device (read back here, in one sync).
+        count: iterations they sum over.
+        dice, teacher_dice: val Dice (RV, MYO, LV) of the student and of the teacher (None before it exists).
+        fields: phase, iteration, step, lr, seconds.
+    Returns:
+        {column: value} for LOG_COLUMNS; NaN for a term the phase has not and for the teacher's Dice in
+        pre-training.
+    """
+    names = [k for k in TERM_COLUMNS if k in running]
+    sums = torch.stack([running[k] for k in names]).tolist() if names else []
+    means = dict(zip(names, (s / max(count, 1) for s in sums)))
+    teacher_dice = np.full(3, np.nan) if teacher_dice is None else teacher_dice
+    row = dict(fields, **{k: means.get(k, float("nan")) for k in TERM_COLUMNS})
+    for prefix, values in (("val_dice", dice), ("teacher_val_dice", teacher_dice)):
+        row.update({f"{prefix}_{n}": float(d) for n, d in zip(CLASS_NAMES, values)})
+        row[f"{prefix}_mean"] = float(values.mean())
+    return row
+
+
+def _write_val_scalars(writer, row: dict, step: int) -> None:
+    """The row's validation Dice to TensorBoard: val/dice_* (student) and val/teacher_dice_* (self-training)."""
+    for n in (*CLASS_NAMES, "mean"):
+        writer.add_scalar(f"val/dice_{n}", row[f"val_dice_{n}"], step)
+        if np.isfinite(row[f"teacher_val_dice_{n}"]):
+            writer.add_scalar(f"val/teacher_dice_{n}", row[f"teacher_val_dice_{n}"], step)
+    writer.flush()
+
+
+def _labeled_fraction(labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Each foreground class's share of the labeled slices' pixels: what pl_frac_* (the pseudo-labels'
+    shares on the unlabeled images) would be for images like the real ones."""
+    counts = torch.bincount(labels.reshape(-1).long(), minlength=num_classes).double()
+    return {n: float(counts[c] / counts.sum()) for c, n in enumerate(CLASS_NAMES, start=1)}
+
+
 # ---------------------------------------------------------------------------------------------------
 # The run.
 # ---------------------------------------------------------------------------------------------------
@@ -478,6 +639,9 @@ def run(
     seed_everything(seed)
     generator = torch.Generator().manual_seed(seed)
     prepared = load_prepared(prepared_dir, cfg.num_classes)
+    labeled_fraction = _labeled_fraction(prepared.labeled_labels, cfg.num_classes)
+    log.info("labeled slices: class share of the pixels %s (pl_frac_* in train_log.csv: the pseudo-labels')",
+             ", ".join(f"{n} {f:.4f}" for n, f in labeled_fraction.items()))
     ctx = TrainContext(cfg=cfg, seed=seed, device=device, generator=generator, prepared=prepared, student=None)
     if cfg.method == "bcp_real":
         if len(prepared.unlabeled_images) == 0:
@@ -611,34 +775,30 @@ def run(
             progress.update()
 
             # validation, progress line and checkpoint: the only steps that read values back
-            validating = iteration % cfg.val_every == 0 or iteration == length
+            validating = _validation_due(cfg, phase, iteration, length)
             checkpointing = state["step"] % cfg.checkpoint_every == 0 or state["step"] == total
             reporting = progress.due()
             if not (validating or checkpointing or reporting):
                 continue
             values = read_back()
             if validating:
-                dice = validate(student, prepared.val_images, prepared.val_labels, prepared.val_cases, device,
-                                cfg.val_batch)
+                # the student picks the kept model; the teacher's Dice beside it shows who leads after the switch
+                dice, teacher_dice = _validate_models(prepared, device, cfg.val_batch, student,
+                                                      ctx.teacher if phase == "selftrain" else None)
                 mean_dice = float(dice.mean())
                 if mean_dice > state["best_dice"]:
                     state.update(best_dice=mean_dice, best_iteration=iteration, best_state=cpu_state(student))
-                count = max(state["running_count"], 1)
-                row = dict(phase=phase, iteration=iteration, step=state["step"],
-                           **{k: float(running[k]) / count if k in running else float("nan")
-                              for k in ("loss", "dice_loss", "ce_loss", "sa_loss")},
-                           **{f"val_dice_{n}": float(d) for n, d in zip(CLASS_NAMES, dice)},
-                           val_dice_mean=mean_dice, lr=optimizer.param_groups[0]["lr"],
-                           seconds=time.perf_counter() - started)  # fmt: skip
+                row = _log_row(running, state["running_count"], dice, teacher_dice, phase=phase, iteration=iteration,
+                               step=state["step"], lr=optimizer.param_groups[0]["lr"],
+                               seconds=time.perf_counter() - started)
                 state["log_rows"].append(row)
                 running.clear()
                 state["running_count"] = 0
-                for n, d in zip((*CLASS_NAMES, "mean"), (*dice, mean_dice)):
-                    writer.add_scalar(f"val/dice_{n}", float(d), state["step"])
-                writer.flush()
+                _write_val_scalars(writer, row, state["step"])
                 write_csv(out_dir / "train_log.csv", state["log_rows"], LOG_COLUMNS)  # watchable while training
-                log.info("%s %s iteration %d: loss %.4f, val Dice %.4f (best %.4f at %d)", cfg.method, phase,
-                         iteration, row["loss"], mean_dice, state["best_dice"], state["best_iteration"])
+                log.info("%s %s iteration %d: loss %.4f, val Dice %.4f (teacher %.4f; best %.4f at %d)", cfg.method,
+                         phase, iteration, row["loss"], mean_dice, row["teacher_val_dice_mean"], state["best_dice"],
+                         state["best_iteration"])
             if reporting:
                 progress.report(phase=phase, loss=f"{values.get('loss', float('nan')):.4f}",
                                 best=f"{state['best_dice']:.3f}")  # fmt: skip
@@ -658,7 +818,7 @@ def run(
         save_model(staged.path("model.safetensors"), final, meta)
         write_csv(staged.path("train_log.csv"), state["log_rows"], LOG_COLUMNS)
         write_json(staged.path("train.json"), dict(
-            settings=resolved, seed=seed, device=str(device), iterations=total,
+            settings=resolved, seed=seed, device=str(device), iterations=total, labeled_fraction=labeled_fraction,
             inputs=dict(prepared_dir=str(prepared_dir), synthetic_dir=synthetic_dir and str(synthetic_dir),
                         embed_dir=embed_dir and str(embed_dir), blend_dir=blend_dir and str(blend_dir)),
             best=dict(phase=state["phase"], iteration=state["best_iteration"], val_dice_mean=state["best_dice"]),

@@ -2,16 +2,31 @@
 
 - `soft_dice_ce`: soft Dice + soft cross-entropy on label distributions (SRA-Seg's "soft loss"); with
   one-hot labels it is the usual Dice + CE (labeled_only and SRA-Seg use it).
+  Optional per-pixel weights turn it into a weighted loss (`train.pseudo_weight`) or restrict it to one
+  label source's pixels (`soft_dice_ce_split`, the loss_pseudo / loss_true instruments).
 - `bcp_region_loss`: BCP's loss for a copy-paste image, Dice + CE per source region with a lower weight on
-  the pseudo-labelled region (the bcp_real and bcp_synthetic baselines use it).
+  the pseudo-labelled region (the bcp_real and bcp_synthetic baselines use it); `bcp_region_parts` gives
+  its two regions' terms before the weights.
+- `sigmoid_rampup`: the mean-teacher ramp-up exp(-5 (1 - t)^2) of the unlabeled part's weight.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PROB_FLOOR", "DICE_EPS", "one_hot", "soft_dice_ce", "bcp_region_loss"]
+__all__ = [
+    "PROB_FLOOR",
+    "DICE_EPS",
+    "one_hot",
+    "soft_dice_ce",
+    "soft_dice_ce_split",
+    "bcp_region_loss",
+    "bcp_region_parts",
+    "sigmoid_rampup",
+]
 
 PROB_FLOOR = 1e-7  # keeps log P finite
 DICE_EPS = 1e-5
@@ -23,32 +38,70 @@ def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def soft_dice_ce(
-    logits: torch.Tensor, target: torch.Tensor, eps: float = DICE_EPS
+    logits: torch.Tensor, target: torch.Tensor, eps: float = DICE_EPS, weight: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Soft Dice + soft CE (SRA-Seg).
+    """Soft Dice + soft CE (SRA-Seg), optionally with per-pixel weights w.
 
     1. P = clamp(softmax(z), 1e-7, 1), computed in float32 (also under bf16 autocast).
-    2. soft Dice = 1 - mean over (sample, class incl. background) of 2*sum(P*Y) / (sum(P+Y) + eps),
+    2. soft Dice = 1 - mean over (sample, class incl. background) of 2*sum(w*P*Y) / (sum(w*(P+Y)) + eps),
        sums over pixels.
-    3. soft CE = -mean over pixels of sum_c Y_c log P_c.
+    3. soft CE = -sum over pixels of w * sum_c Y_c log P_c, divided by sum over pixels of w (a weighted mean).
     4. loss = Dice + CE.
+    Without weights (w = 1) this is the reference's soft loss, computed exactly as before weights existed.
+    Both terms are unchanged when every weight is scaled by the same factor.
 
     Args:
         logits: float [B,C,H,W].
         target: float [B,C,H,W], each pixel a distribution over C classes (one-hot or a blend).
         eps: Dice denominator guard.
+        weight: float [B,1,H,W] >= 0, or None (every pixel 1).
     Returns:
         (loss, dice, ce): float32 scalars.
     """
     if logits.shape != target.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape")
+    if weight is not None and weight.shape != (logits.shape[0], 1, *logits.shape[2:]):
+        raise ValueError(f"weight {tuple(weight.shape)} does not fit logits {tuple(logits.shape)}")
     probs = torch.softmax(logits.float(), dim=1).clamp(PROB_FLOOR, 1.0)
     target = target.float()
-    overlap = (probs * target).sum(dim=(2, 3))
-    total = (probs + target).sum(dim=(2, 3))
+    # the unweighted path keeps the reference's operations in their order (same numbers, same gradients)
+    if weight is None:
+        overlap = (probs * target).sum(dim=(2, 3))
+        total = (probs + target).sum(dim=(2, 3))
+    else:
+        weight = weight.float()
+        overlap = (weight * probs * target).sum(dim=(2, 3))
+        total = (weight * (probs + target)).sum(dim=(2, 3))
     dice = 1.0 - (2.0 * overlap / (total + eps)).mean()
-    ce = -(target * probs.log()).sum(dim=1).mean()
+    if weight is None:
+        ce = -(target * probs.log()).sum(dim=1).mean()
+    else:  # a weighted mean over the pixels; 0 when no pixel weighs
+        ce = -(weight[:, 0] * (target * probs.log()).sum(dim=1)).sum() / weight.sum().clamp_min(PROB_FLOOR)
     return dice + ce, dice, ce
+
+
+def soft_dice_ce_split(
+    logits: torch.Tensor, target: torch.Tensor, pseudo_share: torch.Tensor, eps: float = DICE_EPS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The soft loss of a mixed image split by label source: (pseudo-label part, true-label part).
+
+    A mixed label y = m*Y(s) + (1-m)*Y(r) takes share m of each pixel from the pseudo-labelled image s and
+    1-m from the true-labelled image r. Each part is the soft loss with per-pixel weights m (pseudo) or
+    1-m (true), in both Dice sums and the CE's weighted mean: with a hard map, the soft loss on the
+    pixels that come from that image, normalised by that region, as BCP's region loss is. Dice is not
+    additive over regions, so the two parts do not sum to the soft loss; both answer "how well does the
+    student fit this label source where it holds".
+
+    Args:
+        logits: float [B,C,H,W].
+        target: float [B,C,H,W], the mixed label.
+        pseudo_share: float [B,1,H,W] in [0,1], m: the map that took the pseudo-labelled image.
+    Returns:
+        (pseudo_part, true_part): float32 scalars, each a Dice + CE.
+    """
+    pseudo = soft_dice_ce(logits, target, eps, weight=pseudo_share)[0]
+    true = soft_dice_ce(logits, target, eps, weight=1.0 - pseudo_share)[0]
+    return pseudo, true
 
 
 def bcp_region_loss(
@@ -76,6 +129,28 @@ def bcp_region_loss(
     Returns:
         (loss, dice, ce): float32 scalars, dice and ce already weighted and halved (loss = dice + ce).
     """
+    (dice_first, ce_first), (dice_second, ce_second) = _bcp_regions(logits, target, mask, first_weight,
+                                                                    second_weight, eps)
+    dice, ce = (dice_first + dice_second) / 2.0, (ce_first + ce_second) / 2.0
+    return dice + ce, dice, ce
+
+
+def bcp_region_parts(
+    logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, eps: float = DICE_EPS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BCP's loss split by region before its weights: (first, second) = ((Dice_1 + CE_1) / 2,
+    (Dice_2 + CE_2) / 2), so that `bcp_region_loss(..., w_1, w_2)` = w_1*first + w_2*second.
+
+    Args: as `bcp_region_loss`.
+    Returns:
+        (first, second): float32 scalars, the mask = 1 and the mask = 0 region's terms.
+    """
+    (dice_first, ce_first), (dice_second, ce_second) = _bcp_regions(logits, target, mask, 1.0, 1.0, eps)
+    return (dice_first + ce_first) / 2.0, (dice_second + ce_second) / 2.0
+
+
+def _bcp_regions(logits, target, mask, first_weight: float, second_weight: float, eps: float):
+    """((w_1*Dice_1, w_1*CE_1), (w_2*Dice_2, w_2*CE_2)) of `bcp_region_loss`, not yet halved."""
     if logits.shape != target.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape")
     if mask.shape != (logits.shape[0], 1, *logits.shape[2:]):
@@ -86,13 +161,28 @@ def bcp_region_loss(
     probs = torch.softmax(logits.float(), dim=1).clamp(PROB_FLOOR, 1.0)
     target = target.float()
     pixel_ce = -(target * probs.log()).sum(dim=1, keepdim=True)  # [B,1,H,W]
-    dice = ce = probs.new_zeros(())
+    terms = []
     for region, weight in ((mask.float(), first_weight), (1.0 - mask.float(), second_weight)):
         size = region.sum()
         present = (size > 0).to(probs.dtype)  # an empty region adds nothing (no host read-back to test it)
         overlap = (region * probs * target).sum(dim=(0, 2, 3))
         total = (region * (probs + target)).sum(dim=(0, 2, 3))
-        dice = dice + weight * present * (1.0 - (2.0 * overlap / (total + eps)).mean())
-        ce = ce + weight * (region * pixel_ce).sum() / size.clamp_min(1.0)
-    dice, ce = dice / 2.0, ce / 2.0
-    return dice + ce, dice, ce
+        terms.append((weight * present * (1.0 - (2.0 * overlap / (total + eps)).mean()),
+                      weight * (region * pixel_ce).sum() / size.clamp_min(1.0)))
+    return terms
+
+
+def sigmoid_rampup(iteration: int, length: int) -> float:
+    """The mean-teacher ramp-up (Laine & Aila 2017; Tarvainen & Valpola 2017): exp(-5 (1 - t)^2) with
+    t = clip(iteration / length, 0, 1); 1 when `length` is 0 (no ramp-up).
+
+    Args:
+        iteration: iterations done so far (0 at the first one).
+        length: ramp-up length in iterations.
+    Returns:
+        float in (0, 1]: exp(-5) = 0.0067 at t = 0, exp(-1.25) = 0.287 at t = 1/2, 1 from t = 1 on.
+    """
+    if length <= 0:
+        return 1.0
+    t = min(max(iteration / length, 0.0), 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)

@@ -1,9 +1,12 @@
 """Mean teacher: the EMA update and the teacher's pseudo-labels (argmax + largest connected component).
 
-BatchNorm buffers: the teacher always runs in eval mode, so it uses its running mean/var. Those buffers
-follow the same EMA as the weights (t = d*t + (1-d)*s, as timm's ModelEma does for every float entry of
-the state dict), which keeps the statistics consistent with the averaged weights; the integer
-`num_batches_tracked` is copied from the student.
+BatchNorm buffers: the teacher's running mean/var follow the same EMA as the weights (t = d*t + (1-d)*s,
+as timm's ModelEma does for every float entry of the state dict), which keeps the statistics consistent
+with the averaged weights; the integer `num_batches_tracked` is copied from the student. The teacher
+lives in eval mode. `pseudo_labels` runs it either so (`train.teacher_mode: eval`: running statistics,
+dropout off) or, as the reference does, in train mode (`train`: dropout on, BatchNorm normalising the
+unlabeled batch with the batch's own statistics); train mode here never writes the running statistics,
+so they stay the EMA of the student's and the EMA update sees the buffers it left.
 
 The component filter has two routes giving identical labels: scipy on the host for CPU tensors, and a
 torch route that stays on the tensors' device (no copy to the host, no host sync) for CUDA.
@@ -11,8 +14,10 @@ torch route that stays on the tensors' device (no copy to the host, no host sync
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -21,7 +26,10 @@ from torch import nn
 
 from sraseg.device import autocast
 
-__all__ = ["update_ema", "largest_components", "largest_components_torch", "pseudo_labels"]
+__all__ = ["TEACHER_MODES", "update_ema", "largest_components", "largest_components_torch", "teacher_mode",
+           "teacher_logits", "pseudo_labels"]
+
+TEACHER_MODES = ("eval", "train")
 
 # In-plane 8-connectivity: the 8 neighbours of a pixel (dy, dx); no connection across slices.
 _OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
@@ -218,16 +226,51 @@ def _capture(labels: torch.Tensor, num_classes: int) -> tuple:
         return static_in, None, None
 
 
+@contextlib.contextmanager
+def teacher_mode(teacher: nn.Module, mode: str) -> Iterator[nn.Module]:
+    """Run `teacher` in `mode` inside the block; it is back in eval mode after it.
+
+    eval: dropout off, BatchNorm on its running statistics. train (the reference): dropout on and
+    BatchNorm on the statistics of the batch it is given, with every BatchNorm's `track_running_stats`
+    off for the block, so neither the running mean/var nor `num_batches_tracked` change (a plain
+    `train()` would move them toward the unlabeled batches and away from the EMA of the student's).
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    if mode not in TEACHER_MODES:
+        raise ValueError(f"teacher mode must be one of {', '.join(TEACHER_MODES)}; got {mode!r}")
+    norms = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    tracked = [m.track_running_stats for m in norms]
+    teacher.train(mode == "train")
+    if mode == "train":
+        for m in norms:
+            m.track_running_stats = False  # batch statistics, running buffers neither read nor written
+    try:
+        yield teacher
+    finally:
+        for m, value in zip(norms, tracked):
+            m.track_running_stats = value
+        teacher.eval()
+
+
 @torch.no_grad()
-def pseudo_labels(teacher: nn.Module, images: torch.Tensor, num_classes: int) -> torch.Tensor:
+def teacher_logits(teacher: nn.Module, images: torch.Tensor, mode: str = "eval") -> torch.Tensor:
+    """The teacher's logits for `images` [B,1,H,W] in `mode` (see `teacher_mode`), under autocast."""
+    with teacher_mode(teacher, mode), autocast(images.device):
+        return teacher(images)
+
+
+@torch.no_grad()
+def pseudo_labels(teacher: nn.Module, images: torch.Tensor, num_classes: int, mode: str = "eval") -> torch.Tensor:
     """Teacher pseudo-labels of un-mixed images: argmax, then the largest blob per class per slice.
 
     Args:
         images: float [B,1,H,W] in [0,1].
+        mode: "eval" (running statistics, dropout off) or "train" (the reference: the batch's own
+            statistics, dropout on; the running statistics are left as they are).
     Returns:
         long [B,H,W] in [0,num_classes) on the images' device (on CUDA computed there, no host sync).
     """
-    teacher.eval()
-    with autocast(images.device):
-        logits = teacher(images)
+    logits = teacher_logits(teacher, images, mode)
     return largest_components(logits.argmax(dim=1), num_classes)
