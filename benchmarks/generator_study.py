@@ -1,0 +1,157 @@
+"""The generator study: one change at a time on the generator, each judged on the FD curve, the
+full synthetic set's FD ratio and what a labeled-only segmenter finds in the samples.
+
+Each variant is the config's `generator` section plus a few overrides (VARIANTS below). A run trains
+it with the train-generator stage (the FD probe logs the curve), samples the config's `sample`
+section, embeds and indexes the set (the workflow's own `fd_ratio`: FD to every real train slice
+over the patient-disjoint real floor) and, given a labeled-only model, measures presence rates and
+intensities with the content stage. Everything goes through the stages' own `run` functions, so the
+numbers are the ones the workflow would report.
+
+    # one variant per core (each process uses one thread)
+    python benchmarks/generator_study.py --config config/benchmark.yaml \\
+        --prepared-dir results/phantom_benchmark/prepared \\
+        --segmenter results/phantom_benchmark/labeled_only/seed1337/model.safetensors \\
+        --out-dir results/generator_study --steps 1000 --variant old_schedule
+    # the table of every finished variant
+    python benchmarks/generator_study.py --out-dir results/generator_study --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from sraseg.embed import index as index_stage
+from sraseg.embed import run as embed_stage
+from sraseg.generate import sample as sample_stage
+from sraseg.generate import train as generator_stage
+from sraseg.io import read_json, write_json
+
+log = logging.getLogger("benchmarks.generator_study")
+
+# The schedule before issue 21: epsilon prediction, linear betas ending at a non-zero SNR,
+# leading spacing (skips the pure-noise level at sampling), x0 clipped.
+OLD_SCHEDULE = {
+    "prediction_type": "epsilon",
+    "zero_terminal_snr": False,
+    "timestep_spacing": "leading",
+    "clip_sample": True,
+}
+NEW_SCHEDULE = {
+    "prediction_type": "v_prediction",
+    "zero_terminal_snr": True,
+    "timestep_spacing": "trailing",
+    "clip_sample": False,
+}
+# name -> (what changed, overrides on the config's generator section). Each later variant changes
+# one thing against the one named in its description.
+VARIANTS = {
+    "old_schedule": ("48 px, linear betas, epsilon, leading (the benchmark's generator before)", OLD_SCHEDULE),
+    "zero_snr": ("zero terminal SNR + v-prediction + trailing spacing", NEW_SCHEDULE),
+    "zero_snr_64px": ("zero_snr at native 64 px", {**NEW_SCHEDULE, "resolution": 64}),
+    "zero_snr_cosine": ("zero_snr with the cosine beta schedule", {**NEW_SCHEDULE, "beta_schedule": "squaredcos_cap_v2"}),
+    "zero_snr_minsnr": ("zero_snr with min-SNR-5 loss weighting", {**NEW_SCHEDULE, "snr_gamma": 5.0}),
+    "zero_snr_attention": ("zero_snr with attention at the coarsest level", {**NEW_SCHEDULE, "attention": True}),
+    "zero_snr_wide": ("zero_snr with a wider first level (64-64-128)", {**NEW_SCHEDULE, "block_out_channels": [64, 64, 128]}),
+    "zero_snr_lr1e-3": ("zero_snr with learning rate 1e-3", {**NEW_SCHEDULE, "lr": 0.001}),
+    "minsnr_64px": ("zero_snr_minsnr at native 64 px", {**NEW_SCHEDULE, "snr_gamma": 5.0, "resolution": 64}),
+}
+
+
+def run_variant(name: str, config: dict, prepared_dir: Path, segmenter: Path | None, out_dir: Path, steps: int | None) -> dict:
+    """Train, sample, embed, index and (with a segmenter) measure one variant; returns its row."""
+    what, overrides = VARIANTS[name]
+    root = out_dir / name
+    settings = {**config["generator"], **overrides, "device": "cpu"}
+    if steps:
+        settings["steps"] = steps
+    started = time.perf_counter()
+    generator_stage.run(prepared_dir, root / "generator", settings)
+    train_minutes = (time.perf_counter() - started) / 60
+    sample_stage.run(root / "generator", prepared_dir, root / "synthetic", {**config["sample"], "device": "cpu"})
+    embed_stage.run(prepared_dir, root / "synthetic", root / "embed", {**config["embed"], "device": "cpu"})
+    index_stage.run(root / "embed", prepared_dir, root / "embed", config["index"])
+    if segmenter is not None:
+        from sraseg.evaluate import content as content_stage
+
+        content_stage.run(segmenter, root / "synthetic", prepared_dir, root / "content", {"device": "cpu"})
+    row = {"variant": name, "change": what, "overrides": overrides, "steps": settings["steps"],
+           "train_minutes": train_minutes}  # fmt: skip
+    write_json(root / "row.json", row)
+    return row
+
+
+def collect(out_dir: Path) -> list[dict]:
+    """Every finished variant's row with its FD curve, full-set FD ratio and content numbers."""
+    rows = []
+    for name in VARIANTS:
+        root = out_dir / name
+        if not (root / "row.json").is_file():
+            continue
+        row = read_json(root / "row.json")
+        row["fd_ratio"] = read_json(root / "embed" / "fd_dinov2.json")["fd_ratio"]
+        curve = generator_stage_fd_curve(root / "generator" / "fd_log.csv")
+        row["fd_curve"] = curve
+        content_path = root / "content" / "content.json"
+        row["content"] = read_json(content_path) if content_path.is_file() else None
+        rows.append(row)
+    return rows
+
+
+def generator_stage_fd_curve(path: Path) -> list[tuple[int, float]]:
+    from sraseg.embed.probe import read_fd_log
+
+    return [(r["step"], round(r["fd_ratio"], 2)) for r in read_fd_log(path)]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One line per variant: change, minutes on one core, FD curve, full-set FD ratio, presence rates."""
+    head = ("| variant | change | steps | train min (1 core) | FD probe curve | full-set FD ratio | "
+            "mean / min intensity (real) | presence RV / MYO / LV synthetic (real) |")  # fmt: skip
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        curve = ", ".join(f"{v:.2f}" for _, v in r["fd_curve"]) or "-"
+        content, presence, intensity = r["content"], "-", "-"
+        if content:
+            classes = content["per_class"].values()
+            presence = " / ".join(f"{c['presence_synthetic']:.2f} ({c['presence_real']:.2f})" for c in classes)
+            i = content["intensity"]
+            intensity = (f"{i['synthetic']['mean']:.2f} / {i['synthetic']['mean_min']:.2f} "
+                         f"({i['real']['mean']:.2f} / {i['real']['mean_min']:.2f})")  # fmt: skip
+        lines.append(f"| {r['variant']} | {r['change']} | {r['steps']} | {r['train_minutes']:.1f} | {curve} | "
+                     f"{r['fd_ratio']:.2f} | {intensity} | {presence} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, help="workflow config whose generator/sample/embed/index sections are the base")
+    p.add_argument("--prepared-dir", type=Path)
+    p.add_argument("--segmenter", type=Path, help="a labeled-only model.safetensors (presence rates); optional")
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--variant", nargs="*", default=[], choices=sorted(VARIANTS))
+    p.add_argument("--steps", type=int, help="override generator.steps (a shorter screening run)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: one variant per core)")
+    p.add_argument("--table", action="store_true", help="print the table of finished variants (and write study.json)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    if args.variant:
+        config = yaml.safe_load(args.config.read_text())
+        for name in args.variant:
+            run_variant(name, config, args.prepared_dir, args.segmenter, args.out_dir, args.steps)
+    if args.table:
+        rows = collect(args.out_dir)
+        (args.out_dir / "study.json").write_text(json.dumps(rows, indent=1))
+        print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+    main()
