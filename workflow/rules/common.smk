@@ -125,6 +125,10 @@ def train_inputs(wildcards):
         inputs["neighbours"] = f"{EMBED}/neighbours.parquet"
     if needs(wildcards.exp, "blend"):
         inputs["blend"] = f"{RESULTS}/blend/{wildcards.exp}/pairs.parquet"
+        # the maps mode's own file: a changed blend.maps switches the rule that writes the folder, and
+        # Snakemake reruns that rule for a missing requested file (not for the other rule's params)
+        maps_file = "draws.parquet" if blend_maps(wildcards.exp) == "fresh" else "maps.npy"
+        inputs["blend_maps"] = f"{RESULTS}/blend/{wildcards.exp}/{maps_file}"
     return inputs
 
 
