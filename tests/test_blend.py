@@ -11,7 +11,7 @@ import torch
 from scipy import ndimage
 
 from sraseg.blend import run as blend
-from sraseg.blend.maps import make_blend_maps
+from sraseg.blend.maps import make_blend_maps, render_blend_maps
 from sraseg.errors import ConfigError, DatasetError
 
 S = 32
@@ -204,3 +204,110 @@ def test_balanced_pairing_caps_every_labeled_slice_and_sets_sa_target(inputs, tm
 def test_balanced_pairing_without_embeddings_is_one_line(inputs, tmp_path):
     with pytest.raises(DatasetError, match="real.npy"):
         _run(inputs, tmp_path / "b", pairing="balanced")
+
+
+# --- maps: fresh, a map of its own for every self-training draw ----------------------------------------
+
+
+def _fresh(inputs, out_dir, draws, **settings):
+    blend.run(**inputs, out_dir=out_dir, settings=dict(maps="fresh", **settings), draws=draws)
+    return pd.read_parquet(out_dir / "draws.parquet"), pd.read_parquet(out_dir / "pairs.parquet")
+
+
+def _render(table, size, kernel="gaussian"):
+    corners = torch.tensor(table[["top", "left"]].to_numpy(dtype=np.int64))
+    side = round(2 / 3 * size)
+    return render_blend_maps(corners, size, (side, side), kernel)[:, 0].numpy()
+
+
+def test_fresh_draws_each_get_a_valid_map_of_their_own(inputs, tmp_path):
+    draws, pairs = _fresh(inputs, tmp_path / "fresh", 48, maps_per_image=3, seed=3)
+    out = tmp_path / "fresh"
+    assert not (out / "maps.npy").exists() and (out / "preview.png").stat().st_size > 1000
+    assert list(draws.columns) == ["blend_id", "synthetic_id", "real_id", "top", "left"] and len(draws) == 48
+    assert dict(draws.dtypes.astype(str)) == dict(blend_id="int32", synthetic_id="int32", real_id="int32", top="int16",
+                                                  left="int16")
+    # each draw is an entry of pairs.parquet, with that entry's synthetic image and partner
+    entry = pairs.set_index("blend_id").loc[draws["blend_id"]]
+    np.testing.assert_array_equal(entry["synthetic_id"], draws["synthetic_id"])
+    np.testing.assert_array_equal(entry["real_id"], draws["real_id"])
+    # the synthetic set once per epoch (M = 4 draws), every entry of an image in use
+    for epoch in range(48 // M):
+        assert sorted(draws["synthetic_id"][epoch * M : (epoch + 1) * M]) == list(range(M))
+    assert set(draws["blend_id"]) == set(pairs["blend_id"])
+    # every map a valid blend map: [0,1], exactly 1 beyond the kernel's reach of the hole, exactly 0 deep
+    # inside, the hole of the configured ratio
+    side = round(2 / 3 * S)
+    soft, hard = _render(draws, S), _render(draws, S, "hard")
+    assert soft.min() >= 0.0 and soft.max() <= 1.0
+    assert ((hard == 0).sum(axis=(1, 2)) == side * side).all() and set(np.unique(hard)) == {0.0, 1.0}
+    reach = np.ones((5, 5), bool)
+    for h, s in zip(hard, soft):
+        hole = h == 0
+        far_outside = ~ndimage.binary_dilation(hole, structure=reach)
+        deep_inside = ndimage.binary_erosion(hole, structure=reach, border_value=1)
+        assert (s[far_outside] == 1.0).all() and (s[deep_inside] == 0.0).all()
+        assert ((s > 0) & (s < 1)).any()
+    # two draws of one synthetic image get different maps: here every one of its 12 draws its own
+    for sid in range(M):
+        own = soft[(draws["synthetic_id"] == sid).to_numpy()]
+        assert len(own) == 12
+        assert len({m.tobytes() for m in own}) >= 10
+        assert not np.array_equal(own[0], own[1])
+    info = json.loads((out / "blend.json").read_text())
+    assert info["settings"]["maps"] == "fresh" and info["n_draws"] == info["n_maps"] == 48
+    assert info["hole"] == [side, side] and info["image_size"] == S and info["n_entries"] == M * 3
+    assert info["draws_per_synthetic"] == {"min": 12, "max": 12}
+
+
+def test_fresh_draws_are_seeded_and_the_same_whichever_pairing(inputs, tmp_path):
+    near, _ = _fresh(inputs, tmp_path / "near", 40, maps_per_image=2, seed=1)
+    again, _ = _fresh(inputs, tmp_path / "again", 40, maps_per_image=2, seed=1)
+    rand, _ = _fresh(inputs, tmp_path / "rand", 40, maps_per_image=2, seed=1, pairing="random")
+    other, _ = _fresh(inputs, tmp_path / "other", 40, maps_per_image=2, seed=2)
+    pd.testing.assert_frame_equal(near, again)  # same seed: the same draws, hence the same maps
+    same = ["blend_id", "synthetic_id", "top", "left"]
+    pd.testing.assert_frame_equal(near[same], rand[same])  # the pairing changes the partners only
+    assert not np.array_equal(near["real_id"], rand["real_id"])
+    assert not np.array_equal(near[["top", "left"]], other[["top", "left"]])
+    # more draws extend the same sequence of maps (a longer self-training starts the same)
+    longer, _ = _fresh(inputs, tmp_path / "longer", 80, maps_per_image=2, seed=1)
+    pd.testing.assert_frame_equal(longer[:40], near)
+
+
+def test_fresh_files_stay_small_at_acdc_scale(tmp_path):
+    """acdc.yaml's self-training takes 50,000 x 12 = 600,000 draws at 256 px: as maps that would be 79 GB of
+    float16; what the stage writes must stay under 50 MB."""
+    rng = np.random.default_rng(0)
+    size, n, m = 256, 6, 4
+    prepared, synthetic = tmp_path / "prepared", tmp_path / "synthetic"
+    prepared.mkdir()
+    synthetic.mkdir()
+    pd.DataFrame(dict(slice_id=np.arange(n), case=[f"patient{i:03d}_frame01" for i in range(n)],
+                      patient=[f"patient{i:03d}" for i in range(n)], frame=1, phase="ED", slice=0,
+                      split=["train"] * 4 + ["val", "test"], labeled=[True] * 3 + [False] * 3)
+                 ).to_parquet(prepared / "slices.parquet")  # fmt: skip
+    np.save(prepared / "images.npy", rng.random((n, size, size), dtype=np.float32))
+    np.save(prepared / "labels.npy", rng.integers(0, 4, size=(n, size, size)).astype(np.uint8))
+    np.save(synthetic / "images.npy", rng.random((m, size, size), dtype=np.float32))
+    pd.DataFrame(dict(synthetic_id=np.arange(m))).to_parquet(synthetic / "synthetic.parquet")
+    out = tmp_path / "blend"
+    blend.run(synthetic, prepared, tmp_path / "none.parquet", out, dict(maps="fresh", pairing="random"), draws=600_000)
+    written = {p.name: p.stat().st_size for p in out.iterdir()}
+    assert set(written) == {"draws.parquet", "pairs.parquet", "preview.png", "blend.json"}
+    assert sum(written.values()) < 50e6, written
+    assert len(pd.read_parquet(out / "draws.parquet")) == 600_000
+
+
+def test_fresh_needs_the_draw_count_and_replaces_a_bank(inputs, tmp_path):
+    with pytest.raises(ConfigError, match="--draws"):
+        blend.run(**inputs, out_dir=tmp_path / "out", settings=dict(maps="fresh"))
+    with pytest.raises(ConfigError, match="blend.maps"):
+        blend.run(**inputs, out_dir=tmp_path / "out", settings=dict(maps="fixed"), draws=4)
+    assert not (tmp_path / "out").exists()
+    # a folder switched from bank to fresh (and back) holds only the current mode's file
+    _run(inputs, tmp_path / "b")
+    _fresh(inputs, tmp_path / "b", 8)
+    assert not (tmp_path / "b" / "maps.npy").exists()
+    _run(inputs, tmp_path / "b")
+    assert not (tmp_path / "b" / "draws.parquet").exists() and (tmp_path / "b" / "maps.npy").exists()

@@ -44,6 +44,26 @@ def test_config_file_gives_the_stage_its_section_and_the_experiment_overrides():
     assert kwargs["prepared_dir"] == Path("p") and kwargs["out_dir"] == Path("o")
 
 
+def test_blend_draws_are_what_the_experiment_trains_with(tmp_path):
+    """blend's --draws (maps: fresh): given, else selftrain_iterations x unlabeled_batch of the config's train
+    section with the experiment's overrides, else of the train defaults (the reference's 50,000 x 12)."""
+    config = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
+    config["experiments"]["sraseg"]["train"] = {"selftrain_iterations": 7}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    base = ["blend", "--synthetic-dir", "s", "--prepared-dir", "p", "--neighbours", "n", "--out-dir", "o"]
+
+    def draws(*extra):
+        args = build_parser().parse_args(base + list(extra))
+        return args.kwargs(args)["draws"]
+
+    assert draws() == 50000 * 12
+    assert draws("--config", str(REPO / "config" / "acdc.yaml")) == 50000 * 12
+    assert draws("--config", str(path)) == 2 * 2  # tiny.yaml: 2 iterations x 2
+    assert draws("--config", str(path), "--experiment", "sraseg") == 7 * 2
+    assert draws("--config", str(path), "--draws", "5") == 5
+
+
 def test_whole_acdc_config_is_accepted_by_train():
     args = build_parser().parse_args(["train", "--prepared-dir", "p", "--out-dir", "o", "--config", str(REPO / "config" / "acdc.yaml")])
     settings = args.kwargs(args)["settings"]

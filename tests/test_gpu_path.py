@@ -4,6 +4,7 @@ no host read-back in the step functions, and a one-line failure when CUDA is ask
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import subprocess
 import sys
@@ -198,12 +199,30 @@ ABLATIONS = dict(teacher_mode="train", pair_augment="separate", pseudo_weight=0.
                  selftrain_reduction="mean")
 
 
+def fresh_bank(inputs, draws: int = 40, seed: int = 0):
+    """`inputs.bank` as the blend stage's `maps: fresh` gives it: the same entries, no maps, and `draws`
+    self-training draws (an entry and a hole corner each)."""
+    rng = np.random.default_rng(seed)
+    size = inputs.prepared.image_size
+    side = round(2 / 3 * size)
+    return dataclasses.replace(
+        inputs.bank, maps=None, draw_entries=rng.integers(0, len(inputs.bank.synthetic_ids), draws),
+        draw_corners=torch.from_numpy(rng.integers(0, size - side + 1, (draws, 2))), hole=(side, side),
+        maps_size=size,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("ablations", [{}, ABLATIONS], ids=["defaults", "ablations"])
-@pytest.mark.parametrize("method", ["labeled_only", "bcp_real", "sraseg"])
+@pytest.mark.parametrize("method", ["labeled_only", "bcp_real", "sraseg", "sraseg_fresh"])
 def test_step_functions_read_nothing_back_from_the_device(method, ablations, inputs):
     """Run every phase's step on the `meta` device, whose tensors hold no values: any read-back to the host
     (.item(), float(), .cpu(), .numpy(), bool(), a data-dependent shape) raises there, as it would sync a GPU.
-    The instruments (loss split, pseudo-label fractions) are step terms and must pass the same test."""
+    The instruments (loss split, pseudo-label fractions) are step terms and must pass the same test.
+    sraseg_fresh: blend maps: fresh, the maps rendered on the device from the draws' hole corners."""
+    fresh = method == "sraseg_fresh"
+    method = "sraseg" if fresh else method
+    if fresh:
+        inputs = dataclasses.replace(inputs, bank=fresh_bank(inputs))
     cpu = make_bench(method, inputs, torch.device("cpu"), method=method, labeled_batch=4, unlabeled_batch=4,
                      sa_batch=2, **ablations)
     meta = torch.device("meta")
@@ -221,7 +240,13 @@ def test_step_functions_read_nothing_back_from_the_device(method, ablations, inp
     ctx.student = cpu.ctx.student.to(meta)
     ctx.head = cpu.ctx.head.to(meta) if cpu.ctx.head is not None else None
     ctx.teacher = copy.deepcopy(ctx.student).eval()
-    for phase, _, step_fn in loop.training_phases(ctx.cfg):
+    if fresh:
+        assert ctx.bank.draw_corners.device == meta and ctx.bank.maps is None
+    offset = 0
+    for phase, length, step_fn in loop.training_phases(ctx.cfg):
+        if fresh:
+            ctx.step = offset + 3  # the phase's fourth iteration: fresh draws 12-15 in self-training
+        offset += length
         terms = step_fn(ctx)
         assert terms["loss"].device == meta
         if phase == "selftrain":

@@ -20,9 +20,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from train_fixtures import TINY, make_all, make_blend
+from train_fixtures import TINY, make_all, make_blend, make_fresh_blend
 
 import sraseg.train.data as train_data
+from sraseg.blend.maps import render_blend_maps
 from sraseg.errors import SrasegError
 from sraseg.settings import parse_settings
 from sraseg.train import loop
@@ -231,6 +232,8 @@ def make_ctx(inputs: dict, method: str, blend_dir=None, **settings) -> loop.Trai
         blend_dir = blend_dir or inputs["blend_dir"]
         ctx.bank = load_blend(blend_dir, prepared.image_size, len(ctx.synthetic))
         ctx.bank_real_pos = prepared.labeled_position(ctx.bank.real_ids, blend_dir / "pairs.parquet")
+        if ctx.bank.fresh:
+            ctx.draws = pd.read_parquet(blend_dir / "draws.parquet")  # what the test expects (not used by the step)
     ctx.teacher = IntensityTeacher()
     ctx.step = 3
     return ctx
@@ -403,10 +406,21 @@ def _augmented_pair(calls, ctx):
     return s, r, r_lab
 
 
+def _drawn(calls, ctx):
+    """(entries, maps [B,1,S,S]) of the step's draw: bank entries drawn with the training generator and their
+    maps.npy maps, or (maps: fresh) the blend stage's draws of this iteration with their rendered maps."""
+    if not ctx.bank.fresh:
+        idx = calls.indices[0].numpy()
+        return idx, ctx.bank.maps[torch.from_numpy(idx)][:, None].float()
+    start = (ctx.step - ctx.cfg.pretrain_iterations) * ctx.cfg.unlabeled_batch
+    corners = torch.tensor(ctx.draws.loc[start : start + ctx.cfg.unlabeled_batch - 1, ["top", "left"]].to_numpy())
+    a = render_blend_maps(corners, ctx.prepared.image_size, ctx.bank.hole, ctx.bank.kernel)
+    return ctx.draws["blend_id"].to_numpy()[start : start + ctx.cfg.unlabeled_batch], a
+
+
 def sraseg_expect(calls, ctx):
-    idx = calls.indices[0].numpy()
+    idx, a = _drawn(calls, ctx)
     s, r, r_lab = _augmented_pair(calls, ctx)
-    a = ctx.bank.maps[torch.from_numpy(idx)][:, None].float()
     _, _, pseudo = calls.pseudo[0]
     ys, yr = one_hot(pseudo, C), _labels(r_lab)
     h = len(idx) // 2
@@ -417,7 +431,7 @@ def sraseg_expect(calls, ctx):
 
 
 def _check_sraseg_sources(calls, ctx):
-    idx = calls.indices[0].numpy()
+    idx, _ = _drawn(calls, ctx)
     pair_in, r_lab_in, pair, _ = calls.augment[0]
     bank, prepared = ctx.bank, ctx.prepared
     rows = torch.from_numpy(ctx.bank_real_pos[idx])
@@ -438,6 +452,54 @@ def test_sraseg_selftrain_mixes_bank_pairs_with_teacher_labels_of_unmixed_synthe
     assert ((a > 0) & (a < 1)).any()  # soft maps: the label really is continuous
     torch.testing.assert_close(torch.cat(calls.targets), sraseg_expect(calls, ctx)[0][1])
     assert calls.weights == [None, None]  # pseudo_weight 1: the reference's unweighted soft loss
+
+
+@pytest.fixture(scope="module")
+def fresh_dir(inputs, tmp_path_factory):
+    """The blend stage's `maps: fresh` folder: 6 self-training iterations of 4 draws."""
+    return make_fresh_blend(tmp_path_factory.mktemp("fresh"), inputs, 24)
+
+
+def test_sraseg_fresh_selftrain_mixes_each_draw_with_its_rendered_map(inputs, fresh_dir, monkeypatch):
+    """maps: fresh: the step takes this iteration's rows of draws.parquet (entries and hole corners) and mixes
+    with maps rendered from them; the training generator draws no entries."""
+    calls, ctx, _ = run_step(monkeypatch, inputs, "sraseg", loop._sraseg_selftrain_step, sraseg_expect,
+                             blend_dir=fresh_dir)
+    assert ctx.bank.fresh and ctx.bank.maps is None and calls.indices == []
+    _check_sraseg_sources(calls, ctx)
+    _, a = _drawn(calls, ctx)
+    assert ((a > 0) & (a < 1)).any()
+    torch.testing.assert_close(torch.cat(calls.targets), sraseg_expect(calls, ctx)[0][1])
+
+
+def test_sraseg_fresh_maps_follow_the_step_whatever_the_run(inputs, fresh_dir):
+    """Each self-training iteration's maps are its draws' maps: the same in another run (another training
+    seed and generator state: a rerun or a resume at that step), different from the other iterations', so
+    every draw of a synthetic image has a map of its own."""
+    settings = dict(selftrain_iterations=6)
+    ctx = make_ctx(inputs, "sraseg", blend_dir=fresh_dir, **settings)
+    per_image: dict[int, list[torch.Tensor]] = {}
+    seen = []
+    for j in range(6):
+        ctx.step = ctx.cfg.pretrain_iterations + j
+        idx, a = loop._sraseg_draws(ctx)
+        np.testing.assert_array_equal(idx, ctx.draws["blend_id"].to_numpy()[4 * j : 4 * j + 4])
+        other = make_ctx(inputs, "sraseg", blend_dir=fresh_dir, **settings)
+        other.generator.manual_seed(99)
+        torch.rand(5, generator=other.generator)
+        other.step = ctx.step
+        other_idx, other_a = loop._sraseg_draws(other)
+        assert torch.equal(a, other_a) and np.array_equal(idx, other_idx)
+        for sid, m in zip(ctx.bank.synthetic_ids[idx], a):
+            per_image.setdefault(int(sid), []).append(m)
+        seen.append(a)
+    maps = torch.cat(seen)
+    assert len({m.numpy().tobytes() for m in maps}) >= 22  # 24 draws: (almost) all maps differ
+    for sid, own in per_image.items():
+        assert len(own) == 3 and not torch.equal(own[0], own[1]), sid  # 8 images, once per epoch
+    with pytest.raises(IndexError, match="24 self-training draws"):
+        ctx.step = ctx.cfg.pretrain_iterations + 6
+        loop._sraseg_draws(ctx)
 
 
 def test_sraseg_separate_pair_augmentation_mixes_each_image_with_its_own_transform(inputs, monkeypatch):

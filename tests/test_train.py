@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_fixtures import TINY, interrupt_after, make_all, make_prepared, student_weights
+from train_fixtures import TINY, interrupt_after, make_all, make_fresh_blend, make_prepared, student_weights
 
 from sraseg.errors import ConfigError, DatasetError, SrasegError
 from sraseg.train import loop
@@ -198,6 +198,29 @@ def test_interrupted_run_resumes_exactly(method, runs, inputs, tmp_path, monkeyp
     assert drop(csv.DictReader(open(tmp_path / "train_log.csv"))) == drop(
         csv.DictReader(open(runs[method] / "train_log.csv"))
     )
+
+
+def test_fresh_maps_rerun_and_resume_exactly(inputs, tmp_path, monkeypatch):
+    """blend maps: fresh: the same blend folder and seed give the same weights on a rerun and after a
+    resume in self-training; a table with fewer draws than self-training takes is refused."""
+    fresh = dict(inputs, blend_dir=make_fresh_blend(tmp_path, inputs, 8))  # TINY: 2 iterations x 4
+    settings = dict(TINY, method="sraseg")
+    straight = loop.run(out_dir=tmp_path / "straight", settings=settings, seed=5, **fresh)
+    again = loop.run(out_dir=tmp_path / "again", settings=settings, seed=5, **fresh)
+    interrupt_after(monkeypatch, 3, lambda: loop.run(out_dir=tmp_path / "resumed", settings=settings, seed=5, **fresh))
+    calls, real_loss = [], loop.soft_dice_ce
+    monkeypatch.setattr(loop, "soft_dice_ce", lambda *a: calls.append(1) or real_loss(*a))
+    resumed = loop.run(out_dir=tmp_path / "resumed", settings=settings, seed=5, **fresh)
+    monkeypatch.setattr(loop, "soft_dice_ce", real_loss)
+    assert len(calls) == 2  # resumed at step 3: only self-training iteration 2 (draws 4-7) was trained again
+    want = student_weights(straight)
+    for out in (again, resumed):
+        got = student_weights(out)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    bank = student_weights(loop.run(out_dir=tmp_path / "bank", settings=settings, seed=5, **inputs))
+    assert any(not torch.equal(bank[k], want[k]) for k in want)  # the fresh maps are what it trained on
+    with pytest.raises(DatasetError, match="8 self-training draws, training needs 12"):
+        loop.run(out_dir=tmp_path / "short", settings=dict(settings, selftrain_iterations=3), seed=5, **fresh)
 
 
 # --- input and settings checks -------------------------------------------------------------------------

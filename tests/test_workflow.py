@@ -65,6 +65,26 @@ def test_labeled_only_plan_never_builds_the_generator(workdir: Path):
         assert f"rule {rule}:" not in result.stdout
 
 
+def test_blend_maps_fresh_plans_its_own_rule_with_the_draw_count(workdir: Path):
+    """blend.maps fresh: rule blend_fresh writes the experiment's folder (draws.parquet, no maps.npy) with
+    --draws = its selftrain_iterations x unlabeled_batch, and its training reads draws.parquet; a bank
+    experiment beside it keeps rule blend and maps.npy, without --draws."""
+    config = yaml.safe_load((workdir / "config" / "tiny.yaml").read_text())
+    config["experiments"]["fresh"] = {"method": "sraseg", "blend": {"maps": "fresh"}, "train": {"selftrain_iterations": 5}}
+    (workdir / "config" / "fresh.yaml").write_text(yaml.safe_dump(config))
+    out = snakemake(workdir, "-n", "-p", config="fresh.yaml").stdout
+    jobs = {m.group(1): m.group(0) for m in re.finditer(r"rule (\w+):\n(?:    .*\n)*", out)}
+    assert "draws.parquet" in jobs["blend_fresh"] and "blend/fresh/" in jobs["blend_fresh"]
+    assert "maps.npy" in jobs["blend"] and "blend/sraseg/" in jobs["blend"]
+    calls = re.findall(r"python -m sraseg blend .*?--out-dir (\S+)(.*?)--settings", out)
+    assert sorted((d.split("/")[-1], rest.strip()) for d, rest in calls) == [("fresh", "--draws 10"), ("sraseg", "")]
+    trains = [m.group(0) for m in re.finditer(r"rule train:\n(?:    .*\n)*", out)]
+    train_input = {exp: next(j for j in trains if f"tiny/{exp}/seed1" in j).split("input: ")[1].split("\n")[0]
+                   for exp in ("fresh", "sraseg")}
+    assert "blend/fresh/draws.parquet" in train_input["fresh"] and "maps.npy" not in train_input["fresh"]
+    assert "blend/sraseg/maps.npy" in train_input["sraseg"] and "draws.parquet" not in train_input["sraseg"]
+
+
 def test_bad_config_value_is_refused_before_any_job(workdir: Path):
     result = snakemake(workdir, "-n", "--config", "prepare={'image_size': 4}", check=False)
     assert result.returncode != 0

@@ -122,6 +122,17 @@ def make_blend(root: Path, prepared: Path, synthetic: Path, kind: str = "gaussia
     return out
 
 
+def make_fresh_blend(root: Path, inputs: dict[str, Path], draws: int, **settings) -> Path:
+    """The blend stage's own `maps: fresh` folder for `make_all`'s inputs: two random partners per synthetic
+    image and `draws` self-training draws (pairs.parquet, draws.parquet, blend.json, preview.png)."""
+    from sraseg.blend import run as blend
+
+    out = root / "blend_fresh"
+    blend.run(inputs["synthetic_dir"], inputs["prepared_dir"], root / "no_neighbours.parquet", out,
+              dict(dict(maps="fresh", pairing="random", maps_per_image=2), **settings), draws=draws)
+    return out
+
+
 def make_all(root: Path, size: int = SIZE) -> dict[str, Path]:
     """Every input of every method, keyed by `run` keyword."""
     prepared = make_prepared(root, size=size)

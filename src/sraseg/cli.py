@@ -246,12 +246,31 @@ def _add_fetch_weights(sub):
     p.set_defaults(target="sraseg.embed.fetch", kwargs=kwargs)
 
 
+def selftrain_draws(args) -> int:
+    """Self-training draws the train stage will take from `maps: fresh`: --draws, else
+    selftrain_iterations x unlabeled_batch of --config's train section (with --experiment's overrides),
+    the schema defaults filling what it leaves out."""
+    from sraseg.settings import section_schema
+
+    if args.draws is not None:
+        return args.draws
+    train = {k: v.get("default") for k, v in ((section_schema("train") or {}).get("properties") or {}).items()}
+    config = args.config or {}
+    train.update(config.get("train") or {})
+    if args.experiment is not None:
+        train.update(((config.get("experiments") or {}).get(args.experiment) or {}).get("train") or {})
+    return int(train["selftrain_iterations"]) * int(train["unlabeled_batch"])
+
+
 def _add_blend(sub):
     p = _parser(sub, "blend", "materialise the soft-edge blend bank (blend maps + real pairings)", "blend")
     _path(p, "--synthetic-dir", "--synthetic", required=True, help="sample stage output folder")
     _path(p, "--prepared-dir", "--prepared", required=True, help="prepare output folder")
     _path(p, "--neighbours", required=True, help="neighbours.parquet from the index stage")
     _path(p, "--out-dir", required=True, help="blend bank folder")
+    p.add_argument("--draws", type=int, default=None, metavar="N",
+                   help="self-training draws for `maps: fresh` (train.selftrain_iterations x train.unlabeled_batch; "
+                        "default: from --config/--experiment, else the train defaults); unused by `maps: bank`")  # fmt: skip
     _add_config(p, experiment=True)
     p.set_defaults(
         target="sraseg.blend.run",
@@ -261,6 +280,7 @@ def _add_blend(sub):
             neighbours=a.neighbours,
             out_dir=a.out_dir,
             settings=section_settings(a),
+            draws=selftrain_draws(a),
         ),
     )
 

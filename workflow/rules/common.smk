@@ -3,6 +3,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import sys
 
 import yaml
@@ -95,6 +96,26 @@ def blend_settings(wildcards):
     return as_json({**config["blend"], **EXPERIMENTS[wildcards.exp].get("blend", {})})
 
 
+def blend_maps(exp):
+    """The experiment's `blend.maps`: bank (maps.npy, rule blend) or fresh (draws.parquet, rule blend_fresh)."""
+    return {**config["blend"], **EXPERIMENTS[exp].get("blend", {})}.get("maps", "bank")
+
+
+def blend_experiments(mode):
+    """A wildcard constraint matching the experiments whose blend folder `mode` writes (none: matches nothing)."""
+    names = [exp for exp in EXPERIMENTS if needs(exp, "blend") and blend_maps(exp) == mode]
+    return "|".join(re.escape(exp) for exp in names) if names else "(?!)"
+
+
+def blend_draws(wildcards):
+    """`--draws N` for maps fresh: the experiment's selftrain_iterations x unlabeled_batch, the draws its
+    training takes (so only a fresh blend folder depends on, and reruns with, these train settings)."""
+    if blend_maps(wildcards.exp) != "fresh":
+        return ""
+    train = {**config["train"], **EXPERIMENTS[wildcards.exp].get("train", {})}
+    return f"--draws {int(train['selftrain_iterations']) * int(train['unlabeled_batch'])}"
+
+
 def train_inputs(wildcards):
     """Only what the experiment's method reads."""
     inputs = {"prepared": f"{PREPARED}/slices.parquet"}
@@ -104,6 +125,10 @@ def train_inputs(wildcards):
         inputs["neighbours"] = f"{EMBED}/neighbours.parquet"
     if needs(wildcards.exp, "blend"):
         inputs["blend"] = f"{RESULTS}/blend/{wildcards.exp}/pairs.parquet"
+        # the maps mode's own file: a changed blend.maps switches the rule that writes the folder, and
+        # Snakemake reruns that rule for a missing requested file (not for the other rule's params)
+        maps_file = "draws.parquet" if blend_maps(wildcards.exp) == "fresh" else "maps.npy"
+        inputs["blend_maps"] = f"{RESULTS}/blend/{wildcards.exp}/{maps_file}"
     return inputs
 
 

@@ -63,6 +63,8 @@ rule index:
         " --settings {params.settings:q} > {log} 2>&1"
 
 
+# maps bank: the fixed maps (maps.npy); maps fresh (rule blend_fresh below): one row per self-training draw
+# (draws.parquet), the maps rendered in training. Each experiment's folder is written by one of the two.
 rule blend:
     input:
         synthetic=f"{SYNTHETIC}/images.npy",
@@ -76,9 +78,12 @@ rule blend:
         pairs=f"{RESULTS}/blend/{{exp}}/pairs.parquet",
         preview=f"{RESULTS}/blend/{{exp}}/preview.png",
         info=f"{RESULTS}/blend/{{exp}}/blend.json",
+    wildcard_constraints:
+        exp=blend_experiments("bank"),
     params:
         code=stage_code("sraseg.blend.run"),
         settings=blend_settings,
+        draws=blend_draws,
         synthetic=input_dir("synthetic"),
         prepared=input_dir("prepared"),
         out_dir=output_dir("pairs"),
@@ -92,4 +97,15 @@ rule blend:
         "../../envs/cpu.yaml"
     shell:
         "python -m sraseg blend --synthetic-dir {params.synthetic} --prepared-dir {params.prepared}"
-        " --neighbours {input.neighbours} --out-dir {params.out_dir} --settings {params.settings:q} > {log} 2>&1"
+        " --neighbours {input.neighbours} --out-dir {params.out_dir} {params.draws} --settings {params.settings:q}"
+        " > {log} 2>&1"
+
+
+use rule blend as blend_fresh with:
+    output:
+        draws=f"{RESULTS}/blend/{{exp}}/draws.parquet",
+        pairs=f"{RESULTS}/blend/{{exp}}/pairs.parquet",
+        preview=f"{RESULTS}/blend/{{exp}}/preview.png",
+        info=f"{RESULTS}/blend/{{exp}}/blend.json",
+    wildcard_constraints:
+        exp=blend_experiments("fresh"),

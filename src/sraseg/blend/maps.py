@@ -14,9 +14,33 @@ import torch.nn.functional as F
 from sraseg.device import full_precision
 from sraseg.errors import ConfigError
 
-__all__ = ["KERNELS", "box_masks", "smoothing_kernel", "soften", "make_blend_maps", "mix"]
+__all__ = ["KERNELS", "hole_size", "box_masks", "box_masks_at", "smoothing_kernel", "soften", "make_blend_maps",
+           "render_blend_maps", "mix"]
 
 KERNELS = ("gaussian", "box", "hard")
+
+
+def hole_size(height: int, width: int, ratio: float) -> tuple[int, int]:
+    """(rows, columns) of the BCP hole: round(ratio*H) x round(ratio*W), at least 1 x 1."""
+    if not 0.0 < ratio < 1.0:
+        raise ConfigError(f"blend ratio must lie in (0, 1); got {ratio}")
+    return max(1, round(ratio * height)), max(1, round(ratio * width))
+
+
+def box_masks_at(tops: torch.Tensor, lefts: torch.Tensor, height: int, width: int, hole: tuple[int, int]) -> torch.Tensor:
+    """BCP masks with their holes at given corners, built on the corners' device (no host work, no read-back).
+
+    Args:
+        tops, lefts: integer [count] (or [count,1]) top-left corners of the holes, inside the image.
+        hole: (rows, columns) of the hole.
+    Returns:
+        float32 [count,1,H,W]: 0 inside each hole, 1 elsewhere.
+    """
+    tops, lefts = tops.reshape(-1, 1), lefts.reshape(-1, 1)
+    rows, cols = torch.arange(height, device=tops.device), torch.arange(width, device=tops.device)
+    in_rows = (rows >= tops) & (rows < tops + hole[0])  # [count,H]
+    in_cols = (cols >= lefts) & (cols < lefts + hole[1])  # [count,W]
+    return (~(in_rows[:, :, None] & in_cols[:, None, :])).float()[:, None]
 
 
 def box_masks(
@@ -31,17 +55,12 @@ def box_masks(
     Returns:
         float32 [count,1,H,W] with values in {0, 1}.
     """
-    if not 0.0 < ratio < 1.0:
-        raise ConfigError(f"blend ratio must lie in (0, 1); got {ratio}")
-    hole_h, hole_w = max(1, round(ratio * height)), max(1, round(ratio * width))
+    hole_h, hole_w = hole_size(height, width, ratio)
     if isinstance(rng, torch.Generator):
         device = rng.device
         tops = torch.randint(0, height - hole_h + 1, (count, 1), generator=rng, device=device)
         lefts = torch.randint(0, width - hole_w + 1, (count, 1), generator=rng, device=device)
-        rows, cols = torch.arange(height, device=device), torch.arange(width, device=device)
-        in_rows = (rows >= tops) & (rows < tops + hole_h)  # [count,H]
-        in_cols = (cols >= lefts) & (cols < lefts + hole_w)  # [count,W]
-        return (~(in_rows[:, :, None] & in_cols[:, None, :])).float()[:, None]
+        return box_masks_at(tops, lefts, height, width, (hole_h, hole_w))
     masks = torch.ones(count, 1, height, width)
     tops = rng.integers(0, height - hole_h + 1, size=count)
     lefts = rng.integers(0, width - hole_w + 1, size=count)
@@ -103,6 +122,22 @@ def make_blend_maps(
     """`count` fresh blend maps, float32 [count,1,H,W] in [0,1]; on the torch generator's device when
     `rng` is a torch generator, else on the CPU."""
     return soften(box_masks(count, height, width, ratio, rng), kind, size, sigma)
+
+
+def render_blend_maps(
+    corners: torch.Tensor, size: int, hole: tuple[int, int], kind: str = "gaussian", kernel_size: int = 5,
+    sigma: float = 1.0,
+) -> torch.Tensor:
+    """Blend maps from recorded hole corners (the blend stage's `maps: fresh` draws), rendered on the
+    corners' device: the training step and the blend stage's preview call this same function.
+
+    Args:
+        corners: integer [count,2] (top, left) of each hole.
+        size: image side S; hole: (rows, columns) of the hole.
+    Returns:
+        float32 [count,1,S,S] in [0,1], exactly 1 away from the hole.
+    """
+    return soften(box_masks_at(corners[:, 0], corners[:, 1], size, size, hole), kind, kernel_size, sigma)
 
 
 def mix(blend: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

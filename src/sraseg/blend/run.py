@@ -1,23 +1,43 @@
 """The blend stage: materialise the soft-edge blend bank, the blend maps and their real pairings.
 
-For every synthetic image and each of its K maps (SRA-Seg soft edge blending, after BCP):
-1. a blend map `a` from `make_blend_maps` (a BCP box hole of ratio*H x ratio*W, softened by the
-   kernel with reflection padding; exactly 1 away from the hole);
-2. a real LABELED train slice to pair it with:
-   - "nearest": the synthetic image's rows of neighbours.parquet, kept only where real_id is a
-     labeled train slice, in rank order; map k takes neighbour k mod (number of such neighbours),
-     so with K maps and n >= K neighbours the K nearest are each used once;
-   - "random": uniform over all labeled train slices (seeded), cosine NaN and rank -1;
-   - "balanced": the embeddings beside neighbours.parquet, each domain centred on its own mean and
-     renormalised, then the assignment of the M*K entries to labeled slices that maximises the total
-     centred cosine with no slice used more than ceil(M*K / labeled slices) times (no hub can form).
-     `cosine` is the plain (uncentred) cosine, `rank` its rank among the image's neighbours (-1: not
-     among them), and `sa_real_id` the partner: the SA loss pulls the synthetic image toward it.
+Pairings (both modes). For every synthetic image, K = `maps_per_image` entries, each with a real LABELED
+train slice to pair it with (pairs.parquet, blend_id = s * K + k):
+- "nearest": the synthetic image's rows of neighbours.parquet, kept only where real_id is a labeled
+  train slice, in rank order; entry k takes neighbour k mod (number of such neighbours), so with K
+  entries and n >= K neighbours the K nearest are each used once;
+- "random": uniform over all labeled train slices (seeded), cosine NaN and rank -1;
+- "balanced": the embeddings beside neighbours.parquet, each domain centred on its own mean and
+  renormalised, then the assignment of the M*K entries to labeled slices that maximises the total
+  centred cosine with no slice used more than ceil(M*K / labeled slices) times (no hub can form).
+  `cosine` is the plain (uncentred) cosine, `rank` its rank among the image's neighbours (-1: not
+  among them), and `sa_real_id` the partner: the SA loss pulls the synthetic image toward it.
 At training time x = a * synthetic + (1 - a) * real and y = a * Y(synthetic) + (1 - a) * Y(real):
 `a` = 1 keeps the synthetic image, the hole shows the real one.
 
-Maps and pairings come from two independent streams of `seed`, so the maps are identical whichever
-pairing is chosen (a clean ablation).
+Blend maps `a` (a BCP box hole of ratio*H x ratio*W softened by the kernel with reflection padding,
+exactly 1 away from the hole), by `maps`:
+- "bank" (the default): one fixed map per entry, maps.npy float16 [M*K,S,S]; self-training draws entries
+  with the training seed, so each map serves many draws (ACDC: 2,352 maps for 600,000 draws).
+- "fresh": every self-training draw gets its own map, as in the reference, which draws a new mask every
+  iteration. Materialising 600,000 maps of 256 x 256 would take 79 GB; a map is fixed by its hole
+  corner and the kernel settings, so the stage writes draws.parquet instead, one row per self-training
+  draw (blend_id, synthetic_id, real_id, top, left: int32/int16 columns, about 3 MB for ACDC's 600,000
+  draws), and blend.json holds the kernel settings and the hole size once. Self-training iteration j
+  takes rows j*B .. j*B+B-1 (B = train.unlabeled_batch) and renders their maps on the training device
+  with `render_blend_maps`, the function the preview uses too. The draws' synthetic images run through
+  the whole synthetic set once per epoch in a seeded shuffle (as the reference's data loader), each
+  with one of its K entries chosen uniformly.
+  The two stages agree on the count through the workflow: the rule passes `--draws` =
+  selftrain_iterations x unlabeled_batch of the experiment's train settings (the CLI computes it from
+  --config/--experiment, else the train defaults), and the train stage refuses a table with fewer rows.
+  Chosen over a seeded rule rendered from (seed, step) inside training because what training uses is
+  then a file: every draw's synthetic image, partner and hole can be read back, the preview shows real
+  draws, and reproducibility needs no coupling to the training seed or step counter (a resume at step t
+  reads the same rows). The cost: the order of the synthetic draws is fixed by `blend.seed`, not by the
+  training seed.
+
+Maps (hole corners) and pairings come from independent streams of `seed` (the draws' synthetic images
+and entries from a third), so the maps are identical whichever pairing is chosen (a clean ablation).
 """
 
 from __future__ import annotations
@@ -31,7 +51,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from sraseg.blend.maps import KERNELS, make_blend_maps, mix
+from sraseg.blend.maps import KERNELS, hole_size, make_blend_maps, mix, render_blend_maps
 from sraseg.embed.pairing import balanced_partners, partner_stats
 from sraseg.errors import ConfigError, DatasetError
 from sraseg.io import load_array, read_table, staged_outputs, write_json
@@ -39,9 +59,11 @@ from sraseg.settings import check_choice, check_positive, parse_settings, settin
 
 __all__ = [
     "BlendSettings",
+    "MAP_MODES",
     "PAIRINGS",
     "LABEL_COLOURS",
     "blend_labels",
+    "draw_table",
     "pair_balanced",
     "pair_nearest",
     "pair_random",
@@ -51,6 +73,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PAIRINGS = ("nearest", "random", "balanced")
+MAP_MODES = ("bank", "fresh")
+# draws.parquet (maps: fresh): one row per self-training draw, row d = draw d; narrow types keep it small
+DRAW_COLUMNS = {"blend_id": np.int32, "synthetic_id": np.int32, "real_id": np.int32, "top": np.int16,
+                "left": np.int16}
 # Background black, RV red, MYO green, LV blue (preview only).
 LABEL_COLOURS = np.array([[0, 0, 0], [1, 0.2, 0.2], [0.2, 0.9, 0.2], [0.3, 0.5, 1.0]], dtype=np.float32)
 _RULES = {
@@ -67,16 +93,19 @@ class BlendSettings:
     """Settings of the blend stage.
 
     Args:
-        maps_per_image (`int`, 2): blend maps (and pairings) per synthetic image, K.
+        maps (`str`, "bank"): "bank" (a fixed map per entry, maps.npy) or "fresh" (a map per self-training
+            draw, rendered in training from draws.parquet).
+        maps_per_image (`int`, 2): entries (real pairings; with "bank" each with its map) per synthetic image, K.
         kernel (`str`, "gaussian"): edge softening: "gaussian", "box" or "hard" (a plain BCP mask).
         kernel_size (`int`, 5): odd side of the smoothing kernel.
         sigma (`float`, 1.0): std of the Gaussian kernel in pixels.
         ratio (`float`, 2/3): side of the hole relative to the image, in (0, 1).
         pairing (`str`, "nearest"): "nearest" (DINOv2 neighbours), "random" labeled slices, or "balanced"
             (per-domain centred cosine, capacity-capped assignment).
-        seed (`int`, 0): seed of the maps and of random pairing.
+        seed (`int`, 0): seed of the maps, of random pairing and of the fresh draws.
     """
 
+    maps: str = "bank"
     maps_per_image: int = 2
     kernel: str = "gaussian"
     kernel_size: int = 5
@@ -86,6 +115,7 @@ class BlendSettings:
     seed: int = 0
 
     def __post_init__(self):
+        check_choice("blend", "maps", self.maps, MAP_MODES)
         check_positive("blend", "maps_per_image", self.maps_per_image)
         check_choice("blend", "kernel", self.kernel, KERNELS)
         check_choice("blend", "pairing", self.pairing, PAIRINGS)
@@ -243,21 +273,51 @@ def _pairs_table(rows: list[tuple]) -> pd.DataFrame:
                              sa_real_id="int64"))  # fmt: skip
 
 
+def draw_table(pairs: pd.DataFrame, maps_per_image: int, count: int, size: int, ratio: float,
+               map_rng: np.random.Generator, draw_rng: np.random.Generator) -> pd.DataFrame:
+    """`count` self-training draws for `maps: fresh`; row d is draw d.
+
+    Args:
+        pairs: the pairing table, blend_id = s * K + k for synthetic images s = 0..M-1.
+        map_rng: the maps' stream (hole corners only, so the maps do not depend on the pairing).
+        draw_rng: the draws' stream: the synthetic images in a fresh shuffle per epoch (each image once per
+            epoch, as a shuffling data loader), each draw with one of the image's K entries, uniform.
+    Returns:
+        DRAW_COLUMNS: blend_id, synthetic_id, real_id (the entry's partner), top, left (the hole's corner,
+        uniform over the positions inside the image).
+    """
+    n_synthetic = len(pairs) // maps_per_image
+    # epoch by epoch (its shuffle, then its entries), and corners draw by draw: more draws extend the same
+    # sequence, so a longer self-training starts with the same draws and maps
+    epochs = [draw_rng.permutation(n_synthetic) * maps_per_image + draw_rng.integers(0, maps_per_image, n_synthetic)
+              for _ in range(-(-count // n_synthetic))]
+    entry = np.concatenate(epochs)[:count] if epochs else np.zeros(0, dtype=np.int64)
+    hole_h, hole_w = hole_size(size, size, ratio)
+    corners = map_rng.integers(0, [size - hole_h + 1, size - hole_w + 1], size=(count, 2))  # (top, left) per draw
+    table = pd.DataFrame(dict(blend_id=entry, synthetic_id=pairs["synthetic_id"].to_numpy()[entry],
+                              real_id=pairs["real_id"].to_numpy()[entry], top=corners[:, 0], left=corners[:, 1]))
+    return table.astype(DRAW_COLUMNS)
+
+
 def _write_preview(
-    path: Path, maps: np.ndarray, pairs: pd.DataFrame, synthetic: np.ndarray, real: np.ndarray, labels: np.ndarray
+    path: Path, maps: np.ndarray, rows: pd.DataFrame, names: list[str], synthetic: np.ndarray, real: np.ndarray,
+    labels: np.ndarray,
 ) -> None:
-    """Rows of: synthetic | paired real | blend map | blended image | (1 - a) * one-hot(real label) in colour."""
+    """Rows of: synthetic | paired real | blend map | blended image | (1 - a) * one-hot(real label) in colour.
+
+    Args:
+        maps: float [n,S,S], the map of each of the n `rows` (synthetic_id, real_id); names: row captions.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    chosen = np.unique(np.linspace(0, len(pairs) - 1, num=min(_PREVIEW_ROWS, len(pairs))).round().astype(int))
     titles = ["synthetic", "paired real", "blend map a", "a*syn + (1-a)*real", "(1-a) * real label"]
-    fig, axes = plt.subplots(len(chosen), 5, figsize=(10, 2.1 * len(chosen)), squeeze=False)
-    for row, blend_id in enumerate(chosen):
-        sid, rid = int(pairs["synthetic_id"].iloc[blend_id]), int(pairs["real_id"].iloc[blend_id])
-        a = maps[blend_id].astype(np.float32)
+    fig, axes = plt.subplots(max(1, len(rows)), 5, figsize=(10, 2.1 * max(1, len(rows))), squeeze=False)
+    for row in range(len(rows)):
+        sid, rid = int(rows["synthetic_id"].iloc[row]), int(rows["real_id"].iloc[row])
+        a = maps[row].astype(np.float32)
         syn, rl = np.asarray(synthetic[sid]), np.asarray(real[rid])
         onehot = np.eye(len(LABEL_COLOURS), dtype=np.float32)[np.asarray(labels[rid])]  # [S,S,C]
         colour = ((1.0 - a)[..., None] * onehot) @ LABEL_COLOURS
@@ -265,14 +325,24 @@ def _write_preview(
         for col, panel in enumerate(panels):
             ax = axes[row, col]
             ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
             if row == 0:
                 ax.set_title(titles[col], fontsize=8)
-        axes[row, 0].set_ylabel(f"syn {sid} / real {rid}", fontsize=7)
+        axes[row, 0].set_ylabel(names[row], fontsize=7)
+    if not len(rows):
+        axes[0, 0].set_ylabel("no self-training draws", fontsize=7)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _preview_rows(count: int) -> np.ndarray:
+    """Up to _PREVIEW_ROWS row numbers spread over `count` rows, first and last included."""
+    if not count:
+        return np.zeros(0, dtype=int)
+    return np.unique(np.linspace(0, count - 1, num=min(_PREVIEW_ROWS, count)).round().astype(int))
 
 
 def run(
@@ -281,18 +351,28 @@ def run(
     neighbours: Path | str,
     out_dir: Path | str,
     settings: dict | None = None,
+    draws: int | None = None,
 ) -> None:
-    """Write the blend bank: maps.npy float16 [M*K,S,S] in [0,1], pairs.parquet, preview.png, blend.json.
+    """Write the blend bank: pairs.parquet, preview.png, blend.json and, by `maps`, maps.npy float16
+    [M*K,S,S] in [0,1] (bank) or draws.parquet (fresh, one row per self-training draw).
 
+    Args:
+        draws: self-training draws (train.selftrain_iterations x train.unlabeled_batch); needed by
+            `maps: fresh`, unused by `bank`.
     Raises:
-        ConfigError: bad settings (names the key and the allowed values).
+        ConfigError: bad settings (names the key and the allowed values); `fresh` without `draws`.
         DatasetError: missing inputs; synthetic ids or shapes that disagree; neighbours.parquet with
             synthetic ids outside the synthetic set, real ids that are not train slices, or a synthetic
             image without any labeled neighbour (nearest pairing); no labeled train slices.
     """
     cfg = parse_settings(BlendSettings, settings, "blend")
+    if cfg.maps == "fresh" and (draws is None or int(draws) < 0):
+        raise ConfigError("blend.maps 'fresh' needs the number of self-training draws (--draws N, N = "
+                          f"train.selftrain_iterations x train.unlabeled_batch); got {draws!r}")
     synthetic_dir, prepared_dir, neighbours, out_dir = map(Path, (synthetic_dir, prepared_dir, neighbours, out_dir))
     synthetic, synthetic_ids = _read_synthetic(synthetic_dir)
+    if not len(synthetic_ids):
+        raise DatasetError(f"{synthetic_dir / 'images.npy'}: no synthetic images to blend")
     size = synthetic.shape[1]
     slices, real, labels = _read_prepared(prepared_dir, size)
     labeled_ids = slices["slice_id"].to_numpy()[
@@ -301,7 +381,8 @@ def run(
     if not len(labeled_ids):
         raise DatasetError(f"{prepared_dir / 'slices.parquet'}: no labeled train slices to pair with")
 
-    map_seq, pair_seq = np.random.SeedSequence(cfg.seed).spawn(2)
+    # three streams of one seed: maps, pairings, fresh draws (spawn(3)'s first two are spawn(2)'s)
+    map_seq, pair_seq, draw_seq = np.random.SeedSequence(cfg.seed).spawn(3)
     cap = None
     if cfg.pairing == "nearest":
         pairs = pair_nearest(_read_neighbours(neighbours, synthetic_ids, slices), synthetic_ids, cfg.maps_per_image)
@@ -313,24 +394,50 @@ def run(
             _read_neighbours(neighbours, synthetic_ids, slices)  # still refuse an inconsistent file
         pairs = pair_random(labeled_ids, synthetic_ids, cfg.maps_per_image, np.random.default_rng(pair_seq))
 
-    count = len(pairs)
+    entries = len(pairs)
+    hole = hole_size(size, size, cfg.ratio)
     rng = np.random.default_rng(map_seq)
+    extra: dict = {}
     with staged_outputs(out_dir) as st:
-        maps = np.lib.format.open_memmap(st.path("maps.npy"), mode="w+", dtype=np.float16, shape=(count, size, size))
-        for start in tqdm(range(0, count, _CHUNK), desc="blend maps", unit="chunk"):
-            n = min(_CHUNK, count - start)
-            chunk = make_blend_maps(n, size, size, rng, cfg.kernel, cfg.kernel_size, cfg.sigma, cfg.ratio)
-            maps[start : start + n] = chunk[:, 0].numpy().astype(np.float16)
-        maps.flush()
+        if cfg.maps == "bank":
+            maps = np.lib.format.open_memmap(st.path("maps.npy"), mode="w+", dtype=np.float16,
+                                             shape=(entries, size, size))
+            for start in tqdm(range(0, entries, _CHUNK), desc="blend maps", unit="chunk"):
+                n = min(_CHUNK, entries - start)
+                chunk = make_blend_maps(n, size, size, rng, cfg.kernel, cfg.kernel_size, cfg.sigma, cfg.ratio)
+                maps[start : start + n] = chunk[:, 0].numpy().astype(np.float16)
+            maps.flush()
+            chosen = _preview_rows(entries)
+            shown, preview_maps = pairs.iloc[chosen], np.asarray(maps[chosen])
+            names = [f"syn {s} / real {r}" for s, r in zip(shown["synthetic_id"], shown["real_id"])]
+            n_maps, rule = entries, "one fixed map per entry (maps.npy); self-training draws entries"
+            del maps
+        else:
+            table = draw_table(pairs, cfg.maps_per_image, int(draws), size, cfg.ratio, rng,
+                               np.random.default_rng(draw_seq))
+            table.to_parquet(st.path("draws.parquet"), index=False)
+            chosen = _preview_rows(len(table))
+            shown = table.iloc[chosen]
+            corners = torch.tensor(shown[["top", "left"]].to_numpy(dtype=np.int64))
+            preview_maps = render_blend_maps(corners, size, hole, cfg.kernel, cfg.kernel_size, cfg.sigma)[:, 0].numpy()
+            names = [f"draw {d}: syn {s} / real {r}" for d, s, r in zip(chosen, shown["synthetic_id"], shown["real_id"])]
+            uses = np.bincount(table["synthetic_id"].to_numpy(), minlength=len(synthetic_ids))
+            n_maps, rule = len(table), ("one map per self-training draw (draws.parquet row d = draw d; iteration j "
+                                        "uses rows j*B..j*B+B-1, B = train.unlabeled_batch), rendered in training")
+            extra = dict(n_draws=len(table), draws_per_synthetic=dict(min=int(uses.min()), max=int(uses.max())),
+                         draw_partner_stats=partner_stats(table["real_id"].to_numpy()))
         pairs.to_parquet(st.path("pairs.parquet"), index=False)
-        _write_preview(st.path("preview.png"), maps, pairs, synthetic, real, labels)
+        _write_preview(st.path("preview.png"), preview_maps, shown, names, synthetic, real, labels)
         write_json(
             st.path("blend.json"),
             dict(
                 settings=settings_dict(cfg),
                 n_synthetic=int(len(synthetic_ids)),
-                n_maps=int(count),
+                n_maps=int(n_maps),
+                n_entries=int(entries),
                 image_size=int(size),
+                hole=list(hole),
+                map_rule=rule,
                 n_labeled_slices=int(len(labeled_ids)),
                 n_distinct_real=int(pairs["real_id"].nunique()),
                 mean_cosine=float(pairs["cosine"].mean()) if cfg.pairing != "random" else None,
@@ -338,9 +445,12 @@ def run(
                 cap=cap,
                 neighbours=str(neighbours) if cfg.pairing != "random" else None,
                 pairing_rule=_RULES[cfg.pairing],
+                **extra,
             ),
         )
-        del maps
+    # the other mode's file, left by an earlier run into this folder, is not what training uses
+    (out_dir / ("draws.parquet" if cfg.maps == "bank" else "maps.npy")).unlink(missing_ok=True)
     stats = partner_stats(pairs["real_id"].to_numpy())
-    log.info("blend bank: %d maps for %d synthetic images, %s pairing: %d distinct partners, largest share %.1f%%",
-             count, len(synthetic_ids), cfg.pairing, stats["distinct"], 100 * stats["top_share"])  # fmt: skip
+    log.info("blend %s: %d maps for %d synthetic images (%d entries), %s pairing: %d distinct partners, largest "
+             "share %.1f%%", cfg.maps, n_maps, len(synthetic_ids), entries, cfg.pairing, stats["distinct"],
+             100 * stats["top_share"])  # fmt: skip

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sraseg.blend.maps import render_blend_maps
 from sraseg.device import full_precision
 from sraseg.errors import DatasetError
 
@@ -191,35 +192,91 @@ def load_embed(embed_dir: Path | str, synthetic_count: int) -> EmbedTargets:
 
 @dataclass
 class BlendBank:
-    """The materialised blend bank.
+    """The materialised blend bank (the blend stage's output), in one of its two `maps` modes.
 
     Attributes:
-        maps: float16 [B,S,S] in [0,1] (1 keeps the synthetic image in the a-half mix).
-        synthetic_ids: int64 [B]; real_ids: int64 [B] (labeled slice ids).
+        maps: bank: float16 [B,S,S] in [0,1], the fixed map of each entry (1 keeps the synthetic image in the
+            a-half mix); fresh: None.
+        synthetic_ids: int64 [B]; real_ids: int64 [B] (labeled slice ids): each entry's images.
+        draw_entries: fresh: int64 [D], the entry of each self-training draw (draws.parquet row d = draw d);
+            bank: None (the training seed draws entries).
+        draw_corners: fresh: int64 [D,2], (top, left) of each draw's hole; a tensor, so it moves to the
+            training device with the bank and the maps are rendered there.
+        hole: fresh: (rows, columns) of the hole; kernel, kernel_size, sigma: fresh: the edge softening;
+        maps_size: fresh: the image side S the maps are rendered at.
     """
 
-    maps: torch.Tensor
+    maps: torch.Tensor | None
     synthetic_ids: np.ndarray
     real_ids: np.ndarray
+    draw_entries: np.ndarray | None = None
+    draw_corners: torch.Tensor | None = None
+    hole: tuple[int, int] | None = None
+    kernel: str = "gaussian"
+    kernel_size: int = 5
+    sigma: float = 1.0
+    maps_size: int = 0
+
+    @property
+    def fresh(self) -> bool:
+        return self.draw_entries is not None
+
+    def render(self, start: int, count: int) -> torch.Tensor:
+        """The blend maps of draws start .. start+count-1, float32 [count,1,S,S], rendered on the device
+        that holds `draw_corners` (the slice bounds are host integers: nothing is read back)."""
+        if start < 0 or start + count > len(self.draw_entries):
+            raise IndexError(f"draws {start}..{start + count - 1} are outside the {len(self.draw_entries)} "
+                             "self-training draws of draws.parquet")
+        return render_blend_maps(self.draw_corners[start : start + count], self.maps_size, self.hole, self.kernel,
+                                 self.kernel_size, self.sigma)
 
 
 def load_blend(blend_dir: Path | str, image_size: int, synthetic_count: int) -> BlendBank:
-    """Read maps.npy + pairs.parquet, checking shapes and id ranges."""
-    from sraseg.io import load_array, read_table
+    """Read the blend stage's folder, checking shapes and id ranges: pairs.parquet, and maps.npy (`maps:
+    bank`, also when blend.json is absent) or draws.parquet with blend.json's kernel and hole (`fresh`)."""
+    from sraseg.io import load_array, read_json, read_table
 
     blend_dir = Path(blend_dir)
-    maps_path, pairs_path = blend_dir / "maps.npy", blend_dir / "pairs.parquet"
-    maps = load_array(maps_path, mmap=False)
-    pairs = read_table(pairs_path, ("blend_id", "synthetic_id", "real_id"))
-    if maps.ndim != 3 or maps.shape[1:] != (image_size, image_size) or len(maps) == 0:
-        raise DatasetError(f"{maps_path}: expected [B,{image_size},{image_size}] with B > 0, got shape {maps.shape}")
-    pairs = pairs.sort_values("blend_id")
-    if not np.array_equal(pairs["blend_id"].to_numpy(), np.arange(len(maps))):
-        raise DatasetError(f"{pairs_path}: blend_id must be 0..{len(maps) - 1}, one row per map of maps.npy")
+    maps_path, pairs_path, info_path = blend_dir / "maps.npy", blend_dir / "pairs.parquet", blend_dir / "blend.json"
+    info = read_json(info_path) if info_path.is_file() else {}
+    settings = info.get("settings") or {}
+    pairs = read_table(pairs_path, ("blend_id", "synthetic_id", "real_id")).sort_values("blend_id")
+    if settings.get("maps", "bank") == "bank":
+        maps = load_array(maps_path, mmap=False)
+        if maps.ndim != 3 or maps.shape[1:] != (image_size, image_size) or len(maps) == 0:
+            raise DatasetError(f"{maps_path}: expected [B,{image_size},{image_size}] with B > 0, got shape {maps.shape}")
+        entries = len(maps)
+    else:
+        maps, entries = None, len(pairs)
+    if not len(pairs) or not np.array_equal(pairs["blend_id"].to_numpy(), np.arange(entries)):
+        what = "one row per map of maps.npy" if maps is not None else "one row per entry"
+        raise DatasetError(f"{pairs_path}: blend_id must be 0..{entries - 1}, {what}")
     synthetic_ids = pairs["synthetic_id"].to_numpy(dtype=np.int64)
+    real_ids = pairs["real_id"].to_numpy(dtype=np.int64)
     if synthetic_ids.min() < 0 or synthetic_ids.max() >= synthetic_count:
         raise DatasetError(f"{pairs_path}: synthetic ids outside [0, {synthetic_count}) of the synthetic set")
-    return BlendBank(torch.from_numpy(maps.astype(np.float16)), synthetic_ids, pairs["real_id"].to_numpy(dtype=np.int64))
+    if maps is not None:
+        return BlendBank(torch.from_numpy(maps.astype(np.float16)), synthetic_ids, real_ids)
+
+    draws_path = blend_dir / "draws.parquet"
+    draws = read_table(draws_path, ("blend_id", "synthetic_id", "real_id", "top", "left"), "run the blend stage")
+    entry = draws["blend_id"].to_numpy(dtype=np.int64)
+    if len(entry) and (entry.min() < 0 or entry.max() >= entries):
+        raise DatasetError(f"{draws_path}: blend_id outside [0, {entries}) of {pairs_path.name}")
+    if not (np.array_equal(draws["synthetic_id"].to_numpy(dtype=np.int64), synthetic_ids[entry])
+            and np.array_equal(draws["real_id"].to_numpy(dtype=np.int64), real_ids[entry])):
+        raise DatasetError(f"{draws_path}: synthetic_id/real_id disagree with {pairs_path.name} (files of two runs?)")
+    if int(info.get("image_size", -1)) != image_size or len(info.get("hole") or ()) != 2:
+        raise DatasetError(f"{info_path}: written for {info.get('image_size')} px with hole {info.get('hole')}; the "
+                           f"prepared slices are {image_size} px (rerun the blend stage)")
+    hole = (int(info["hole"][0]), int(info["hole"][1]))
+    corners = draws[["top", "left"]].to_numpy(dtype=np.int64)
+    if len(corners) and (corners.min() < 0 or (corners + np.array(hole) > image_size).any()):
+        raise DatasetError(f"{draws_path}: a hole of {hole[0]}x{hole[1]} at top/left outside the {image_size} px image")
+    return BlendBank(None, synthetic_ids, real_ids, draw_entries=entry, draw_corners=torch.tensor(corners),
+                     hole=hole, kernel=str(settings.get("kernel", "gaussian")),
+                     kernel_size=int(settings.get("kernel_size", 5)), sigma=float(settings.get("sigma", 1.0)),
+                     maps_size=image_size)
 
 
 def sample_indices(population: int, count: int, generator: torch.Generator) -> torch.Tensor:

@@ -94,7 +94,8 @@ class TrainSettings:
         labeled_batch: labeled slices per iteration (pre-train mixes its two halves; BCP self-train
             mixes each half with unlabeled images). sraseg's self-train takes its real images from the
             blend bank pairs, so it does not use labeled_batch there.
-        unlabeled_batch: unlabeled images (BCP) or blend-bank entries (sraseg) per self-train iteration.
+        unlabeled_batch: unlabeled images (BCP) or blend-bank entries (sraseg) per self-train iteration; with
+            the blend stage's `maps: fresh`, iteration j takes its draws j*B .. j*B+B-1.
         lr, momentum, weight_decay: SGD, constant learning rate.
         ema_decay: teacher EMA decay, every iteration.
         teacher_mode: eval (running BatchNorm statistics, dropout off) or train (the reference: the
@@ -389,8 +390,25 @@ def _bcp_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
                                   _bcp_terms(logits[half:], y2, a2, TRUE_LABEL_WEIGHT, pseudo, "second")], y_u)
 
 
+def _sraseg_draws(ctx: TrainContext) -> tuple[np.ndarray, torch.Tensor]:
+    """This self-training iteration's blend-bank entries (host int64 [B]) and their maps (float [B,1,S,S] on
+    the device).
+
+    bank: B entries drawn with the training seed, each with its fixed map from maps.npy.
+    fresh: the blend stage's draws j*B .. j*B+B-1 (j = the self-training iteration, from the step counter, so
+    a rerun and a resume read the same rows) with their maps rendered on the device from the recorded hole
+    corners: a map of its own for every draw, and no generator state."""
+    cfg, bank = ctx.cfg, ctx.bank
+    if not bank.fresh:
+        idx = sample_indices(len(bank.maps), cfg.unlabeled_batch, ctx.generator).numpy()
+        return idx, ctx.to_device(ctx.rows(bank.maps, idx)[:, None].float())
+    start = (ctx.step - cfg.pretrain_iterations) * cfg.unlabeled_batch
+    return bank.draw_entries[start : start + cfg.unlabeled_batch], ctx.to_device(bank.render(start, cfg.unlabeled_batch))
+
+
 def _sraseg_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
-    """SRA-Seg self-train on blend-bank entries (synthetic s, its paired labeled real r, map a):
+    """SRA-Seg self-train on blend-bank entries (synthetic s, its paired labeled real r, map a; `_sraseg_draws`:
+    entries drawn with the training seed with their bank maps, or the blend stage's fresh draws):
     1. augment s and r with the same transform (the pair was chosen to match; `pair_augment: separate`
        draws one for each);
     2. Y(s) = teacher argmax + largest component on the un-mixed s, Y(r) = true label;
@@ -400,12 +418,11 @@ def _sraseg_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
        (a in x1, 1-a in x2) by pseudo_weight times the ramp-up factor (1 and 1 in the reference), and
        `selftrain_reduction: mean` halves the two L_soft terms' sum."""
     cfg, bank, prepared = ctx.cfg, ctx.bank, ctx.prepared
-    idx = sample_indices(len(bank.maps), cfg.unlabeled_batch, ctx.generator).numpy()
+    idx, a = _sraseg_draws(ctx)
     syn_ids, real_pos = bank.synthetic_ids[idx], ctx.bank_real_pos[idx]  # host-side bookkeeping
     s_raw = ctx.to_device(ctx.rows(ctx.synthetic, syn_ids)[:, None])
     r_raw = ctx.to_device(ctx.rows(prepared.labeled_images, real_pos)[:, None])
     r_label = ctx.to_device(ctx.rows(prepared.labeled_labels, real_pos)[:, None].float())  # on the device
-    a = ctx.to_device(ctx.rows(bank.maps, idx)[:, None].float())
     s, r, r_label = augment_pair(s_raw, r_raw, r_label, ctx.generator, cfg.augment, cfg.pair_augment)
     y_s = one_hot(pseudo_labels(ctx.teacher, s, cfg.num_classes, cfg.teacher_mode), cfg.num_classes)
     y_r = one_hot(r_label[:, 0].round().long(), cfg.num_classes)
@@ -652,6 +669,11 @@ def run(
         ctx.unlabeled = ctx.synthetic
     if cfg.method == "sraseg":
         ctx.bank = load_blend(blend_dir, prepared.image_size, len(ctx.synthetic))
+        if ctx.bank.fresh and len(ctx.bank.draw_entries) < cfg.selftrain_iterations * cfg.unlabeled_batch:
+            raise DatasetError(
+                f"{Path(blend_dir) / 'draws.parquet'}: {len(ctx.bank.draw_entries)} self-training draws, training needs "
+                f"{cfg.selftrain_iterations * cfg.unlabeled_batch} (selftrain_iterations x unlabeled_batch); rerun "
+                "the blend stage with --draws set to that")
         ctx.bank_real_pos = prepared.labeled_position(ctx.bank.real_ids, Path(blend_dir) / "pairs.parquet")
         if cfg.sa:
             ctx.embed = load_embed(embed_dir, len(ctx.synthetic))
