@@ -62,6 +62,8 @@ VARIANTS = {
     "zero_snr_wide": ("zero_snr with a wider first level (64-64-128)", {**NEW_SCHEDULE, "block_out_channels": [64, 64, 128]}),
     "zero_snr_lr1e-3": ("zero_snr with learning rate 1e-3", {**NEW_SCHEDULE, "lr": 0.001}),
     "minsnr_64px": ("zero_snr_minsnr at native 64 px", {**NEW_SCHEDULE, "snr_gamma": 5.0, "resolution": 64}),
+    "minsnr_64px_cosine": ("minsnr_64px with the cosine beta schedule",
+                           {**NEW_SCHEDULE, "snr_gamma": 5.0, "resolution": 64, "beta_schedule": "squaredcos_cap_v2"}),
 }
 
 

@@ -37,3 +37,24 @@ def test_run_all_measures_every_in_process_ratio():
             f"no measured {part} ratio in:\n{table}"
     # exit 1 means a goal missed (expected at toy sizes), and only that
     assert proc.returncode == (1 if any(r[4] == "FAIL" for r in rows) else 0), output[-3000:]
+
+
+def test_switch_dip_reads_the_fall_at_the_switch(tmp_path):
+    """Teacher = best pre-training validation; dip = teacher minus the lowest self-training
+    validation in the first 200 iterations; recovery = first self-training iteration at the teacher's level."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from switch_dip import switch_dip
+
+    rows = [("pretrain", 100, 0.70), ("pretrain", 200, 0.80), ("pretrain", 300, 0.75),
+            ("selftrain", 20, 0.50), ("selftrain", 40, 0.40), ("selftrain", 60, 0.79),
+            ("selftrain", 80, 0.81), ("selftrain", 300, 0.30), ("selftrain", 400, 0.86)]  # fmt: skip
+    lines = ["phase,iteration,val_dice_mean"] + [f"{p},{i},{v}" for p, i, v in rows]
+    (tmp_path / "train_log.csv").write_text("\n".join(lines) + "\n")
+    got = switch_dip(tmp_path)
+    assert got["teacher_val"] == 0.80
+    assert got["first_selftrain_val"] == 0.50
+    assert got["lowest_in_200"] == 0.40  # the 0.30 at iteration 300 lies outside the window
+    assert abs(got["dip"] - 0.40) < 1e-12
+    assert got["back_at_teacher_iteration"] == 80
+    assert got["best_selftrain_val"] == 0.86
+    assert got["test_dice"] != got["test_dice"]  # NaN: the run has no eval/summary.json
