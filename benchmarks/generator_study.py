@@ -39,12 +39,14 @@ log = logging.getLogger("benchmarks.generator_study")
 # The schedule before issue 21: epsilon prediction, linear betas ending at a non-zero SNR,
 # leading spacing (skips the pure-noise level at sampling), x0 clipped.
 OLD_SCHEDULE = {
+    "beta_schedule": "linear",
     "prediction_type": "epsilon",
     "zero_terminal_snr": False,
     "timestep_spacing": "leading",
     "clip_sample": True,
 }
 NEW_SCHEDULE = {
+    "beta_schedule": "linear",
     "prediction_type": "v_prediction",
     "zero_terminal_snr": True,
     "timestep_spacing": "trailing",

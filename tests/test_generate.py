@@ -403,8 +403,8 @@ def test_default_schedule_ends_at_pure_noise_and_samples_from_it():
     ddim, _ = sample.make_sampler(scheduler, "ddim", 10)
     assert int(ddim.timesteps[0]) == s.num_train_timesteps - 1
     assert ddim.config.rescale_betas_zero_snr and not ddim.config.clip_sample
-    old = train.make_scheduler(train.validate_settings(dict(TINY, prediction_type="epsilon", zero_terminal_snr=False,
-                                                           timestep_spacing="leading")))  # fmt: skip
+    old = train.make_scheduler(train.validate_settings(dict(TINY, beta_schedule="linear", prediction_type="epsilon",
+                                                           zero_terminal_snr=False, timestep_spacing="leading")))  # fmt: skip
     assert float(old.alphas_cumprod[-1]) > 1e-5
     old_ddim, _ = sample.make_sampler(old, "ddim", 10)
     assert int(old_ddim.timesteps[0]) < s.num_train_timesteps - 1  # leading skips the noisiest levels

@@ -73,7 +73,7 @@ class GeneratorSettings:
         lr_schedule (`str`, "cosine"): "cosine", "constant_with_warmup" or "linear" decay after warmup.
         warmup_steps (`int`, 100): linear learning-rate warmup iterations.
         num_train_timesteps (`int`, 1000): DDPM noise levels.
-        beta_schedule (`str`, "linear"): DDPM beta schedule ("linear", "scaled_linear", "squaredcos_cap_v2").
+        beta_schedule (`str`, "squaredcos_cap_v2"): DDPM beta schedule ("linear", "scaled_linear", or the cosine "squaredcos_cap_v2").
         prediction_type (`str`, "v_prediction"): the UNet predicts "epsilon" (the noise) or "v_prediction".
         zero_terminal_snr (`bool`, True): rescale the betas so the last level is pure noise (needs v_prediction).
         timestep_spacing (`str`, "trailing"): "trailing" or "leading" noise levels for a sampler with fewer steps.
@@ -103,7 +103,7 @@ class GeneratorSettings:
     lr_schedule: str = "cosine"
     warmup_steps: int = 100
     num_train_timesteps: int = 1000
-    beta_schedule: str = "linear"
+    beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "v_prediction"
     zero_terminal_snr: bool = True
     timestep_spacing: str = "trailing"
