@@ -69,6 +69,54 @@ VARIANTS = {
 }
 
 
+# Real test slices passed through a generator's resolution and back to the prepared size: what a
+# perfect generator at that resolution would score (64 = the prepared size: the measure's own floor).
+REFERENCES = {
+    "real_test_64px": ("real test slices at the prepared 64 px (a perfect 64 px generator)", 64),
+    "real_test_via_48px": ("real test slices through 48 px and back (a perfect 48 px generator)", 48),
+}
+
+
+def run_reference(name: str, config: dict, prepared_dir: Path, segmenter: Path | None, out_dir: Path,
+                  n_images: int = 300) -> dict:  # fmt: skip
+    """Score real test slices, resized through a resolution, as if they were a synthetic set."""
+    import numpy as np
+    import pandas as pd
+
+    from sraseg.generate.common import resize_stack
+    from sraseg.io import read_table
+
+    what, resolution = REFERENCES[name]
+    root = out_dir / name
+    slices = read_table(prepared_dir / "slices.parquet", ("slice_id", "split"))
+    test = slices.loc[slices["split"] == "test", "slice_id"].to_numpy()
+    pick = np.sort(np.random.default_rng(0).choice(test, min(n_images, len(test)), replace=False))
+    images = torch.from_numpy(np.asarray(np.load(prepared_dir / "images.npy", mmap_mode="r")[pick], np.float32))
+    size = images.shape[-1]
+    through = resize_stack(resize_stack(images[:, None], resolution), size)[:, 0].clamp(0.0, 1.0).numpy()
+    synthetic = root / "synthetic"
+    synthetic.mkdir(parents=True, exist_ok=True)
+    np.save(synthetic / "images.npy", through)
+    pd.DataFrame({"synthetic_id": np.arange(len(pick)), "seed": np.zeros(len(pick), np.int64)}).to_parquet(
+        synthetic / "synthetic.parquet", index=False
+    )
+    _score(root, config, prepared_dir, segmenter)
+    row = {"variant": name, "change": what, "overrides": {}, "steps": None, "train_minutes": None,
+           "train_cpu_minutes": None}  # fmt: skip
+    write_json(root / "row.json", row)
+    return row
+
+
+def _score(root: Path, config: dict, prepared_dir: Path, segmenter: Path | None) -> None:
+    """Embed and index the set in root/synthetic (the workflow's fd_ratio), then segment it (content)."""
+    embed_stage.run(prepared_dir, root / "synthetic", root / "embed", {**config["embed"], "device": "cpu"})
+    index_stage.run(root / "embed", prepared_dir, root / "embed", config["index"])
+    if segmenter is not None:
+        from sraseg.evaluate import content as content_stage
+
+        content_stage.run(segmenter, root / "synthetic", prepared_dir, root / "content", {"device": "cpu"})
+
+
 def run_variant(name: str, config: dict, prepared_dir: Path, segmenter: Path | None, out_dir: Path, steps: int | None) -> dict:
     """Train, sample, embed, index and (with a segmenter) measure one variant; returns its row."""
     what, overrides = VARIANTS[name]
@@ -76,18 +124,15 @@ def run_variant(name: str, config: dict, prepared_dir: Path, segmenter: Path | N
     settings = {**config["generator"], **overrides, "device": "cpu"}
     if steps:
         settings["steps"] = steps
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     generator_stage.run(prepared_dir, root / "generator", settings)
+    # wall time depends on what else runs; CPU time of this one-thread process is its cost on one core
     train_minutes = (time.perf_counter() - started) / 60
+    train_cpu_minutes = (time.process_time() - cpu_started) / 60
     sample_stage.run(root / "generator", prepared_dir, root / "synthetic", {**config["sample"], "device": "cpu"})
-    embed_stage.run(prepared_dir, root / "synthetic", root / "embed", {**config["embed"], "device": "cpu"})
-    index_stage.run(root / "embed", prepared_dir, root / "embed", config["index"])
-    if segmenter is not None:
-        from sraseg.evaluate import content as content_stage
-
-        content_stage.run(segmenter, root / "synthetic", prepared_dir, root / "content", {"device": "cpu"})
+    _score(root, config, prepared_dir, segmenter)
     row = {"variant": name, "change": what, "overrides": overrides, "steps": settings["steps"],
-           "train_minutes": train_minutes}  # fmt: skip
+           "train_minutes": train_minutes, "train_cpu_minutes": train_cpu_minutes}  # fmt: skip
     write_json(root / "row.json", row)
     return row
 
@@ -95,7 +140,7 @@ def run_variant(name: str, config: dict, prepared_dir: Path, segmenter: Path | N
 def collect(out_dir: Path) -> list[dict]:
     """Every finished variant's row with its FD curve, full-set FD ratio and content numbers."""
     rows = []
-    for name in VARIANTS:
+    for name in [*VARIANTS, *REFERENCES]:
         root = out_dir / name
         if not (root / "row.json").is_file():
             continue
@@ -117,7 +162,7 @@ def generator_stage_fd_curve(path: Path) -> list[tuple[int, float]]:
 
 def markdown_table(rows: list[dict]) -> str:
     """One line per variant: change, minutes on one core, FD curve, full-set FD ratio, presence rates."""
-    head = ("| variant | change | steps | train min (1 core) | FD probe curve | full-set FD ratio | "
+    head = ("| variant | change | steps | train min, CPU (wall) | FD probe curve | full-set FD ratio | "
             "mean / min intensity (real) | presence RV / MYO / LV synthetic (real) |")  # fmt: skip
     lines = [head, "|" + "---|" * 8]
     for r in rows:
@@ -129,7 +174,9 @@ def markdown_table(rows: list[dict]) -> str:
             i = content["intensity"]
             intensity = (f"{i['synthetic']['mean']:.2f} / {i['synthetic']['mean_min']:.2f} "
                          f"({i['real']['mean']:.2f} / {i['real']['mean_min']:.2f})")  # fmt: skip
-        lines.append(f"| {r['variant']} | {r['change']} | {r['steps']} | {r['train_minutes']:.1f} | {curve} | "
+        cpu, wall = r.get("train_cpu_minutes"), r.get("train_minutes")
+        minutes = "-" if wall is None else f"{cpu:.1f} ({wall:.1f})" if cpu is not None else f"n/m ({wall:.1f})"
+        lines.append(f"| {r['variant']} | {r['change']} | {r['steps'] or '-'} | {minutes} | {curve} | "
                      f"{r['fd_ratio']:.2f} | {intensity} | {presence} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -141,6 +188,8 @@ def main(argv=None) -> None:
     p.add_argument("--segmenter", type=Path, help="a labeled-only model.safetensors (presence rates); optional")
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--variant", nargs="*", default=[], choices=sorted(VARIANTS))
+    p.add_argument("--reference", nargs="*", default=[], choices=sorted(REFERENCES),
+                   help="score real test slices through a resolution, as a perfect generator's set")
     p.add_argument("--steps", type=int, help="override generator.steps (a shorter screening run)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: one variant per core)")
     p.add_argument("--table", action="store_true", help="print the table of finished variants (and write study.json)")
@@ -151,6 +200,10 @@ def main(argv=None) -> None:
         config = yaml.safe_load(args.config.read_text())
         for name in args.variant:
             run_variant(name, config, args.prepared_dir, args.segmenter, args.out_dir, args.steps)
+    if args.reference:
+        config = yaml.safe_load(args.config.read_text())
+        for name in args.reference:
+            run_reference(name, config, args.prepared_dir, args.segmenter, args.out_dir)
     if args.table:
         rows = collect(args.out_dir)
         (args.out_dir / "study.json").write_text(json.dumps(rows, indent=1))

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 WINDOW = 200  # self-training iterations in which a dip is looked for
+CLASSES = ("rv", "myo", "lv")
 
 
 def switch_dip(run_dir: Path) -> dict:
@@ -26,6 +27,9 @@ def switch_dip(run_dir: Path) -> dict:
     teacher = float(pre["val_dice_mean"].max())
     early = self_[self_["iteration"] <= WINDOW]
     back = self_[self_["val_dice_mean"] >= teacher]
+    pl = {c: float(early[f"pl_frac_{c}"].mean()) if f"pl_frac_{c}" in early else float("nan") for c in CLASSES}
+    meta = run_dir / "train.json"
+    labeled = json.loads(meta.read_text()).get("labeled_fraction", {}) if meta.is_file() else {}
     summary = run_dir / "eval" / "summary.json"
     test = json.loads(summary.read_text())["peer"]["mean"]["dice"] * 100 if summary.is_file() else float("nan")
     return {
@@ -37,6 +41,8 @@ def switch_dip(run_dir: Path) -> dict:
         "back_at_teacher_iteration": int(back["iteration"].iloc[0]) if len(back) else None,
         "best_selftrain_val": float(self_["val_dice_mean"].max()),
         "test_dice": test,
+        "pseudo_label_share": pl,
+        "labeled_share": {c: labeled.get(c, float("nan")) for c in CLASSES},
     }
 
 
@@ -45,11 +51,14 @@ def main(argv=None) -> None:
     p.add_argument("runs", nargs="+", type=Path, help="training output folders")
     args = p.parse_args(argv)
     rows = [switch_dip(run) for run in args.runs]
-    print("| run | teacher val | first self-train val | lowest in 200 | dip | back at teacher (it.) | best val | test Dice |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | teacher val | first self-train val | lowest in 200 | dip | back at teacher (it.) | best val | "
+          "test Dice | pseudo-label RV / MYO / LV % (labeled) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        share = " / ".join(f"{100 * r['pseudo_label_share'][c]:.1f} ({100 * r['labeled_share'][c]:.1f})" for c in CLASSES)
         print(f"| {r['run']} | {r['teacher_val']:.3f} | {r['first_selftrain_val']:.3f} | {r['lowest_in_200']:.3f} | "
-              f"{r['dip']:.3f} | {r['back_at_teacher_iteration']} | {r['best_selftrain_val']:.3f} | {r['test_dice']:.2f} |")  # fmt: skip
+              f"{r['dip']:.3f} | {r['back_at_teacher_iteration']} | {r['best_selftrain_val']:.3f} | {r['test_dice']:.2f} | "
+              f"{share} |")  # fmt: skip
 
 
 if __name__ == "__main__":
