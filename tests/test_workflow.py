@@ -85,6 +85,22 @@ def test_blend_maps_fresh_plans_its_own_rule_with_the_draw_count(workdir: Path):
     assert "blend/sraseg/maps.npy" in train_input["sraseg"] and "draws.parquet" not in train_input["sraseg"]
 
 
+def test_unlabeled_real_plans_the_real_pool_and_never_the_generator(workdir: Path):
+    """train.unlabeled real: real_pool, its own embed and index, and the experiment's blend and training
+    read the pool's folders; no generator, sample or synthetic embed is planned."""
+    config = yaml.safe_load((workdir / "config" / "tiny.yaml").read_text())
+    config["experiments"] = {"base": {"method": "labeled_only"},
+                             "sraseg_real": {"method": "sraseg", "train": {"unlabeled": "real"}}}
+    (workdir / "config" / "real.yaml").write_text(yaml.safe_dump(config))
+    out = snakemake(workdir, "-n", "-p", config="real.yaml").stdout
+    stats = job_stats(out)
+    assert {"real_pool", "embed_real_pool", "index_real_pool", "blend"} <= set(stats)
+    assert not {"train_generator", "sample", "embed", "index", "content"} & set(stats)
+    train = re.search(r"python -m sraseg train .*sraseg_real/seed\d+ .*", out).group(0)
+    assert "--synthetic-dir results/tiny/real_pool " in train and "--embed-dir results/tiny/embed_real_pool " in train
+    assert '"unlabeled": "real"' in train
+
+
 def test_bad_config_value_is_refused_before_any_job(workdir: Path):
     result = snakemake(workdir, "-n", "--config", "prepare={'image_size': 4}", check=False)
     assert result.returncode != 0

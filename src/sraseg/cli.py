@@ -173,6 +173,13 @@ def _add_prepare(sub):
     )
 
 
+def _add_real_pool(sub):
+    p = _parser(sub, "real-pool", "write the real unlabeled training slices as an unlabeled image set (train.unlabeled: real)")
+    _path(p, "--prepared-dir", "--prepared", required=True, help="prepare stage output folder")
+    _path(p, "--out-dir", required=True, help="pool folder (images.npy, synthetic.parquet, as the sample stage writes)")
+    p.set_defaults(target="sraseg.data.real_pool", kwargs=lambda a: dict(prepared_dir=a.prepared_dir, out_dir=a.out_dir))
+
+
 def _add_train_generator(sub):
     p = _parser(sub, "train-generator", "train the unconditional diffusion model on real training slices", "generator")
     _path(p, "--prepared-dir", "--prepared", required=True, help="prepare stage output folder")
@@ -406,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         _add_phantom,
         _add_prepare,
+        _add_real_pool,
         _add_train_generator,
         _add_sample,
         _add_embed,

@@ -35,6 +35,10 @@ PREPARED = f"{RESULTS}/prepared"
 GENERATOR = f"{RESULTS}/generator"
 SYNTHETIC = f"{RESULTS}/synthetic"
 EMBED = f"{RESULTS}/embed"
+# train.unlabeled: real puts the real unlabeled training slices where the synthetic images go (real_pool
+# rule), with their own embeddings and index beside the synthetic ones
+REAL_POOL = f"{RESULTS}/real_pool"
+EMBED_REAL = f"{RESULTS}/embed_real_pool"
 CONTENT = f"{RESULTS}/content"
 LOGS = f"{RESULTS}/logs"
 EXPERIMENTS = config["experiments"]
@@ -70,8 +74,23 @@ def method_of(exp):
     return EXPERIMENTS[exp]["method"]
 
 
+def unlabeled_of(exp):
+    """The experiment's `train.unlabeled`: synthetic (the generator's images) or real (the real pool)."""
+    return {**config["train"], **EXPERIMENTS[exp].get("train", {})}.get("unlabeled", "synthetic")
+
+
 def needs(exp, what):
-    return what in METHOD_NEEDS[method_of(exp)]
+    """Whether the experiment reads `what`; with train.unlabeled real, its method's synthetic and embed
+    needs become real_pool and embed_real (so such an experiment never builds the generator)."""
+    wanted = METHOD_NEEDS[method_of(exp)]
+    if unlabeled_of(exp) == "real":
+        wanted = {{"synthetic": "real_pool", "embed": "embed_real"}.get(need, need) for need in wanted}
+    return what in wanted
+
+
+def unlabeled_dirs(exp):
+    """(images folder, embed folder) of the experiment's unlabeled set."""
+    return (REAL_POOL, EMBED_REAL) if unlabeled_of(exp) == "real" else (SYNTHETIC, EMBED)
 
 
 def gpu_device(settings):
@@ -119,10 +138,11 @@ def blend_draws(wildcards):
 def train_inputs(wildcards):
     """Only what the experiment's method reads."""
     inputs = {"prepared": f"{PREPARED}/slices.parquet"}
-    if needs(wildcards.exp, "synthetic"):
-        inputs["synthetic"] = f"{SYNTHETIC}/images.npy"
-    if needs(wildcards.exp, "embed"):
-        inputs["neighbours"] = f"{EMBED}/neighbours.parquet"
+    images, embed = unlabeled_dirs(wildcards.exp)
+    if needs(wildcards.exp, "synthetic") or needs(wildcards.exp, "real_pool"):
+        inputs["synthetic"] = f"{images}/images.npy"
+    if needs(wildcards.exp, "embed") or needs(wildcards.exp, "embed_real"):
+        inputs["neighbours"] = f"{embed}/neighbours.parquet"
     if needs(wildcards.exp, "blend"):
         inputs["blend"] = f"{RESULTS}/blend/{wildcards.exp}/pairs.parquet"
         # the maps mode's own file: a changed blend.maps switches the rule that writes the folder, and
@@ -130,6 +150,19 @@ def train_inputs(wildcards):
         maps_file = "draws.parquet" if blend_maps(wildcards.exp) == "fresh" else "maps.npy"
         inputs["blend_maps"] = f"{RESULTS}/blend/{wildcards.exp}/{maps_file}"
     return inputs
+
+
+def blend_inputs(wildcards):
+    """The blend stage's inputs: the experiment's unlabeled set, its neighbours and embeddings."""
+    images, embed = unlabeled_dirs(wildcards.exp)
+    return {
+        "synthetic": f"{images}/images.npy",
+        "neighbours": f"{embed}/neighbours.parquet",
+        "prepared": f"{PREPARED}/slices.parquet",
+        # balanced pairing reads the embeddings beside neighbours.parquet
+        "real_embeddings": f"{embed}/real.npy",
+        "synthetic_embeddings": f"{embed}/synthetic.npy",
+    }
 
 
 def input_dir(key):

@@ -50,3 +50,28 @@ rule prepare:
     shell:
         "python -m sraseg prepare --raw-dir {input.raw} --splits-dir {params.splits_dir} --labeled {input.labeled}"
         " --image-size {params.image_size} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+# train.unlabeled real: the real unlabeled training slices in the sample stage's layout.
+rule real_pool:
+    input:
+        slices=f"{PREPARED}/slices.parquet",
+        images=f"{PREPARED}/images.npy",
+    output:
+        images=f"{REAL_POOL}/images.npy",
+        table=f"{REAL_POOL}/synthetic.parquet",
+        record=f"{REAL_POOL}/pool.json",
+    params:
+        code=stage_code("sraseg.data.real_pool"),
+        prepared=input_dir("slices"),
+        out_dir=output_dir("images"),
+    log:
+        f"{LOGS}/real_pool.log",
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "python -m sraseg real-pool --prepared-dir {params.prepared} --out-dir {params.out_dir} > {log} 2>&1"

@@ -63,16 +63,43 @@ rule index:
         " --settings {params.settings:q} > {log} 2>&1"
 
 
+# train.unlabeled real: the same two stages on the real pool, into their own folder.
+use rule embed as embed_real_pool with:
+    input:
+        prepared=f"{PREPARED}/slices.parquet",
+        synthetic=f"{REAL_POOL}/images.npy",
+    output:
+        real=f"{EMBED_REAL}/real.npy",
+        real_table=f"{EMBED_REAL}/real.parquet",
+        synthetic=f"{EMBED_REAL}/synthetic.npy",
+        synthetic_table=f"{EMBED_REAL}/synthetic.parquet",
+        encoder=f"{EMBED_REAL}/encoder.json",
+    log:
+        f"{LOGS}/embed_real_pool.log",
+    benchmark:
+        f"{LOGS}/benchmarks/embed_real_pool.tsv"
+
+
+use rule index as index_real_pool with:
+    input:
+        real=f"{EMBED_REAL}/real.npy",
+        synthetic=f"{EMBED_REAL}/synthetic.npy",
+        prepared=f"{PREPARED}/slices.parquet",
+    output:
+        index=f"{EMBED_REAL}/real.faiss",
+        neighbours=f"{EMBED_REAL}/neighbours.parquet",
+        fd=f"{EMBED_REAL}/fd_dinov2.json",
+        projection=f"{EMBED_REAL}/projection.png",
+        record=f"{EMBED_REAL}/index.json",
+    log:
+        f"{LOGS}/index_real_pool.log",
+
+
 # maps bank: the fixed maps (maps.npy); maps fresh (rule blend_fresh below): one row per self-training draw
 # (draws.parquet), the maps rendered in training. Each experiment's folder is written by one of the two.
 rule blend:
     input:
-        synthetic=f"{SYNTHETIC}/images.npy",
-        neighbours=f"{EMBED}/neighbours.parquet",
-        prepared=f"{PREPARED}/slices.parquet",
-        # balanced pairing reads the embeddings beside neighbours.parquet
-        real_embeddings=f"{EMBED}/real.npy",
-        synthetic_embeddings=f"{EMBED}/synthetic.npy",
+        unpack(blend_inputs),
     output:
         maps=f"{RESULTS}/blend/{{exp}}/maps.npy",
         pairs=f"{RESULTS}/blend/{{exp}}/pairs.parquet",

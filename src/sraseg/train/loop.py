@@ -96,6 +96,9 @@ class TrainSettings:
             blend bank pairs, so it does not use labeled_batch there.
         unlabeled_batch: unlabeled images (BCP) or blend-bank entries (sraseg) per self-train iteration; with
             the blend stage's `maps: fresh`, iteration j takes its draws j*B .. j*B+B-1.
+        unlabeled: where bcp_synthetic's and sraseg's unlabeled images come from: synthetic (the sample
+            stage) or real (the real-pool stage's unlabeled training slices, the `sraseg_real` experiment).
+            The workflow hands the matching folder as --synthetic-dir; training reads it the same way.
         lr, momentum, weight_decay: SGD, constant learning rate.
         ema_decay: teacher EMA decay, every iteration.
         teacher_mode: eval (running BatchNorm statistics, dropout off) or train (the reference: the
@@ -128,6 +131,7 @@ class TrainSettings:
     selftrain_iterations: int = 50000
     labeled_batch: int = 12
     unlabeled_batch: int = 12
+    unlabeled: str = "synthetic"
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -164,6 +168,7 @@ def check_settings(cfg: TrainSettings) -> None:
     check_choice("train", "teacher_mode", cfg.teacher_mode, TEACHER_MODES)
     check_choice("train", "selftrain_reduction", cfg.selftrain_reduction, SELFTRAIN_REDUCTIONS)
     check_choice("train", "pair_augment", cfg.pair_augment, PAIR_AUGMENTS)
+    check_choice("train", "unlabeled", cfg.unlabeled, ("synthetic", "real"))
     for name in ("pretrain_iterations", "selftrain_iterations", "sa_weight", "weight_decay", "momentum",
                  "pseudo_weight", "unlabeled_rampup", "dense_val_every", "dense_val_iterations"):
         check_positive("train", name, getattr(cfg, name), allow_zero=True)
