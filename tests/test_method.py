@@ -544,6 +544,23 @@ def test_sraseg_pseudo_weight_weighs_the_pseudo_share_of_each_pixel(rampup, inpu
     assert {"loss_true", "loss_pseudo", "pl_frac_rv", "pl_frac_myo", "pl_frac_lv"} <= terms.keys()
 
 
+def test_bcp_soft_loss_mirror_weighs_the_unlabeled_region_by_pseudo_weight(inputs, monkeypatch):
+    """bcp_loss soft: BCP's mixed images get sraseg's soft loss, pixel weights 1 - (1 - w)*m with m = a in
+    x1 (the unlabeled image where a = 1) and 1 - a in x2; the region loss is not called."""
+    ctx = make_ctx(inputs, "bcp_synthetic", bcp_loss="soft", pseudo_weight=0.25)
+    calls = spy(monkeypatch, ctx)
+    monkeypatch.setattr(loop, "bcp_region_loss", lambda *a: pytest.fail("region loss called"))
+    ctx.student = UNet(**SMALL_NET)
+    terms = loop._bcp_selftrain_step(ctx)
+    a = calls.maps[0]
+    h = len(a) // 2
+    share = torch.cat([a[:h], 1 - a[h:]])
+    assert 0 < share.mean() < 1 and set(share.unique().tolist()) == {0.0, 1.0}  # hard masks, both regions
+    torch.testing.assert_close(torch.cat(calls.weights), 1 - 0.75 * share, rtol=0, atol=1e-7)
+    torch.testing.assert_close(torch.cat(calls.shares), share, rtol=0, atol=0)
+    assert {"loss_true", "loss_pseudo", "pl_frac_rv"} <= terms.keys()
+
+
 @pytest.mark.parametrize("method", ["bcp_real", "sraseg"])
 def test_mean_reduction_is_half_the_sum(method, inputs):
     """selftrain_reduction mean: every loss term exactly half the sum's (same draws; SA off here, it is

@@ -101,6 +101,19 @@ def test_unlabeled_real_plans_the_real_pool_and_never_the_generator(workdir: Pat
     assert '"unlabeled": "real"' in train
 
 
+def test_reference_preset_overlays_the_released_codes_choices(workdir: Path):
+    """config/reference.yaml after a config: every sraseg training and blend gets the reference's choices,
+    the config's other keys stay."""
+    config = workdir / "config"
+    out = snakemake(workdir, "-n", "-p", "--configfile", str(config / "tiny.yaml"), str(config / "reference.yaml")).stdout
+    train = re.search(r"python -m sraseg train .*tiny/sraseg/seed\d+ .*", out).group(0)
+    for pair in ('"teacher_mode": "train"', '"pseudo_weight": 1.0', '"selftrain_reduction": "sum"',
+                 '"pretrain_iterations": 2'):
+        assert pair in train, pair
+    blend = re.search(r"python -m sraseg blend .*", out).group(0)
+    assert '"maps": "fresh"' in blend and '"pairing": "random"' in blend and "--draws" in blend
+
+
 def test_bad_config_value_is_refused_before_any_job(workdir: Path):
     result = snakemake(workdir, "-n", "--config", "prepare={'image_size': 4}", check=False)
     assert result.returncode != 0

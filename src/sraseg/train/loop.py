@@ -81,6 +81,7 @@ LOG_COLUMNS = (
 TERM_COLUMNS = ("loss", "dice_loss", "ce_loss", "sa_loss", "loss_true", "loss_pseudo", "pl_frac_rv", "pl_frac_myo",
                 "pl_frac_lv")
 SELFTRAIN_REDUCTIONS = ("sum", "mean")
+BCP_LOSSES = ("region", "soft")
 CHECKPOINT_FORMAT = 1
 
 
@@ -111,6 +112,8 @@ class TrainSettings:
         selftrain_reduction: sum (the reference: L(x1,y1) + L(x2,y2)) or mean of the two mixed images'
             losses in self-training.
         pair_augment: shared (one transform for sraseg's synthetic image and its real partner) or separate.
+        bcp_loss: region (BCP's own: the pseudo-labelled region weighs 0.5) or soft (the mirror ablation:
+            sraseg's soft loss with its pseudo_weight on BCP's mixed images) in BCP's self-training.
         val_every: validate every this many iterations of a phase (and at each phase's end).
         dense_val_every, dense_val_iterations: also validate every dense_val_every iterations during the
             first dense_val_iterations of self-training (0: off); these validations may pick the kept
@@ -141,6 +144,7 @@ class TrainSettings:
     unlabeled_rampup: int = 0
     selftrain_reduction: str = "sum"
     pair_augment: str = "shared"
+    bcp_loss: str = "region"
     val_every: int = 200
     dense_val_every: int = 0
     dense_val_iterations: int = 200
@@ -169,6 +173,7 @@ def check_settings(cfg: TrainSettings) -> None:
     check_choice("train", "selftrain_reduction", cfg.selftrain_reduction, SELFTRAIN_REDUCTIONS)
     check_choice("train", "pair_augment", cfg.pair_augment, PAIR_AUGMENTS)
     check_choice("train", "unlabeled", cfg.unlabeled, ("synthetic", "real"))
+    check_choice("train", "bcp_loss", cfg.bcp_loss, BCP_LOSSES)
     for name in ("pretrain_iterations", "selftrain_iterations", "sa_weight", "weight_decay", "momentum",
                  "pseudo_weight", "unlabeled_rampup", "dense_val_every", "dense_val_iterations"):
         check_positive("train", name, getattr(cfg, name), allow_zero=True)
@@ -375,7 +380,8 @@ def _bcp_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
     """BCP self-train, bidirectional hard copy-paste with teacher pseudo-labels of the unlabeled images:
     x1 = a*u_a + (1-a)*l_a, x2 = a*l_b + (1-a)*u_b (one fresh hard map per mixed image).
     Loss: BCP's region loss on x1 and on x2, summed (or averaged); the unlabeled (pseudo-labelled) region
-    weighs 0.5 (times the ramp-up factor when `unlabeled_rampup` is set)."""
+    weighs 0.5 (times the ramp-up factor when `unlabeled_rampup` is set). `bcp_loss: soft` puts sraseg's
+    soft loss (pseudo-labelled share weighted by pseudo_weight) in its place."""
     cfg = ctx.cfg
     images, labels = ctx.labeled_batch(cfg.labeled_batch)
     idx = sample_indices(len(ctx.unlabeled), cfg.unlabeled_batch, ctx.generator)
@@ -391,6 +397,10 @@ def _bcp_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
     x2 = mix(a2, images[half : 2 * half], unlabeled[half : 2 * half])
     y2 = mix(a2, y_l[half : 2 * half], y_u[half : 2 * half])
     logits = ctx.student(torch.cat([x1, x2]))
+    if cfg.bcp_loss == "soft":
+        weight = cfg.pseudo_weight * _unlabeled_rampup(ctx)
+        return _selftrain_terms(cfg, [_soft_terms(logits[:half], y1, a1, weight),
+                                      _soft_terms(logits[half:], y2, 1.0 - a2, weight)], y_u)
     return _selftrain_terms(cfg, [_bcp_terms(logits[:half], y1, a1, pseudo, TRUE_LABEL_WEIGHT, "first"),
                                   _bcp_terms(logits[half:], y2, a2, TRUE_LABEL_WEIGHT, pseudo, "second")], y_u)
 
