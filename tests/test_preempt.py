@@ -62,8 +62,9 @@ def test_signal_writes_checkpoint_then_rerun_resumes_exactly(signum, inputs, ref
         loop.run(out_dir=tmp_path, settings=SETTINGS, seed=5, **inputs)
     assert stopped.value.signum == signum
     name = signal.Signals(signum).name
-    assert str(stopped.value) == (f"received {name} at step {SIGNAL_AT} of {TOTAL}: wrote {tmp_path / 'last.ckpt'}, "
-                                  "exiting; rerun to resume")
+    assert str(stopped.value) == (
+        f"received {name} at step {SIGNAL_AT} of {TOTAL}: wrote {tmp_path / 'last.ckpt'}, exiting; rerun to resume"
+    )
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["step"] == SIGNAL_AT  # not the periodic 4
     assert not (tmp_path / "model.safetensors").exists()
     assert {s: signal.getsignal(s) for s in SIGNALS} == before  # the run's handlers are gone
