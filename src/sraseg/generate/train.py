@@ -330,6 +330,7 @@ def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | Generato
     Raises:
         ConfigError: bad settings.
         DatasetError: missing/bad prepared files, no train slices for the source, unreadable checkpoint.
+        Preempted: SIGTERM or SIGUSR1 arrived; last.ckpt holds the step reached and a rerun resumes from it.
     """
     s = validate_settings(settings)
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)

@@ -652,6 +652,7 @@ def run(
         ConfigError: bad settings or a missing input for the method.
         DatasetError: missing or inconsistent input files, no labeled slices.
         SrasegError: the loss became NaN or infinite (checked at each log, validation and checkpoint step).
+        Preempted: SIGTERM or SIGUSR1 arrived; last.ckpt holds the step reached and a rerun resumes from it.
     """
     # run()'s tools, imported here: the steps need only torch (benchmarks/gpu_check.py)
     from sraseg.io import read_table, staged_outputs, write_csv, write_json
