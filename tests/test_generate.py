@@ -6,6 +6,8 @@ Everything is tiny (16 px, UNet channels [8, 16], a few steps) so the file runs 
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import numpy as np
 import pandas as pd
@@ -14,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from sraseg.device import seed_everything
-from sraseg.errors import ConfigError, DatasetError, WeightsError
+from sraseg.errors import ConfigError, DatasetError, Preempted, WeightsError
 from sraseg.generate import sample, train
 from sraseg.generate.common import build_unet
 
@@ -206,6 +208,43 @@ def test_resume_equals_uninterrupted(prepared, tmp_path, monkeypatch):
     seed_everything(0)
     fresh = build_unet(16, [8, 16], 1, False, True).state_dict()
     assert any(not torch.equal(fresh[k], a[k]) for k in a)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_writes_checkpoint_then_rerun_resumes_exactly(signum, prepared, tmp_path, monkeypatch):
+    """SIGTERM/SIGUSR1 (SLURM's notice before a kill or preemption) after step 5: last.ckpt holds step 5,
+    not the periodic 3; the run stops with Preempted and a rerun ends as an uninterrupted run."""
+    settings = dict(TINY, steps=7, checkpoint_every=3, log_every=2)
+    full = train.run(prepared, tmp_path / "full", settings)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    calls, real_step = [], train.train_step
+
+    def step_then_signal(*args, **kwargs):
+        loss = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signum)
+        return loss
+
+    monkeypatch.setattr(train, "train_step", step_then_signal)
+    stopped_dir = tmp_path / "stopped"
+    with pytest.raises(Preempted, match=f"received {signal.Signals(signum).name} at step 5 of 7: wrote .*last.ckpt"):
+        train.run(prepared, stopped_dir, settings)
+    assert torch.load(stopped_dir / "last.ckpt", weights_only=True)["step"] == 5
+    assert not (stopped_dir / "unet").exists()
+    assert {s: signal.getsignal(s) for s in before} == before  # the run's handlers are gone
+
+    calls.clear()
+    train.run(prepared, stopped_dir, settings)
+    assert len(calls) == 2  # resumed after step 5
+    a = load_file(full / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(stopped_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    log_a, log_b = pd.read_csv(full / "train_log.csv"), pd.read_csv(stopped_dir / "train_log.csv")
+    assert log_a["step"].tolist() == log_b["step"].tolist() == [2, 4, 6, 7]
+    np.testing.assert_array_equal(log_a["loss"], log_b["loss"])
 
 
 # ---------------------------------------------------------------- sampling

@@ -1,10 +1,12 @@
-"""A training process killed with SIGKILL and started again ends with the weights of a run that was
-never interrupted (CPU, same seed): the command-line path Snakemake takes after a crash."""
+"""A training process killed with SIGKILL, or stopped by SIGTERM as SLURM stops a job, and started
+again ends with the weights of a run that was never interrupted (CPU, same seed): the command-line
+path Snakemake takes after a crash or a preemption."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,3 +55,33 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path: Path):
     for name in resumed:
         assert torch.equal(resumed[name], uninterrupted[name]), name
     assert not (killed / "last.ckpt").exists()  # published: the resume state is gone
+
+
+def test_sigterm_writes_checkpoint_exits_143_then_rerun_equals_uninterrupted(tmp_path: Path):
+    inputs = make_all(tmp_path / "inputs")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    reference = tmp_path / "reference"
+    subprocess.run(train_command(inputs, reference), env=env, check=True, capture_output=True)
+
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen(train_command(inputs, stopped), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (stopped / "last.ckpt").exists():  # in the loop (handlers installed) once a checkpoint is on disk
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint written within 2 minutes"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate()[1].decode()
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    last = stderr.strip().splitlines()[-1]
+    match = re.fullmatch(r"sraseg train: received SIGTERM at step (\d+) of 30: wrote (.+), exiting; rerun to resume", last)
+    assert match, last
+    assert Path(match[2]) == stopped / "last.ckpt"
+    assert torch.load(stopped / "last.ckpt", weights_only=True)["step"] == int(match[1])
+    assert not (stopped / "model.safetensors").exists()
+
+    subprocess.run(train_command(inputs, stopped), env=env, check=True, capture_output=True)
+    resumed, uninterrupted = load_file(stopped / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        assert torch.equal(resumed[name], uninterrupted[name]), name

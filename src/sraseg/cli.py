@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from sraseg.errors import ConfigError, SrasegError
+from sraseg.errors import ConfigError, Preempted, SrasegError
 
 log = logging.getLogger("sraseg")
 
@@ -448,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
         for line in err.problems:  # one line per mistake in the config file
             print(f"sraseg {args.command}: config error: {line}", file=sys.stderr)
         return 1
+    except Preempted as err:
+        # 128 + signal number, the shell's code for a job ended by that signal; last.ckpt is on disk
+        print(f"sraseg {args.command}: {err}", file=sys.stderr)
+        return 128 + err.signum
     except SrasegError as err:
         # One line a person can act on; no traceback for problems in their input.
         message = " ".join(str(err).split("\n"))

@@ -4,7 +4,7 @@ Every stage raises one of these for bad input; the command line prints the messa
 line and exits non-zero. Programming errors stay ordinary exceptions with a traceback.
 """
 
-__all__ = ["SrasegError", "DatasetError", "ConfigError", "WeightsError"]
+__all__ = ["SrasegError", "DatasetError", "ConfigError", "WeightsError", "Preempted"]
 
 
 class SrasegError(Exception):
@@ -21,3 +21,11 @@ class ConfigError(SrasegError):
 
 class WeightsError(SrasegError):
     """Model weights are missing or do not match the model."""
+
+
+class Preempted(SrasegError):
+    """The job was asked to stop (SIGTERM/SIGUSR1) and wrote its resume checkpoint; rerun to resume."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

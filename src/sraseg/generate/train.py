@@ -7,6 +7,7 @@ Only train-split rows are ever read (`source="all_train"`: every train slice, la
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -27,6 +28,7 @@ from sraseg.device import autocast, pick_device, seed_everything
 from sraseg.errors import ConfigError, DatasetError
 from sraseg.generate.common import build_unet, check_resolution, open_images, read_slices, resize_stack
 from sraseg.io import read_table, staged_outputs, write_csv, write_json
+from sraseg.preempt import stop_on_signals
 from sraseg.progress import Progress
 from sraseg.resume import job_key
 from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
@@ -328,6 +330,7 @@ def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | Generato
     Raises:
         ConfigError: bad settings.
         DatasetError: missing/bad prepared files, no train slices for the source, unreadable checkpoint.
+        Preempted: SIGTERM or SIGUSR1 arrived; last.ckpt holds the step reached and a rerun resumes from it.
     """
     s = validate_settings(settings)
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
@@ -406,7 +409,9 @@ def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | Generato
     unet.train()
     started = time.perf_counter()
     progress = Progress(s.steps, "train generator", initial=step, logger=log)
-    try:
+    with stop_on_signals() as stop, contextlib.ExitStack() as cleanup:
+        cleanup.callback(writer.close)
+        cleanup.callback(progress.close)
         while step < s.steps:
             # draw the batch and noise on the CPU from the sampler's generator (same on every device)
             batch, noise, timesteps = _draw_batch(images, s, gen)
@@ -441,14 +446,15 @@ def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | Generato
             if fd_probe is not None and (row := fd_probe.maybe_log(step, unet, ema, noise_scheduler, device)):
                 writer.add_scalar("fd_ratio", row["fd_ratio"], step)
 
-            # checkpointing: atomic last.ckpt every checkpoint_every steps and at the end
-            if step % s.checkpoint_every == 0 or step == s.steps:
+            # checkpointing: atomic last.ckpt every checkpoint_every steps, at the end, and on SIGTERM/SIGUSR1
+            # (a preemption: this step is complete, so the checkpoint holds it and the job stops here)
+            stopping = stop.signum is not None
+            if step % s.checkpoint_every == 0 or step == s.steps or stopping:
                 now = time.perf_counter()
                 elapsed, started = elapsed + now - started, now
                 checkpoint()
-    finally:
-        progress.close()
-        writer.close()
+            if stopping:
+                raise stop.stop(f"step {step} of {s.steps}", ckpt_path)
 
     # publish: EMA weights into the model, then all final files at once
     ema.copy_to(unet.parameters())

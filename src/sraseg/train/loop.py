@@ -22,6 +22,7 @@ denser validation early in self-training (`dense_val_every`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -38,6 +39,7 @@ import torch
 from sraseg.blend.maps import KERNELS, make_blend_maps, mix
 from sraseg.device import autocast, grad_scaler, pick_device, seed_everything
 from sraseg.errors import ConfigError, DatasetError, SrasegError
+from sraseg.preempt import stop_on_signals
 from sraseg.resume import input_identity, job_key
 from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
 from sraseg.train.alignment import ProjectionHead, sa_loss
@@ -650,6 +652,7 @@ def run(
         ConfigError: bad settings or a missing input for the method.
         DatasetError: missing or inconsistent input files, no labeled slices.
         SrasegError: the loss became NaN or infinite (checked at each log, validation and checkpoint step).
+        Preempted: SIGTERM or SIGUSR1 arrived; last.ckpt holds the step reached and a rerun resumes from it.
     """
     # run()'s tools, imported here: the steps need only torch (benchmarks/gpu_check.py)
     from sraseg.io import read_table, staged_outputs, write_csv, write_json
@@ -784,7 +787,9 @@ def run(
     # --- main loop --------------------------------------------------------------------------------
     progress = Progress(total, f"train {cfg.method}", initial=state["step"], logger=log)
     started = time.perf_counter() - state["seconds"]
-    try:
+    with stop_on_signals() as stop, contextlib.ExitStack() as cleanup:
+        cleanup.callback(writer.close)
+        cleanup.callback(progress.close)
         while state["step"] < total:
             # which phase; on entering self-training, restart from the best pre-train weights and keep
             # the optimizer (its momentum buffers carry on, as in BCP; last.ckpt holds them for a resume)
@@ -814,8 +819,10 @@ def run(
             # validation, progress line and checkpoint: the only steps that read values back
             validating = _validation_due(cfg, phase, iteration, length)
             checkpointing = state["step"] % cfg.checkpoint_every == 0 or state["step"] == total
+            # SIGTERM/SIGUSR1 (a preemption): finish this step's validation, then checkpoint and stop
+            stopping = stop.signum is not None
             reporting = progress.due()
-            if not (validating or checkpointing or reporting):
+            if not (validating or checkpointing or reporting or stopping):
                 continue
             values = read_back()
             if validating:
@@ -839,12 +846,11 @@ def run(
             if reporting:
                 progress.report(phase=phase, loss=f"{values.get('loss', float('nan')):.4f}",
                                 best=f"{state['best_dice']:.3f}")  # fmt: skip
-            if checkpointing:
+            if checkpointing or stopping:
                 state["seconds"] = time.perf_counter() - started
                 checkpoint()
-    finally:
-        progress.close()
-        writer.close()
+            if stopping:
+                raise stop.stop(f"step {state['step']} of {total}", ckpt_path)
 
     # --- publish ----------------------------------------------------------------------------------
     final = UNet(1, cfg.num_classes, cfg.channels, cfg.dropout)
