@@ -53,7 +53,8 @@ def inputs(tmp_path):
 
 
 def _run(inputs, out_dir, **settings):
-    blend.run(**inputs, out_dir=out_dir, settings=settings)
+    """The bank mode (maps.npy), named since the default is fresh."""
+    blend.run(**inputs, out_dir=out_dir, settings=dict(dict(maps="bank"), **settings))
     return np.load(out_dir / "maps.npy"), pd.read_parquet(out_dir / "pairs.parquet")
 
 
@@ -140,15 +141,15 @@ def test_bad_neighbours(inputs, tmp_path):
     path = str(inputs["neighbours"])
     _rewrite_neighbours(inputs, rows + [(99, 0, 0, 0.5)])
     with pytest.raises(DatasetError, match=r"synthetic id\(s\) \[99\] not in the synthetic set") as info:
-        blend.run(**inputs, out_dir=tmp_path / "out", settings={})
+        blend.run(**inputs, out_dir=tmp_path / "out", settings={"maps": "bank"})
     assert path in str(info.value)
     _rewrite_neighbours(inputs, rows + [(0, 9, VAL[0], 0.1)])
     with pytest.raises(DatasetError, match=r"real id\(s\) \[6\] are not train slices") as info:
-        blend.run(**inputs, out_dir=tmp_path / "out", settings={})
+        blend.run(**inputs, out_dir=tmp_path / "out", settings={"maps": "bank"})
     assert path in str(info.value)
     _rewrite_neighbours(inputs, [r for r in rows if r[0] != 3] + [(3, 0, UNLABELED[0], 0.5)])
     with pytest.raises(DatasetError, match=r"\[3\] have no labeled train slice"):
-        blend.run(**inputs, out_dir=tmp_path / "out", settings={})
+        blend.run(**inputs, out_dir=tmp_path / "out", settings={"maps": "bank"})
     assert not (tmp_path / "out").exists()
 
 

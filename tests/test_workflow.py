@@ -70,6 +70,7 @@ def test_blend_maps_fresh_plans_its_own_rule_with_the_draw_count(workdir: Path):
     --draws = its selftrain_iterations x unlabeled_batch, and its training reads draws.parquet; a bank
     experiment beside it keeps rule blend and maps.npy, without --draws."""
     config = yaml.safe_load((workdir / "config" / "tiny.yaml").read_text())
+    config["blend"]["maps"] = "bank"
     config["experiments"]["fresh"] = {"method": "sraseg", "blend": {"maps": "fresh"}, "train": {"selftrain_iterations": 5}}
     (workdir / "config" / "fresh.yaml").write_text(yaml.safe_dump(config))
     out = snakemake(workdir, "-n", "-p", config="fresh.yaml").stdout

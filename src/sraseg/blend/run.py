@@ -16,9 +16,9 @@ At training time x = a * synthetic + (1 - a) * real and y = a * Y(synthetic) + (
 
 Blend maps `a` (a BCP box hole of ratio*H x ratio*W softened by the kernel with reflection padding,
 exactly 1 away from the hole), by `maps`:
-- "bank" (the default): one fixed map per entry, maps.npy float16 [M*K,S,S]; self-training draws entries
+- "bank": one fixed map per entry, maps.npy float16 [M*K,S,S]; self-training draws entries
   with the training seed, so each map serves many draws (ACDC: 2,352 maps for 600,000 draws).
-- "fresh": every self-training draw gets its own map, as in the reference, which draws a new mask every
+- "fresh" (the default): every self-training draw gets its own map, as in the reference, which draws a new mask every
   iteration. Materialising 600,000 maps of 256 x 256 would take 79 GB; a map is fixed by its hole
   corner and the kernel settings, so the stage writes draws.parquet instead, one row per self-training
   draw (blend_id, synthetic_id, real_id, top, left: int32/int16 columns, about 3 MB for ACDC's 600,000
@@ -93,7 +93,7 @@ class BlendSettings:
     """Settings of the blend stage.
 
     Args:
-        maps (`str`, "bank"): "bank" (a fixed map per entry, maps.npy) or "fresh" (a map per self-training
+        maps (`str`, "fresh"): "bank" (a fixed map per entry, maps.npy) or "fresh" (a map per self-training
             draw, rendered in training from draws.parquet).
         maps_per_image (`int`, 2): entries (real pairings; with "bank" each with its map) per synthetic image, K.
         kernel (`str`, "gaussian"): edge softening: "gaussian", "box" or "hard" (a plain BCP mask).
@@ -105,7 +105,7 @@ class BlendSettings:
         seed (`int`, 0): seed of the maps, of random pairing and of the fresh draws.
     """
 
-    maps: str = "bank"
+    maps: str = "fresh"
     maps_per_image: int = 2
     kernel: str = "gaussian"
     kernel_size: int = 5

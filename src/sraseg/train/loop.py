@@ -11,7 +11,7 @@ Phases (global step counts all of them):
 The published model is the best-validation student of the last phase (BCP and the reference keep the
 best self-training checkpoint); the pre-train best only initialises self-training.
 
-Self-training's switches (defaults = today's behaviour, which is the reference's except `teacher_mode`):
+Self-training's switches (defaults: the reference's choices; README, "Why SRA-Seg fell at the switch"):
 `pseudo_weight` and `unlabeled_rampup` weigh the pseudo-labelled part, `selftrain_reduction` sums or
 averages the two mixed images' losses, `teacher_mode` runs the teacher in eval or train mode while it
 labels, `pair_augment` augments SRA-Seg's synthetic/real pair with one transform or two. Instruments in
@@ -104,9 +104,9 @@ class TrainSettings:
             The workflow hands the matching folder as --synthetic-dir; training reads it the same way.
         lr, momentum, weight_decay: SGD, constant learning rate.
         ema_decay: teacher EMA decay, every iteration.
-        teacher_mode: eval (running BatchNorm statistics, dropout off) or train (the reference: the
-            unlabeled batch's own statistics, dropout on; running statistics left untouched) while the
-            teacher pseudo-labels.
+        teacher_mode: train (the default, the reference's and BCP's: the unlabeled batch's own BatchNorm
+            statistics, dropout on; running statistics left untouched) or eval (running statistics,
+            dropout off) while the teacher pseudo-labels.
         pseudo_weight: weight of the pseudo-labelled part of sraseg's soft loss (1: the reference; BCP's
             region loss has its own 0.5). Pixels weigh 1 - (1 - w)*m, m the pixel's pseudo-labelled share.
         unlabeled_rampup: iterations of the sigmoid ramp-up exp(-5 (1 - t)^2) that multiplies the pseudo
@@ -141,7 +141,7 @@ class TrainSettings:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     ema_decay: float = 0.99
-    teacher_mode: str = "eval"
+    teacher_mode: str = "train"
     pseudo_weight: float = 1.0
     unlabeled_rampup: int = 0
     selftrain_reduction: str = "sum"
