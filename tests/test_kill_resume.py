@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from train_fixtures import TINY, make_all
@@ -28,48 +29,55 @@ def train_command(inputs: dict[str, Path], out_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def test_sigkill_then_rerun_equals_uninterrupted(tmp_path: Path):
-    inputs = make_all(tmp_path / "inputs")
-    # this checkout's code, not whatever sraseg the venv has installed
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's code
 
-    reference = tmp_path / "reference"
-    subprocess.run(train_command(inputs, reference), env=env, check=True, capture_output=True)
 
-    killed = tmp_path / "killed"
-    process = subprocess.Popen(train_command(inputs, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def start_until_checkpoint(inputs: dict, out_dir: Path) -> subprocess.Popen:
+    """A training subprocess, returned once its first last.ckpt is on disk (its signal handlers are in place)."""
+    process = subprocess.Popen(train_command(inputs, out_dir), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not (killed / "last.ckpt").exists():  # killed once the first checkpoint is on disk
+    while not (out_dir / "last.ckpt").exists():
         assert process.poll() is None, process.stderr.read().decode()
         assert time.monotonic() < deadline, "no checkpoint written within 2 minutes"
         time.sleep(0.05)
+    return process
+
+
+def rerun_equals_reference(inputs: dict, out_dir: Path, reference: Path) -> None:
+    """Rerun the interrupted job to its end: its published weights equal the uninterrupted run's."""
+    subprocess.run(train_command(inputs, out_dir), env=ENV, check=True, capture_output=True)
+    resumed, uninterrupted = load_file(out_dir / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
+    assert not (out_dir / "last.ckpt").exists()  # published: the resume state is gone
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """The inputs and one uninterrupted run of them."""
+    root = tmp_path_factory.mktemp("kill_resume")
+    inputs = make_all(root / "inputs")
+    subprocess.run(train_command(inputs, root / "reference"), env=ENV, check=True, capture_output=True)
+    return inputs, root / "reference"
+
+
+def test_sigkill_then_rerun_equals_uninterrupted(reference_run, tmp_path: Path):
+    inputs, reference = reference_run
+    killed = tmp_path / "killed"
+    process = start_until_checkpoint(inputs, killed)
     process.send_signal(signal.SIGKILL)
     process.wait()
     interrupted_at = torch.load(killed / "last.ckpt", weights_only=True)["step"]
     assert interrupted_at < SETTINGS["pretrain_iterations"] + SETTINGS["selftrain_iterations"]
     assert not (killed / "model.safetensors").exists()  # nothing published by the killed run
-
-    subprocess.run(train_command(inputs, killed), env=env, check=True, capture_output=True)
-    resumed, uninterrupted = load_file(killed / "model.safetensors"), load_file(reference / "model.safetensors")
-    assert resumed.keys() == uninterrupted.keys()
-    for name in resumed:
-        assert torch.equal(resumed[name], uninterrupted[name]), name
-    assert not (killed / "last.ckpt").exists()  # published: the resume state is gone
+    rerun_equals_reference(inputs, killed, reference)
 
 
-def test_sigterm_writes_checkpoint_exits_143_then_rerun_equals_uninterrupted(tmp_path: Path):
-    inputs = make_all(tmp_path / "inputs")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
-    reference = tmp_path / "reference"
-    subprocess.run(train_command(inputs, reference), env=env, check=True, capture_output=True)
-
+def test_sigterm_writes_checkpoint_exits_143_then_rerun_equals_uninterrupted(reference_run, tmp_path: Path):
+    inputs, reference = reference_run
     stopped = tmp_path / "stopped"
-    process = subprocess.Popen(train_command(inputs, stopped), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not (stopped / "last.ckpt").exists():  # in the loop (handlers installed) once a checkpoint is on disk
-        assert process.poll() is None, process.stderr.read().decode()
-        assert time.monotonic() < deadline, "no checkpoint written within 2 minutes"
-        time.sleep(0.05)
+    process = start_until_checkpoint(inputs, stopped)
     process.send_signal(signal.SIGTERM)
     stderr = process.communicate()[1].decode()
     assert process.returncode == 128 + signal.SIGTERM, stderr
@@ -79,9 +87,4 @@ def test_sigterm_writes_checkpoint_exits_143_then_rerun_equals_uninterrupted(tmp
     assert Path(match[2]) == stopped / "last.ckpt"
     assert torch.load(stopped / "last.ckpt", weights_only=True)["step"] == int(match[1])
     assert not (stopped / "model.safetensors").exists()
-
-    subprocess.run(train_command(inputs, stopped), env=env, check=True, capture_output=True)
-    resumed, uninterrupted = load_file(stopped / "model.safetensors"), load_file(reference / "model.safetensors")
-    assert resumed.keys() == uninterrupted.keys()
-    for name in resumed:
-        assert torch.equal(resumed[name], uninterrupted[name]), name
+    rerun_equals_reference(inputs, stopped, reference)
