@@ -48,11 +48,13 @@ def test_switch_dip_reads_the_fall_at_the_switch(tmp_path):
     rows = [("pretrain", 100, 0.70), ("pretrain", 200, 0.80), ("pretrain", 300, 0.75),
             ("selftrain", 20, 0.50), ("selftrain", 40, 0.40), ("selftrain", 60, 0.79),
             ("selftrain", 80, 0.81), ("selftrain", 300, 0.30), ("selftrain", 400, 0.86)]  # fmt: skip
-    lines = ["phase,iteration,val_dice_mean"] + [f"{p},{i},{v}" for p, i, v in rows]
+    teacher = {("selftrain", 20): 0.83}  # the teacher's validation beside the student's
+    lines = ["phase,iteration,val_dice_mean,teacher_val_dice_mean"] + [
+        f"{p},{i},{v},{teacher.get((p, i), '')}" for p, i, v in rows]
     (tmp_path / "train_log.csv").write_text("\n".join(lines) + "\n")
     got = switch_dip(tmp_path)
     assert got["teacher_val"] == 0.80
-    assert got["first_selftrain_val"] == 0.50
+    assert got["first_selftrain_val"] == 0.50 and got["teacher_at_first"] == 0.83
     assert got["lowest_in_200"] == 0.40  # the 0.30 at iteration 300 lies outside the window
     assert abs(got["dip"] - 0.40) < 1e-12
     assert got["back_at_teacher_iteration"] == 80
