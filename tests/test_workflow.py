@@ -95,7 +95,7 @@ def test_unlabeled_real_plans_the_real_pool_and_never_the_generator(workdir: Pat
     (workdir / "config" / "real.yaml").write_text(yaml.safe_dump(config))
     out = snakemake(workdir, "-n", "-p", config="real.yaml").stdout
     stats = job_stats(out)
-    assert {"real_pool", "embed_real_pool", "index_real_pool", "blend"} <= set(stats)
+    assert {"real_pool", "embed_real_pool", "index_real_pool", "blend_fresh"} <= set(stats)
     assert not {"train_generator", "sample", "embed", "index", "content"} & set(stats)
     train = re.search(r"python -m sraseg train .*sraseg_real/seed\d+ .*", out).group(0)
     assert "--synthetic-dir results/tiny/real_pool " in train and "--embed-dir results/tiny/embed_real_pool " in train
