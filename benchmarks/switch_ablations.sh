@@ -11,8 +11,8 @@ configs=(config/benchmark.yaml config/switch_ablations.yaml)
 if [[ $# -eq 0 ]]; then
     set -- $(python -c 'import sys, yaml; print(" ".join(yaml.safe_load(open(sys.argv[1]))["experiments"]))' config/switch_ablations.yaml)
 fi
-targets=()
-for exp in "$@"; do targets+=("$ds/$exp/seed1337/eval/summary.json"); done
+targets=() runs=()
+for exp in "$@"; do targets+=("$ds/$exp/seed1337/eval/summary.json"); runs+=("$ds/$exp/seed1337"); done
 snakemake --configfile "${configs[@]}" --cores "${CORES:-2}" --resources gpu="${CORES:-2}" \
     --set-threads train=1 predict=1 -- "${targets[@]}"
-python benchmarks/switch_dip.py "$ds/bcp_synthetic/seed1337" "$ds/sraseg/seed1337" $(printf "%s/%s/seed1337 " "$ds" "$@")
+python benchmarks/switch_dip.py "$ds/bcp_synthetic/seed1337" "$ds/sraseg/seed1337" "${runs[@]}"
