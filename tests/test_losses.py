@@ -112,6 +112,46 @@ def test_soft_loss_split_is_the_loss_on_each_source():
     assert (terms["loss_pseudo"], terms["loss_true"]) == (pseudo, true)
 
 
+# Two images of one pixel each: TWO_PIXELS' pixels as a batch of two.
+TWO_IMAGES = {k: v.permute(3, 1, 2, 0) for k, v in TWO_PIXELS.items()}
+
+
+def test_batch_dice_sums_over_the_batch_and_penalises_false_positives_of_an_absent_class():
+    """Per-image Dice: image 0 (class 0): (2/3, 0), image 1 (class 1): (0, 6/7), loss 1 - (2/3 + 6/7)/4;
+    batch Dice: class 0: 1 / (7/4), class 1: (3/2) / (9/4), loss 1 - (4/7 + 2/3)/2 (the one-image value).
+    Image 0's class-1 probability (a class it lacks) is a false positive only batch Dice sees."""
+    logits, target = TWO_IMAGES["logits"], TWO_IMAGES["target"]
+    per_image = soft_dice_ce(logits, target)[1]
+    batch = soft_dice_ce(logits, target, batch_dice=True)[1]
+    assert per_image.item() == pytest.approx(1 - (2 / 3 + 6 / 7) / 4, rel=1e-5)
+    assert batch.item() == pytest.approx(1 - (4 / 7 + 2 / 3) / 2, rel=1e-5)
+    assert batch.item() == pytest.approx(soft_dice_ce(TWO_PIXELS["logits"], TWO_PIXELS["target"])[1].item(), rel=1e-6)
+    # Three classes: image 0 (class 0) moves probability from class 2 (absent everywhere) to class 1 (image 1's
+    # class) with its class-0 probability unchanged: a false positive only batch Dice sees.
+    target3 = one_hot(torch.tensor([[[0]], [[1]]]), 3)
+    before = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]).reshape(2, 3, 1, 1)
+    after = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]).reshape(2, 3, 1, 1)
+    assert soft_dice_ce(after, target3)[1].item() == pytest.approx(soft_dice_ce(before, target3)[1].item(), abs=1e-7)
+    assert soft_dice_ce(after, target3, batch_dice=True)[1] > soft_dice_ce(before, target3, batch_dice=True)[1] + 0.03
+
+
+def test_region_form_is_bcps_loss_on_a_hard_map_and_linear_in_the_pseudo_weight():
+    torch.manual_seed(5)
+    logits, target = torch.randn(2, 4, 6, 6) * 2, one_hot(torch.randint(0, 4, (2, 6, 6)), 4)
+    mask = torch.ones(2, 1, 6, 6)
+    mask[:, :, 1:5, 2:6] = 0
+    for w in (0.5, 1.0):
+        region = loop._soft_terms(logits, target, mask, w, "region")
+        bcp = bcp_region_loss(logits, target, mask, w, 1.0)
+        for key, value in zip(("loss", "dice_loss", "ce_loss"), bcp):
+            assert region[key].item() == pytest.approx(value.item(), rel=1e-5), (w, key)
+    soft_map = torch.rand(2, 1, 6, 6)
+    terms = {w: loop._soft_terms(logits, target, soft_map, w, "region") for w in (0.0, 0.5)}
+    assert (terms[0.5]["loss"] - terms[0.0]["loss"]).item() == pytest.approx(0.25 * terms[0.0]["loss_pseudo"].item(),
+                                                                             rel=1e-5)
+    assert terms[0.0]["loss"].item() == pytest.approx(terms[0.0]["loss_true"].item() / 2, rel=1e-6)
+
+
 def test_weighted_soft_loss_is_scale_free_and_checks_shapes():
     torch.manual_seed(2)
     logits, target = torch.randn(2, 4, 6, 6), one_hot(torch.randint(0, 4, (2, 6, 6)), 4)

@@ -249,6 +249,7 @@ class Calls:
     targets: list = field(default_factory=list)  # soft_dice_ce targets
     weights: list = field(default_factory=list)  # soft_dice_ce per-pixel weights (None: unweighted)
     shares: list = field(default_factory=list)  # soft_dice_ce_split pseudo-label shares
+    batch_dice: list = field(default_factory=list)  # soft_dice_ce's batch_dice flag of each call
 
 
 def spy(monkeypatch, ctx: loop.TrainContext) -> Calls:
@@ -273,11 +274,12 @@ def spy(monkeypatch, ctx: loop.TrainContext) -> Calls:
     def loss_spy(logits, target, *args, **kwargs):
         calls.targets.append(target.detach().clone())
         calls.weights.append(kwargs.get("weight"))
+        calls.batch_dice.append(kwargs.get("batch_dice", False))
         return soft_dice_ce(logits, target, *args, **kwargs)
 
-    def split_spy(logits, target, pseudo_share):
+    def split_spy(logits, target, pseudo_share, **kwargs):
         calls.shares.append(pseudo_share.clone())
-        return soft_dice_ce_split(logits, target, pseudo_share)
+        return soft_dice_ce_split(logits, target, pseudo_share, **kwargs)
 
     maps = ctx.blend_maps
 
@@ -542,6 +544,30 @@ def test_sraseg_pseudo_weight_weighs_the_pseudo_share_of_each_pixel(rampup, inpu
     torch.testing.assert_close(torch.cat(calls.weights), 1 - (1 - w) * share, rtol=0, atol=1e-7)
     torch.testing.assert_close(torch.cat(calls.shares), share, rtol=0, atol=0)
     assert {"loss_true", "loss_pseudo", "pl_frac_rv", "pl_frac_myo", "pl_frac_lv"} <= terms.keys()
+
+
+@pytest.mark.parametrize("form", ["batch_soft", "region"])
+def test_sraseg_loss_forms_weigh_the_pseudo_share_with_batch_dice(form, inputs, monkeypatch):
+    """sraseg_loss batch_soft: the soft loss with pixel weights 1 - (1 - w)*m and batch Dice; region: two
+    batch-Dice soft losses per mixed image, weighted by m (then w) and by 1 - m, with m = a in x1 and
+    1 - a in x2."""
+    ctx = make_ctx(inputs, "sraseg", pseudo_weight=0.5, sraseg_loss=form)
+    calls = spy(monkeypatch, ctx)
+    ctx.student = UNet(**SMALL_NET)
+    terms = loop._sraseg_selftrain_step(ctx)
+    a = ctx.bank.maps[calls.indices[0]].float()[:, None]
+    h = len(a) // 2
+    shares = [a[:h], 1 - a[h:]]
+    assert all(calls.batch_dice) and len(calls.batch_dice) == (2 if form == "batch_soft" else 4)
+    if form == "batch_soft":
+        want = [1 - 0.5 * m for m in shares]
+    else:
+        want = [w for m in shares for w in (m, 1 - m)]
+    for got, expected in zip(calls.weights, want, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
+    assert {"loss", "dice_loss", "ce_loss", "loss_true", "loss_pseudo"} <= terms.keys()
+    if form == "region":  # loss = (0.5 * pseudo part + true part) / 2 over both mixed images
+        torch.testing.assert_close(terms["loss"], (0.5 * terms["loss_pseudo"] + terms["loss_true"]) / 2)
 
 
 def test_bcp_soft_loss_mirror_weighs_the_unlabeled_region_by_pseudo_weight(inputs, monkeypatch):

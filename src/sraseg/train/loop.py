@@ -84,6 +84,7 @@ TERM_COLUMNS = ("loss", "dice_loss", "ce_loss", "sa_loss", "loss_true", "loss_ps
                 "pl_frac_lv")
 SELFTRAIN_REDUCTIONS = ("sum", "mean")
 BCP_LOSSES = ("region", "soft")
+SRASEG_LOSSES = ("soft", "batch_soft", "region")
 CHECKPOINT_FORMAT = 1
 
 
@@ -114,6 +115,9 @@ class TrainSettings:
         selftrain_reduction: sum (the reference: L(x1,y1) + L(x2,y2)) or mean of the two mixed images'
             losses in self-training.
         pair_augment: shared (one transform for sraseg's synthetic image and its real partner) or separate.
+        sraseg_loss: soft (the reference's: per-image Dice + CE over the whole mixed image), batch_soft (the
+            same with batch Dice) or region (BCP's region loss over the blend's shares, the pseudo-labelled
+            share weighted by pseudo_weight) in sraseg's self-training (`_soft_terms`).
         bcp_loss: region (BCP's own: the pseudo-labelled region weighs 0.5) or soft (the mirror ablation:
             sraseg's soft loss with its pseudo_weight on BCP's mixed images) in BCP's self-training.
         val_every: validate every this many iterations of a phase (and at each phase's end).
@@ -146,6 +150,7 @@ class TrainSettings:
     unlabeled_rampup: int = 0
     selftrain_reduction: str = "sum"
     pair_augment: str = "shared"
+    sraseg_loss: str = "soft"
     bcp_loss: str = "region"
     val_every: int = 200
     dense_val_every: int = 0
@@ -175,6 +180,7 @@ def check_settings(cfg: TrainSettings) -> None:
     check_choice("train", "selftrain_reduction", cfg.selftrain_reduction, SELFTRAIN_REDUCTIONS)
     check_choice("train", "pair_augment", cfg.pair_augment, PAIR_AUGMENTS)
     check_choice("train", "unlabeled", cfg.unlabeled, ("synthetic", "real"))
+    check_choice("train", "sraseg_loss", cfg.sraseg_loss, SRASEG_LOSSES)
     check_choice("train", "bcp_loss", cfg.bcp_loss, BCP_LOSSES)
     for name in ("pretrain_iterations", "selftrain_iterations", "sa_weight", "weight_decay", "momentum",
                  "pseudo_weight", "unlabeled_rampup", "dense_val_every", "dense_val_iterations"):
@@ -320,20 +326,35 @@ def _sum_terms(*terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _soft_terms(logits: torch.Tensor, target: torch.Tensor, pseudo_share: torch.Tensor,
-                pseudo_weight: float) -> dict[str, torch.Tensor]:
-    """SRA-Seg's soft loss of mixed images whose pseudo-labelled image holds share m = `pseudo_share`
-    [B,1,H,W] of each pixel, and its parts loss_pseudo, loss_true (`soft_dice_ce_split`, no gradient).
+                pseudo_weight: float, form: str = "soft") -> dict[str, torch.Tensor]:
+    """SRA-Seg's loss of mixed images whose pseudo-labelled image holds share m = `pseudo_share`
+    [B,1,H,W] of each pixel, and its parts loss_pseudo, loss_true (`soft_dice_ce_split`).
 
-    pseudo_weight 1 is the reference's soft loss (the same call as ever); any other w weighs each pixel
-    1 - (1 - w)*m in the Dice sums and the CE mean: true-label pixels 1, pseudo-labelled ones w, the blend
-    band in between."""
+    form (`train.sraseg_loss`):
+    - soft: the reference's soft loss; pseudo_weight 1 is the reference's call as ever, any other w weighs
+      each pixel 1 - (1 - w)*m in the Dice sums and the CE mean: true-label pixels 1, pseudo-labelled ones
+      w, the blend band in between.
+    - batch_soft: the same with batch Dice (sums over the sub-batch's pixels, BCP's Dice).
+    - region: BCP's region loss over the blend's shares, (w*L(m) + L(1-m)) / 2 with L(m) the batch-Dice
+      soft loss weighted by m: each source's pixels normalised by their own mass. With a hard map it is
+      exactly `bcp_region_loss` with weights w and 1.
+    The parts are the form's own (batch Dice for batch_soft and region), before any weight."""
+    batch_dice = form != "soft"
+    if form == "region":
+        pseudo = soft_dice_ce(logits, target, weight=pseudo_share, batch_dice=True)
+        true = soft_dice_ce(logits, target, weight=1.0 - pseudo_share, batch_dice=True)
+        terms = {key: (pseudo_weight * p + t) / 2.0 for key, p, t in zip(("loss", "dice_loss", "ce_loss"), pseudo, true)}
+        terms["loss_pseudo"], terms["loss_true"] = pseudo[0].detach(), true[0].detach()
+        return terms
     if pseudo_weight == 1.0:
-        terms = _loss_terms(logits, target)
+        loss, dice, ce = soft_dice_ce(logits, target, batch_dice=batch_dice)
     else:
-        loss, dice, ce = soft_dice_ce(logits, target, weight=1.0 - (1.0 - pseudo_weight) * pseudo_share)
-        terms = {"loss": loss, "dice_loss": dice, "ce_loss": ce}
+        loss, dice, ce = soft_dice_ce(logits, target, weight=1.0 - (1.0 - pseudo_weight) * pseudo_share,
+                                      batch_dice=batch_dice)
+    terms = {"loss": loss, "dice_loss": dice, "ce_loss": ce}
     with torch.no_grad():
-        terms["loss_pseudo"], terms["loss_true"] = soft_dice_ce_split(logits.detach(), target, pseudo_share)
+        terms["loss_pseudo"], terms["loss_true"] = soft_dice_ce_split(logits.detach(), target, pseudo_share,
+                                                                      batch_dice=batch_dice)
     return terms
 
 
@@ -432,8 +453,8 @@ def _sraseg_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
     3. a-half: x1 = a*s + (1-a)*r, y1 = a*Y(s) + (1-a)*Y(r); b-half: x2 = a*r + (1-a)*s, y2 likewise;
     4. loss = L_soft(x1,y1) + L_soft(x2,y2) + sa_weight * L_SA, L_SA on the un-augmented images (their
        DINOv2 embeddings were computed without augmentation). L_soft weighs the pseudo-labelled share
-       (a in x1, 1-a in x2) by pseudo_weight times the ramp-up factor (1 and 1 in the reference), and
-       `selftrain_reduction: mean` halves the two L_soft terms' sum."""
+       (a in x1, 1-a in x2) by pseudo_weight times the ramp-up factor (1 and 1 in the reference),
+       `sraseg_loss` picks its form (`_soft_terms`), and `selftrain_reduction: mean` halves the two terms' sum."""
     cfg, bank, prepared = ctx.cfg, ctx.bank, ctx.prepared
     idx, a = _sraseg_draws(ctx)
     syn_ids, real_pos = bank.synthetic_ids[idx], ctx.bank_real_pos[idx]  # host-side bookkeeping
@@ -450,8 +471,8 @@ def _sraseg_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
     y2 = mix(a[half:], y_r[half:], y_s[half:])
     logits = ctx.student(torch.cat([x1, x2]))
     weight = cfg.pseudo_weight * _unlabeled_rampup(ctx)
-    terms = _selftrain_terms(cfg, [_soft_terms(logits[:half], y1, a[:half], weight),
-                                   _soft_terms(logits[half:], y2, 1.0 - a[half:], weight)], y_s)
+    terms = _selftrain_terms(cfg, [_soft_terms(logits[:half], y1, a[:half], weight, cfg.sraseg_loss),
+                                   _soft_terms(logits[half:], y2, 1.0 - a[half:], weight, cfg.sraseg_loss)], y_s)
     if cfg.sa:
         k = min(cfg.sa_batch, len(idx))
         features = ctx.student.encode(torch.cat([s_raw[:k], r_raw[:k]]))

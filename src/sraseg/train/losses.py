@@ -38,13 +38,19 @@ def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def soft_dice_ce(
-    logits: torch.Tensor, target: torch.Tensor, eps: float = DICE_EPS, weight: torch.Tensor | None = None
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    eps: float = DICE_EPS,
+    weight: torch.Tensor | None = None,
+    batch_dice: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Soft Dice + soft CE (SRA-Seg), optionally with per-pixel weights w.
 
     1. P = clamp(softmax(z), 1e-7, 1), computed in float32 (also under bf16 autocast).
     2. soft Dice = 1 - mean over (sample, class incl. background) of 2*sum(w*P*Y) / (sum(w*(P+Y)) + eps),
-       sums over pixels.
+       sums over pixels; with `batch_dice` the sums run over every pixel of the batch and the mean over
+       classes only (BCP's and nnU-Net's batch Dice: a class absent from one image still penalises that
+       image's false positives, which a per-image Dice term of an absent class, constant 1, does not).
     3. soft CE = -sum over pixels of w * sum_c Y_c log P_c, divided by sum over pixels of w (a weighted mean).
     4. loss = Dice + CE.
     Without weights (w = 1) this is the reference's soft loss, computed exactly as before weights existed.
@@ -55,6 +61,7 @@ def soft_dice_ce(
         target: float [B,C,H,W], each pixel a distribution over C classes (one-hot or a blend).
         eps: Dice denominator guard.
         weight: float [B,1,H,W] >= 0, or None (every pixel 1).
+        batch_dice: Dice sums over the whole batch (True) or per image (False, the reference).
     Returns:
         (loss, dice, ce): float32 scalars.
     """
@@ -64,14 +71,15 @@ def soft_dice_ce(
         raise ValueError(f"weight {tuple(weight.shape)} does not fit logits {tuple(logits.shape)}")
     probs = torch.softmax(logits.float(), dim=1).clamp(PROB_FLOOR, 1.0)
     target = target.float()
+    dims = (0, 2, 3) if batch_dice else (2, 3)
     # the unweighted path keeps the reference's operations in their order (same numbers, same gradients)
     if weight is None:
-        overlap = (probs * target).sum(dim=(2, 3))
-        total = (probs + target).sum(dim=(2, 3))
+        overlap = (probs * target).sum(dim=dims)
+        total = (probs + target).sum(dim=dims)
     else:
         weight = weight.float()
-        overlap = (weight * probs * target).sum(dim=(2, 3))
-        total = (weight * (probs + target)).sum(dim=(2, 3))
+        overlap = (weight * probs * target).sum(dim=dims)
+        total = (weight * (probs + target)).sum(dim=dims)
     dice = 1.0 - (2.0 * overlap / (total + eps)).mean()
     if weight is None:
         ce = -(target * probs.log()).sum(dim=1).mean()
@@ -81,7 +89,8 @@ def soft_dice_ce(
 
 
 def soft_dice_ce_split(
-    logits: torch.Tensor, target: torch.Tensor, pseudo_share: torch.Tensor, eps: float = DICE_EPS
+    logits: torch.Tensor, target: torch.Tensor, pseudo_share: torch.Tensor, eps: float = DICE_EPS,
+    batch_dice: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The soft loss of a mixed image split by label source: (pseudo-label part, true-label part).
 
@@ -96,11 +105,12 @@ def soft_dice_ce_split(
         logits: float [B,C,H,W].
         target: float [B,C,H,W], the mixed label.
         pseudo_share: float [B,1,H,W] in [0,1], m: the map that took the pseudo-labelled image.
+        batch_dice: as `soft_dice_ce`.
     Returns:
         (pseudo_part, true_part): float32 scalars, each a Dice + CE.
     """
-    pseudo = soft_dice_ce(logits, target, eps, weight=pseudo_share)[0]
-    true = soft_dice_ce(logits, target, eps, weight=1.0 - pseudo_share)[0]
+    pseudo = soft_dice_ce(logits, target, eps, weight=pseudo_share, batch_dice=batch_dice)[0]
+    true = soft_dice_ce(logits, target, eps, weight=1.0 - pseudo_share, batch_dice=batch_dice)[0]
     return pseudo, true
 
 
