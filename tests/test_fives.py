@@ -9,13 +9,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from helpers_data import copy_dataset, run_cli
 from PIL import Image
 from scipy import ndimage
+from train_fixtures import TINY
 
 from sraseg.cli import build_parser
 from sraseg.data import acdc, fives, fives_phantom, fives_splits, prepare
 from sraseg.errors import ConfigError, DatasetError
+from sraseg.train import loop
+from sraseg.train.unet import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN, TEST, SIZE = 8, 4, 128  # 2 and 1 images per condition
@@ -411,3 +415,55 @@ def test_cli_phantom_splits_and_a_bad_mask(tmp_path):
     assert proc.returncode == 1 and len(errors) == 1 and errors[0].startswith("sraseg prepare: error:"), proc.stderr
     assert str(bad) in errors[0] and "mask values [7]" in errors[0]
     assert not prepared.exists()
+
+
+# ---- binary training on the prepared phantom -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prepared_binary(raw, tmp_path_factory):
+    """The phantom prepared at 32 px: 6 train images (2 labeled), 2 val, 4 test."""
+    root = tmp_path_factory.mktemp("fives_prepared")
+    cases = fives_splits.release_case_ids(TRAIN, TEST)
+    train_ids = [c for c in cases if c.startswith("train_")]
+    lists = dict(train=train_ids[:6], val=train_ids[6:], test=[c for c in cases if c.startswith("test_")],
+                 labeled=[train_ids[0], train_ids[2]])  # fmt: skip
+    splits_dir, labeled = _write_splits(root, lists, labeled="labeled")
+    prepare.run(raw, splits_dir, labeled, 32, root / "prepared", dataset="fives")
+    return root / "prepared"
+
+
+def test_binary_training_logs_the_vessel_class(prepared_binary, tmp_path):
+    settings = dict(TINY, method="bcp_real", num_classes=2, channels=[8, 16, 32], dropout=[0.05, 0.1, 0.2])
+    out = loop.run(out_dir=tmp_path / "run", settings=settings, seed=0, prepared_dir=prepared_binary)
+    table = pd.read_csv(out / "train_log.csv")
+    assert tuple(table.columns) == loop.log_columns(("vessel",))
+    assert "val_dice_rv" not in table.columns and table.val_dice_vessel.between(0, 1).all()
+    selftrain = table[table.phase == "selftrain"]
+    assert len(selftrain) and selftrain.pl_frac_vessel.between(0, 1).all()
+    model, meta = load_model(out / "model.safetensors")
+    assert meta["num_classes"] == 2
+    assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 2, 32, 32)
+    assert json.loads((out / "train.json").read_text())["labeled_fraction"].keys() == {"vessel"}
+    # the class count comes from the dataset: ACDC's 4 on FIVES data is refused before training
+    with pytest.raises(ConfigError, match="has 2 classes"):
+        loop.run(out_dir=tmp_path / "four", settings=dict(settings, num_classes=4), seed=0, prepared_dir=prepared_binary)
+    assert not (tmp_path / "four").exists()
+
+
+def test_validate_scores_the_vessel_class_per_image():
+    class ReadsIntensity(torch.nn.Module):  # vessel where the image is bright
+        def forward(self, x):
+            return torch.cat([0.5 - x, x - 0.5], 1)
+
+    truth = np.zeros((3, 6, 6), np.uint8)
+    truth[0, 1:3, 1:3] = 1  # image a: 4 vessel px, 2 predicted
+    pred = np.zeros_like(truth)
+    pred[0, 1:3, 1] = 1
+    pred[1, 0, :] = 1  # image b: predicted vessel, none true -> 0
+    # image c: nothing in either -> 1
+    dice = loop.validate(ReadsIntensity(), torch.from_numpy(pred.astype(np.float32)), torch.from_numpy(truth),
+                         np.array(["a", "b", "c"]), torch.device("cpu"), batch=2)  # fmt: skip
+    np.testing.assert_allclose(dice, [(2 * 2 / (2 + 4) + 0 + 1) / 3])
+    assert loop.class_names(2) == ("vessel",) and loop.class_names(4) == ("rv", "myo", "lv")
+    assert loop.log_columns() == loop.LOG_COLUMNS
