@@ -467,3 +467,20 @@ def test_validate_scores_the_vessel_class_per_image():
     np.testing.assert_allclose(dice, [(2 * 2 / (2 + 4) + 0 + 1) / 3])
     assert loop.class_names(2) == ("vessel",) and loop.class_names(4) == ("rv", "myo", "lv")
     assert loop.log_columns() == loop.LOG_COLUMNS
+
+
+def test_per_image_2d_metrics_in_pixels_match_a_hand_computed_case():
+    """A 3 x 4 vessel patch predicted one row too low: overlap 8 of 12 + 12 px, so Dice 2/3 and
+    Jaccard 1/2. Each surface has 10 px (the 2 interior px eroded); 6 of each surface lie one pixel
+    from the other surface, 4 on it: HD95 1 px, ASD 6/10 px in both modes."""
+    from sraseg.evaluate.metrics import score_case
+
+    ref = np.zeros((8, 8), np.uint8)
+    ref[2:5, 2:6] = 1
+    pred = np.zeros_like(ref)
+    pred[3:6, 2:6] = 1
+    rows = score_case(pred, ref, spacing=(1.0, 1.0), classes={1: "vessel"})
+    assert [(r["cls"], r["mode"]) for r in rows] == [("vessel", "peer"), ("vessel", "mm")]
+    for row in rows:
+        np.testing.assert_allclose([row["dice"], row["jaccard"], row["hd95"], row["asd"]], [2 / 3, 0.5, 1.0, 0.6],
+                                   err_msg=row["mode"])  # fmt: skip
