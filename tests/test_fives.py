@@ -16,7 +16,7 @@ from scipy import ndimage
 from train_fixtures import TINY
 
 from sraseg.cli import build_parser
-from sraseg.data import acdc, fives, fives_phantom, fives_splits, prepare
+from sraseg.data import acdc, fives, fives_phantom, fives_splits
 from sraseg.errors import ConfigError, DatasetError
 from sraseg.train import loop
 from sraseg.train.unet import load_model
@@ -161,7 +161,7 @@ def test_phantom_bad_settings(tmp_path, kwargs):
 def test_prepare_round_trips_the_phantom(raw, splits, tmp_path):
     splits_dir, labeled = _write_splits(tmp_path, splits)
     out = tmp_path / "prepared"
-    prepare.run(raw, splits_dir, labeled, SIZE, out, dataset="fives")
+    fives.run(raw, splits_dir, labeled, SIZE, out)
     table = pd.read_parquet(out / "slices.parquet")
     images, labels = np.load(out / "images.npy"), np.load(out / "labels.npy")
     assert images.dtype == np.float32 and labels.dtype == np.uint8 and images.shape == (12, SIZE, SIZE)
@@ -190,7 +190,7 @@ def test_prepare_round_trips_the_phantom(raw, splits, tmp_path):
 def test_prepare_resizes_images_smoothly_and_masks_without_bias(raw, splits, tmp_path):
     splits_dir, labeled = _write_splits(tmp_path, splits)
     out = tmp_path / "prepared"
-    prepare.run(raw, splits_dir, labeled, 64, out, dataset="fives")
+    fives.run(raw, splits_dir, labeled, 64, out)
     images, labels = np.load(out / "images.npy"), np.load(out / "labels.npy")
     assert images.shape == labels.shape == (12, 64, 64)
     assert images.min() >= 0 and images.max() <= 1 and set(np.unique(labels)) == {0, 1}
@@ -291,7 +291,7 @@ def test_bad_input_is_one_error_naming_the_file_and_nothing_is_written(raw, spli
     splits_dir, labeled = _write_splits(tmp_path, splits)
     out = tmp_path / "prepared"
     with pytest.raises(DatasetError) as err:
-        prepare.run(broken, splits_dir, labeled, SIZE, out, dataset="fives")
+        fives.run(broken, splits_dir, labeled, SIZE, out)
     message = str(err.value)
     assert "\n" not in message
     named = [part for part in message.split("; ") if str(path.resolve()) in part]
@@ -319,13 +319,11 @@ def test_masks_in_other_encodings_are_read(tmp_path):
         np.testing.assert_array_equal(fives.read_mask(tmp_path / name), mask, err_msg=name)
 
 
-def test_labeled_outside_train_and_unknown_dataset(raw, splits, tmp_path):
+def test_labeled_outside_train(raw, splits, tmp_path):
     bad = dict(splits, labeled_4=[splits["val"][0]])
     splits_dir, labeled = _write_splits(tmp_path, bad)
     with pytest.raises(ConfigError, match="not in"):
-        prepare.run(raw, splits_dir, labeled, SIZE, tmp_path / "out", dataset="fives")
-    with pytest.raises(ConfigError, match="dataset must be one of"):
-        prepare.run(raw, splits_dir, labeled, SIZE, tmp_path / "out", dataset="drive")
+        fives.run(raw, splits_dir, labeled, SIZE, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -384,13 +382,16 @@ def test_protocol_draw_depends_on_the_seed_and_checks_sizes():
 # ---- the command line -----------------------------------------------------------------------------
 
 
-def test_prepare_cli_keeps_acdc_calls_as_they_were():
-    args = build_parser().parse_args(["prepare", "--raw-dir", "r", "--splits-dir", "s", "--labeled", "l", "--out-dir", "o"])
-    assert "dataset" not in args.kwargs(args)
-    args = build_parser().parse_args(
-        ["prepare", "--raw-dir", "r", "--splits-dir", "s", "--labeled", "l", "--out-dir", "o", "--dataset", "fives"]
-    )
-    assert args.kwargs(args)["dataset"] == "fives"
+def test_prepare_cli_picks_the_stage_module_by_layout():
+    base = ["prepare", "--raw-dir", "r", "--splits-dir", "s", "--labeled", "l", "--out-dir", "o"]
+    args = build_parser().parse_args(base)
+    assert args.target(args) == "sraseg.data.prepare"  # ACDC: the same module and arguments as before
+    assert args.kwargs(args) == dict(raw_dir=Path("r"), splits_dir=Path("s"), labeled_list=Path("l"), image_size=256,
+                                     out_dir=Path("o"))  # fmt: skip
+    args = build_parser().parse_args([*base, "--dataset", "fives"])
+    assert args.target(args) == "sraseg.data.fives"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--dataset", "drive"])
 
 
 def test_cli_phantom_splits_and_a_bad_mask(tmp_path):
@@ -429,7 +430,7 @@ def prepared_binary(raw, tmp_path_factory):
     lists = dict(train=train_ids[:6], val=train_ids[6:], test=[c for c in cases if c.startswith("test_")],
                  labeled=[train_ids[0], train_ids[2]])  # fmt: skip
     splits_dir, labeled = _write_splits(root, lists, labeled="labeled")
-    prepare.run(raw, splits_dir, labeled, 32, root / "prepared", dataset="fives")
+    fives.run(raw, splits_dir, labeled, 32, root / "prepared")
     return root / "prepared"
 
 

@@ -198,12 +198,12 @@ def _add_prepare(sub):
     _path(p, "--out-dir", required=True, help="prepared folder")
     p.add_argument("--dataset", choices=["acdc", "fives"], default="acdc",
                    help="the raw folder's layout: acdc (NIfTI volumes, default) or fives (fundus PNGs)")  # fmt: skip
+    # the layout picks the stage module: sraseg.data.prepare (ACDC, as before) or sraseg.data.fives
     p.set_defaults(
-        target="sraseg.data.prepare",
+        target=lambda a: {"acdc": "sraseg.data.prepare", "fives": "sraseg.data.fives"}[a.dataset],
         kwargs=lambda a: dict(
             raw_dir=a.raw_dir, splits_dir=a.splits_dir, labeled_list=a.labeled, image_size=a.image_size, out_dir=a.out_dir
-        )
-        | ({} if a.dataset == "acdc" else dict(dataset=a.dataset)),
+        ),
     )
 
 
@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(args.verbose)
     try:
-        module = importlib.import_module(args.target)
+        module = importlib.import_module(args.target(args) if callable(args.target) else args.target)
         module.run(**args.kwargs(args))
     except ConfigProblems as err:
         for line in err.problems:  # one line per mistake in the config file

@@ -26,7 +26,7 @@ Reading (what the reference code feeds its network, one grey channel at 256 x 25
 - masks: 0 background and 255 vessel (the release), or 0 and 1; grey or colour PNGs whose colour
   channels are equal (others read the release's masks as RGB). Anything else is refused.
 
-`check_dataset` and `prepare` load every listed pair, collect every problem and raise one
+`check_dataset` and `run` (the prepare step) load every listed pair, collect every problem and raise one
 `DatasetError` whose single-line message names each file and what is wrong: a missing folder, a
 PNG name outside the `<n>_<C>.png` pattern, a number used twice in a split, an image without its
 mask or a mask without its image, an unreadable PNG, an image/mask size mismatch, mask values
@@ -70,7 +70,7 @@ __all__ = [
     "check_dataset",
     "resize",
     "raise_problems",
-    "prepare",
+    "run",
 ]
 
 log = logging.getLogger(__name__)
@@ -371,8 +371,9 @@ def _read_splits(splits_dir: Path, labeled_list: Path) -> tuple[dict[str, list[s
     return splits, labeled
 
 
-def prepare(raw_dir: Path, splits_dir: Path, labeled_list: Path, image_size: int, out_dir: Path) -> None:
-    """Check a FIVES-layout dataset and write the prepared tables and arrays; all or nothing.
+def run(raw_dir: Path, splits_dir: Path, labeled_list: Path, image_size: int, out_dir: Path) -> None:
+    """The prepare stage for FIVES (`sraseg prepare --dataset fives`): check a FIVES-layout dataset and
+    write the prepared tables and arrays; all or nothing.
 
     Writes what the ACDC prepare writes, one row per image (an image is its own case, patient and
     one-slice volume): slices.parquet (slice_id, case, patient, frame 0, phase "", slice 0, split,

@@ -26,7 +26,7 @@ from sraseg.data.acdc import check_dataset, load_case, read_split_list
 from sraseg.errors import ConfigError, DatasetError
 from sraseg.io import staged_outputs, write_json
 
-__all__ = ["SPLITS", "DATASETS", "normalise", "slices_from_volume", "volume_from_slices", "run"]
+__all__ = ["SPLITS", "normalise", "slices_from_volume", "volume_from_slices", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -100,32 +100,18 @@ def _read_splits(splits_dir: Path, labeled_list: Path) -> tuple[dict[str, list[s
     return splits, labeled
 
 
-DATASETS = ("acdc", "fives")
-
-
-def run(
-    raw_dir: Path, splits_dir: Path, labeled_list: Path, image_size: int, out_dir: Path, dataset: str = "acdc"
-) -> None:
+def run(raw_dir: Path, splits_dir: Path, labeled_list: Path, image_size: int, out_dir: Path) -> None:
     """Check the dataset, normalise and slice every case of every split; all or nothing.
 
     Args:
-        raw_dir: ACDC-layout folder (FIVES release layout for dataset "fives"); splits_dir: folder
-        with train.txt, val.txt, test.txt; labeled_list: file of labeled training patients (a
-        subset of train); image_size: S, the side of the prepared slices (> 0); out_dir: the
-        prepared folder; dataset: "acdc" (NIfTI volumes, 4 classes) or "fives" (2-D fundus PNGs,
-        2 classes, `sraseg.data.fives.prepare`, one row per image).
+        raw_dir: ACDC-layout folder; splits_dir: folder with train.txt, val.txt, test.txt;
+        labeled_list: file of labeled training patients (a subset of train);
+        image_size: S, the side of the prepared slices (> 0); out_dir: the prepared folder.
 
     Raises:
-        ConfigError: an unknown dataset, bad split lists, labeled patients outside train, image_size < 1.
+        ConfigError: bad split lists, labeled patients outside train, image_size < 1.
         DatasetError: any problem of the dataset (one line naming each file).
     """
-    if dataset not in DATASETS:
-        raise ConfigError(f"prepare dataset must be one of {list(DATASETS)}; got {dataset!r}")
-    if dataset == "fives":
-        from sraseg.data import fives
-
-        fives.prepare(raw_dir, splits_dir, labeled_list, image_size, out_dir)
-        return
     raw_dir, splits_dir, labeled_list, out_dir = Path(raw_dir), Path(splits_dir), Path(labeled_list), Path(out_dir)
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ConfigError(f"prepare image_size must be a positive integer; got {image_size!r}")
