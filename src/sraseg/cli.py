@@ -158,15 +158,49 @@ def _add_phantom(sub):
     )
 
 
+def _add_fives_phantom(sub):
+    p = _parser(sub, "fives-phantom", "write the built-in colour fundus phantom with vessel masks in FIVES layout")
+    _path(p, "--out-dir", required=True, help="output folder (train/ and test/, each Original/ and Ground truth/)")
+    p.add_argument("--train", type=int, default=48, help="images in the release's train split (default 48)")
+    p.add_argument("--test", type=int, default=16, help="images in the release's test split (default 16)")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
+    p.set_defaults(
+        target="sraseg.data.fives_phantom",
+        kwargs=lambda a: dict(out_dir=a.out_dir, train=a.train, test=a.test, size=a.size, seed=a.seed),
+    )
+
+
+def _add_fives_splits(sub):
+    p = _parser(sub, "fives-splits", "write the FIVES protocol's split lists (pool, val, test, labeled subsets)")
+    _path(p, "--out-dir", required=True, help="folder for train.txt, val.txt, test.txt, labeled_<n>.txt")
+    _path(p, "--raw-dir", help="FIVES-layout folder to split (default: the published release's 600/200 names)")
+    p.add_argument("--pool-per-condition", type=int, default=140, help="training pool per condition (default 140)")
+    p.add_argument("--labeled-per-condition", type=int, nargs="+", default=[14, 7],
+                   help="labeled cases per condition, one list each (default 14 7: 56 and 28 images)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
+    p.add_argument("--release-train", type=int, default=600, help="without --raw-dir: release train images (default 600)")
+    p.add_argument("--release-test", type=int, default=200, help="without --raw-dir: release test images (default 200)")
+    p.set_defaults(
+        target="sraseg.data.fives_splits",
+        kwargs=lambda a: dict(out_dir=a.out_dir, raw_dir=a.raw_dir, pool_per_condition=a.pool_per_condition,
+                              labeled_per_condition=tuple(a.labeled_per_condition), seed=a.seed,
+                              release_train=a.release_train, release_test=a.release_test),  # fmt: skip
+    )
+
+
 def _add_prepare(sub):
-    p = _parser(sub, "prepare", "check an ACDC-layout dataset and cut it into normalised 2-D slices")
-    _path(p, "--raw-dir", required=True, help="ACDC-layout folder (patientXXX/...)")
+    p = _parser(sub, "prepare", "check an ACDC-layout (or FIVES-layout) dataset and cut it into normalised 2-D slices")
+    _path(p, "--raw-dir", required=True, help="ACDC-layout folder (patientXXX/...), or FIVES layout with --dataset fives")
     _path(p, "--splits-dir", required=True, help="folder with train.txt, val.txt, test.txt")
     _path(p, "--labeled", required=True, help="file listing the labeled training patients")
     p.add_argument("--image-size", type=int, default=256, help="slice size after resizing (default 256)")
     _path(p, "--out-dir", required=True, help="prepared folder")
+    p.add_argument("--dataset", choices=["acdc", "fives"], default="acdc",
+                   help="the raw folder's layout: acdc (NIfTI volumes, default) or fives (fundus PNGs)")  # fmt: skip
+    # the layout picks the stage module: sraseg.data.prepare (ACDC, as before) or sraseg.data.fives
     p.set_defaults(
-        target="sraseg.data.prepare",
+        target=lambda a: {"acdc": "sraseg.data.prepare", "fives": "sraseg.data.fives"}[a.dataset],
         kwargs=lambda a: dict(
             raw_dir=a.raw_dir, splits_dir=a.splits_dir, labeled_list=a.labeled, image_size=a.image_size, out_dir=a.out_dir
         ),
@@ -412,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
     for add in (
         _add_phantom,
+        _add_fives_phantom,
+        _add_fives_splits,
         _add_prepare,
         _add_real_pool,
         _add_train_generator,
@@ -442,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(args.verbose)
     try:
-        module = importlib.import_module(args.target)
+        module = importlib.import_module(args.target(args) if callable(args.target) else args.target)
         module.run(**args.kwargs(args))
     except ConfigProblems as err:
         for line in err.problems:  # one line per mistake in the config file

@@ -66,22 +66,43 @@ from sraseg.train.losses import (
 from sraseg.train.teacher import TEACHER_MODES, pseudo_labels, update_ema
 from sraseg.train.unet import UNet, save_model
 
-__all__ = ["METHODS", "TrainSettings", "TrainContext", "check_settings", "make_optimizer", "training_phases", "train_iteration", "run", "validate"]
+__all__ = ["METHODS", "TrainSettings", "TrainContext", "check_settings", "make_optimizer", "training_phases", "train_iteration", "run", "validate",
+           "class_names", "log_columns", "dataset_classes"]
 
 log = logging.getLogger(__name__)
 
 METHODS = ("labeled_only", "bcp_real", "bcp_synthetic", "sraseg")
-CLASS_NAMES = ("rv", "myo", "lv")
-# train_log.csv, one row per validation. Columns added later go at the end, so readers by position still work.
-LOG_COLUMNS = (
-    "phase", "iteration", "step", "loss", "dice_loss", "ce_loss", "sa_loss",
-    "val_dice_rv", "val_dice_myo", "val_dice_lv", "val_dice_mean", "lr", "seconds",
-    "teacher_val_dice_rv", "teacher_val_dice_myo", "teacher_val_dice_lv", "teacher_val_dice_mean",
-    "loss_true", "loss_pseudo", "pl_frac_rv", "pl_frac_myo", "pl_frac_lv",
-)  # fmt: skip
-# The step terms a row averages over the iterations since the previous row (NaN where a phase has none).
-TERM_COLUMNS = ("loss", "dice_loss", "ce_loss", "sa_loss", "loss_true", "loss_pseudo", "pl_frac_rv", "pl_frac_myo",
-                "pl_frac_lv")
+CLASS_NAMES = ("rv", "myo", "lv")  # ACDC's foreground classes (num_classes 4), as the log names them
+
+
+def class_names(num_classes: int) -> tuple[str, ...]:
+    """Log names of the foreground classes 1..num_classes-1: rv, myo, lv for ACDC's 4 classes, vessel
+    for FIVES's 2, class1.. otherwise."""
+    if num_classes == 4:
+        return CLASS_NAMES
+    if num_classes == 2:
+        return ("vessel",)
+    return tuple(f"class{c}" for c in range(1, num_classes))
+
+
+def term_columns(names: tuple[str, ...] = CLASS_NAMES) -> tuple[str, ...]:
+    """The step terms a row averages over the iterations since the previous row (NaN where a phase has none)."""
+    return ("loss", "dice_loss", "ce_loss", "sa_loss", "loss_true", "loss_pseudo", *(f"pl_frac_{n}" for n in names))
+
+
+def log_columns(names: tuple[str, ...] = CLASS_NAMES) -> tuple[str, ...]:
+    """train_log.csv's columns, one row per validation. Columns added later go at the end, so readers by
+    position still work; with ACDC's classes these are `LOG_COLUMNS`."""
+    return (
+        "phase", "iteration", "step", "loss", "dice_loss", "ce_loss", "sa_loss",
+        *(f"val_dice_{n}" for n in names), "val_dice_mean", "lr", "seconds",
+        *(f"teacher_val_dice_{n}" for n in names), "teacher_val_dice_mean",
+        "loss_true", "loss_pseudo", *(f"pl_frac_{n}" for n in names),
+    )  # fmt: skip
+
+
+LOG_COLUMNS = log_columns(CLASS_NAMES)
+TERM_COLUMNS = term_columns(CLASS_NAMES)
 SELFTRAIN_REDUCTIONS = ("sum", "mean")
 BCP_LOSSES = ("region", "soft")
 SRASEG_LOSSES = ("soft", "batch_soft", "region")
@@ -200,8 +221,18 @@ def check_settings(cfg: TrainSettings) -> None:
         raise ConfigError(f"'train.blend_kernel_size' must be a positive odd number; got {cfg.blend_kernel_size}")
     if not 0.0 < cfg.blend_ratio < 1.0:
         raise ConfigError(f"'train.blend_ratio' must lie in (0, 1); got {cfg.blend_ratio}")
-    if cfg.num_classes != 4:
-        raise ConfigError(f"'train.num_classes' must be 4 (background, RV, MYO, LV); got {cfg.num_classes}")
+    if isinstance(cfg.num_classes, bool) or not isinstance(cfg.num_classes, int) or cfg.num_classes < 2:
+        raise ConfigError(f"'train.num_classes' must be an integer >= 2 (background included); got {cfg.num_classes}")
+
+
+def dataset_classes(prepared_dir: Path | str) -> int:
+    """The prepared dataset's class count: prepare.json's num_classes (FIVES: 2), else 4 (ACDC's
+    prepare.json predates the key and ACDC has 4)."""
+    from sraseg.io import read_json
+
+    meta_path = Path(prepared_dir) / "prepare.json"
+    meta = read_json(meta_path) if meta_path.is_file() else {}
+    return int(meta.get("num_classes", 4))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -367,13 +398,13 @@ def _unlabeled_rampup(ctx: TrainContext) -> float:
 def _selftrain_terms(cfg: TrainSettings, per_image: list[dict[str, torch.Tensor]],
                      pseudo: torch.Tensor) -> dict[str, torch.Tensor]:
     """The terms of a self-train step: the mixed images' terms summed (the reference) or averaged
-    (`selftrain_reduction: mean`), and pl_frac_rv/myo/lv, each class's share of the pseudo-labels' pixels
+    (`selftrain_reduction: mean`), and pl_frac_<class>, each class's share of the pseudo-labels' pixels
     (`pseudo`: one-hot float [B,C,H,W]), kept on the device like the losses."""
     terms = _sum_terms(*per_image)
     if cfg.selftrain_reduction == "mean":
         terms = {k: v / len(per_image) for k, v in terms.items()}
     fractions = pseudo.detach().float().mean(dim=(0, 2, 3))
-    terms.update({f"pl_frac_{name}": fractions[c] for c, name in enumerate(CLASS_NAMES, start=1)})
+    terms.update({f"pl_frac_{name}": fractions[c] for c, name in enumerate(class_names(cfg.num_classes), start=1)})
     return terms
 
 
@@ -535,7 +566,8 @@ def _phase_at(phases: list, step: int) -> tuple[str, int, int, Callable[[TrainCo
 @torch.no_grad()
 def validate(model: UNet, images: torch.Tensor, labels: torch.Tensor, cases: np.ndarray, device: torch.device,
              batch: int = 32) -> np.ndarray:
-    """Mean over val volumes of the 3-D Dice of RV, MYO and LV, in fp32 (it picks the model to keep).
+    """Mean over val volumes of the 3-D Dice of each foreground class (ACDC: RV, MYO, LV; FIVES: vessel,
+    an image being its own one-slice volume), in fp32 (it picks the model to keep).
 
     Slices of a case are stacked into its volume; a class absent from both prediction and reference
     scores 1, absent from only one scores 0. Per-slice overlap counts are computed on `device` and read
@@ -544,21 +576,22 @@ def validate(model: UNet, images: torch.Tensor, labels: torch.Tensor, cases: np.
     Args:
         images: float32 [V,S,S]; labels: uint8 [V,S,S] (on any device); cases: str [V].
     Returns:
-        float64 [3] (RV, MYO, LV) in [0,1].
+        float64 [C-1] in [0,1], C the model's output channels (ACDC: RV, MYO, LV).
     """
     was_training = model.training
     model.eval()
     counts = []  # per slice and class: |pred & truth|, |pred|, |truth|
-    classes = torch.arange(1, 4, device=device).view(1, 3, 1, 1)
     for start in range(0, len(images), batch):
         x = images[start : start + batch][:, None].to(device, torch.float32, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        pred = model(x).argmax(1, keepdim=True) == classes  # [b,3,S,S]
+        logits = model(x)
+        classes = torch.arange(1, logits.shape[1], device=device).view(1, -1, 1, 1)
+        pred = logits.argmax(1, keepdim=True) == classes  # [b,C-1,S,S]
         truth = labels[start : start + batch][:, None].to(device, non_blocking=True) == classes
         counts.append(torch.stack([(pred & truth).sum((2, 3)), pred.sum((2, 3)), truth.sum((2, 3))], -1))
     model.train(was_training)
-    counts = torch.cat(counts).cpu().numpy().astype(np.int64)  # [V,3,3]: the one read-back
+    counts = torch.cat(counts).cpu().numpy().astype(np.int64)  # [V,C-1,3]: the one read-back
     scores = []
     for case in np.unique(cases):
         both, pred_sum, truth_sum = counts[cases == case].sum(0).T
@@ -590,32 +623,33 @@ def _validate_models(prepared, device: torch.device, batch: int, student: UNet,
 
 
 def _log_row(running: dict[str, torch.Tensor], count: int, dice: np.ndarray, teacher_dice: np.ndarray | None,
-             **fields) -> dict:
+             names: tuple[str, ...] = CLASS_NAMES, **fields) -> dict:
     """One train_log.csv row.
 
     Args:
         running: step-term sums since the previous row, on the device (read back here, in one sync).
         count: iterations they sum over.
-        dice, teacher_dice: val Dice (RV, MYO, LV) of the student and of the teacher (None before it exists).
-        fields: phase, iteration, step, lr, seconds.
+        dice, teacher_dice: val Dice per foreground class of the student and of the teacher (None before it exists).
+        names: the classes' log names (`class_names`); fields: phase, iteration, step, lr, seconds.
     Returns:
-        {column: value} for LOG_COLUMNS; NaN for a term the phase has not and for the teacher's Dice in
+        {column: value} for `log_columns(names)`; NaN for a term the phase has not and for the teacher's Dice in
         pre-training.
     """
-    names = [k for k in TERM_COLUMNS if k in running]
-    sums = torch.stack([running[k] for k in names]).tolist() if names else []
-    means = dict(zip(names, (s / max(count, 1) for s in sums)))
-    teacher_dice = np.full(3, np.nan) if teacher_dice is None else teacher_dice
-    row = dict(fields, **{k: means.get(k, float("nan")) for k in TERM_COLUMNS})
+    terms = term_columns(names)
+    present = [k for k in terms if k in running]
+    sums = torch.stack([running[k] for k in present]).tolist() if present else []
+    means = dict(zip(present, (s / max(count, 1) for s in sums)))
+    teacher_dice = np.full(len(names), np.nan) if teacher_dice is None else teacher_dice
+    row = dict(fields, **{k: means.get(k, float("nan")) for k in terms})
     for prefix, values in (("val_dice", dice), ("teacher_val_dice", teacher_dice)):
-        row.update({f"{prefix}_{n}": float(d) for n, d in zip(CLASS_NAMES, values)})
+        row.update({f"{prefix}_{n}": float(d) for n, d in zip(names, values)})
         row[f"{prefix}_mean"] = float(values.mean())
     return row
 
 
-def _write_val_scalars(writer, row: dict, step: int) -> None:
+def _write_val_scalars(writer, row: dict, step: int, names: tuple[str, ...] = CLASS_NAMES) -> None:
     """The row's validation Dice to TensorBoard: val/dice_* (student) and val/teacher_dice_* (self-training)."""
-    for n in (*CLASS_NAMES, "mean"):
+    for n in (*names, "mean"):
         writer.add_scalar(f"val/dice_{n}", row[f"val_dice_{n}"], step)
         if np.isfinite(row[f"teacher_val_dice_{n}"]):
             writer.add_scalar(f"val/teacher_dice_{n}", row[f"teacher_val_dice_{n}"], step)
@@ -626,7 +660,7 @@ def _labeled_fraction(labels: torch.Tensor, num_classes: int) -> dict[str, float
     """Each foreground class's share of the labeled slices' pixels: what pl_frac_* (the pseudo-labels'
     shares on the unlabeled images) would be for images like the real ones."""
     counts = torch.bincount(labels.reshape(-1).long(), minlength=num_classes).double()
-    return {n: float(counts[c] / counts.sum()) for c, n in enumerate(CLASS_NAMES, start=1)}
+    return {n: float(counts[c] / counts.sum()) for c, n in enumerate(class_names(num_classes), start=1)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -694,7 +728,11 @@ def run(
     device = pick_device(cfg.device)
     seed_everything(seed)
     generator = torch.Generator().manual_seed(seed)
+    if dataset_classes(prepared_dir) != cfg.num_classes:
+        raise ConfigError(f"'train.num_classes' is {cfg.num_classes} but the prepared dataset in {prepared_dir} has "
+                          f"{dataset_classes(prepared_dir)} classes (prepare.json num_classes; 4 when absent)")
     prepared = load_prepared(prepared_dir, cfg.num_classes)
+    names = class_names(cfg.num_classes)
     labeled_fraction = _labeled_fraction(prepared.labeled_labels, cfg.num_classes)
     log.info("labeled slices: class share of the pixels %s (pl_frac_* in train_log.csv: the pseudo-labels')",
              ", ".join(f"{n} {f:.4f}" for n, f in labeled_fraction.items()))
@@ -853,14 +891,14 @@ def run(
                 mean_dice = float(dice.mean())
                 if mean_dice > state["best_dice"]:
                     state.update(best_dice=mean_dice, best_iteration=iteration, best_state=cpu_state(student))
-                row = _log_row(running, state["running_count"], dice, teacher_dice, phase=phase, iteration=iteration,
+                row = _log_row(running, state["running_count"], dice, teacher_dice, names, phase=phase, iteration=iteration,
                                step=state["step"], lr=optimizer.param_groups[0]["lr"],
                                seconds=time.perf_counter() - started)
                 state["log_rows"].append(row)
                 running.clear()
                 state["running_count"] = 0
-                _write_val_scalars(writer, row, state["step"])
-                write_csv(out_dir / "train_log.csv", state["log_rows"], LOG_COLUMNS)  # watchable while training
+                _write_val_scalars(writer, row, state["step"], names)
+                write_csv(out_dir / "train_log.csv", state["log_rows"], log_columns(names))  # watchable while training
                 log.info("%s %s iteration %d: loss %.4f, val Dice %.4f (teacher %.4f; best %.4f at %d)", cfg.method,
                          phase, iteration, row["loss"], mean_dice, row["teacher_val_dice_mean"], state["best_dice"],
                          state["best_iteration"])
@@ -880,7 +918,7 @@ def run(
                 iteration=state["best_iteration"], val_dice_mean=state["best_dice"])
     with staged_outputs(out_dir) as staged:
         save_model(staged.path("model.safetensors"), final, meta)
-        write_csv(staged.path("train_log.csv"), state["log_rows"], LOG_COLUMNS)
+        write_csv(staged.path("train_log.csv"), state["log_rows"], log_columns(names))
         write_json(staged.path("train.json"), dict(
             settings=resolved, seed=seed, device=str(device), iterations=total, labeled_fraction=labeled_fraction,
             inputs=dict(prepared_dir=str(prepared_dir), synthetic_dir=synthetic_dir and str(synthetic_dir),
