@@ -53,8 +53,9 @@ def inputs(tmp_path):
 
 
 def _run(inputs, out_dir, **settings):
-    """The bank mode (maps.npy), named since the default is fresh."""
-    blend.run(**inputs, out_dir=out_dir, settings=dict(dict(maps="bank"), **settings))
+    """The bank mode (maps.npy) with nearest partners, named since the defaults are fresh maps and random
+    partners."""
+    blend.run(**inputs, out_dir=out_dir, settings=dict(dict(maps="bank", pairing="nearest"), **settings))
     return np.load(out_dir / "maps.npy"), pd.read_parquet(out_dir / "pairs.parquet")
 
 
@@ -262,10 +263,10 @@ def test_fresh_draws_each_get_a_valid_map_of_their_own(inputs, tmp_path):
 
 
 def test_fresh_draws_are_seeded_and_the_same_whichever_pairing(inputs, tmp_path):
-    near, _ = _fresh(inputs, tmp_path / "near", 40, maps_per_image=2, seed=1)
-    again, _ = _fresh(inputs, tmp_path / "again", 40, maps_per_image=2, seed=1)
+    near, _ = _fresh(inputs, tmp_path / "near", 40, maps_per_image=2, seed=1, pairing="nearest")
+    again, _ = _fresh(inputs, tmp_path / "again", 40, maps_per_image=2, seed=1, pairing="nearest")
     rand, _ = _fresh(inputs, tmp_path / "rand", 40, maps_per_image=2, seed=1, pairing="random")
-    other, _ = _fresh(inputs, tmp_path / "other", 40, maps_per_image=2, seed=2)
+    other, _ = _fresh(inputs, tmp_path / "other", 40, maps_per_image=2, seed=2, pairing="nearest")
     pd.testing.assert_frame_equal(near, again)  # same seed: the same draws, hence the same maps
     same = ["blend_id", "synthetic_id", "top", "left"]
     pd.testing.assert_frame_equal(near[same], rand[same])  # the pairing changes the partners only

@@ -239,6 +239,11 @@ def make_ctx(inputs: dict, method: str, blend_dir=None, **settings) -> loop.Trai
     return ctx
 
 
+# sraseg's mixing tests read one soft_dice_ce call per mixed image and one transform for the pair: the
+# soft loss form and shared augmentation (the defaults are the region form and separate transforms).
+SOFT_SHARED = dict(sraseg_loss="soft", pseudo_weight=1.0, pair_augment="shared")
+
+
 @dataclass
 class Calls:
     augment: list = field(default_factory=list)  # (images in, labels in, images out, labels out)
@@ -448,12 +453,22 @@ def _check_sraseg_sources(calls, ctx):
 
 
 def test_sraseg_selftrain_mixes_bank_pairs_with_teacher_labels_of_unmixed_synthetic(inputs, monkeypatch):
-    calls, ctx, losses = run_step(monkeypatch, inputs, "sraseg", loop._sraseg_selftrain_step, sraseg_expect)
+    calls, ctx, losses = run_step(monkeypatch, inputs, "sraseg", loop._sraseg_selftrain_step, sraseg_expect,
+                                  **SOFT_SHARED)
     _check_sraseg_sources(calls, ctx)
     a = ctx.bank.maps[calls.indices[0]].float()
     assert ((a > 0) & (a < 1)).any()  # soft maps: the label really is continuous
     torch.testing.assert_close(torch.cat(calls.targets), sraseg_expect(calls, ctx)[0][1])
     assert calls.weights == [None, None]  # pseudo_weight 1: the reference's unweighted soft loss
+
+
+def test_sraseg_default_step_region_loss_follows_the_mixed_label(inputs, monkeypatch):
+    """The defaults (region loss over the shares, separate transforms): the student that predicts the label
+    mixed as the image scores far below the one that predicts it mixed the other way (run_step's check),
+    and the loss holds both label sources' terms."""
+    calls, ctx, _ = run_step(monkeypatch, inputs, "sraseg", loop._sraseg_selftrain_step, sraseg_expect)
+    assert (ctx.cfg.sraseg_loss, ctx.cfg.pair_augment, ctx.cfg.pseudo_weight) == ("region", "separate", 0.5)
+    assert all(calls.batch_dice) and len(calls.batch_dice) == 4  # two weighted terms per mixed image
 
 
 @pytest.fixture(scope="module")
@@ -466,7 +481,7 @@ def test_sraseg_fresh_selftrain_mixes_each_draw_with_its_rendered_map(inputs, fr
     """maps: fresh: the step takes this iteration's rows of draws.parquet (entries and hole corners) and mixes
     with maps rendered from them; the training generator draws no entries."""
     calls, ctx, _ = run_step(monkeypatch, inputs, "sraseg", loop._sraseg_selftrain_step, sraseg_expect,
-                             blend_dir=fresh_dir)
+                             blend_dir=fresh_dir, **SOFT_SHARED)
     assert ctx.bank.fresh and ctx.bank.maps is None and calls.indices == []
     _check_sraseg_sources(calls, ctx)
     _, a = _drawn(calls, ctx)
@@ -506,7 +521,7 @@ def test_sraseg_fresh_maps_follow_the_step_whatever_the_run(inputs, fresh_dir):
 
 def test_sraseg_separate_pair_augmentation_mixes_each_image_with_its_own_transform(inputs, monkeypatch):
     calls, ctx, _ = run_step(monkeypatch, inputs, "sraseg", loop._sraseg_selftrain_step, sraseg_expect,
-                             pair_augment="separate")
+                             **dict(SOFT_SHARED, pair_augment="separate"))
     idx = calls.indices[0].numpy()
     (s_in, s_lab_in, s, _), (r_in, r_lab_in, r, _) = calls.augment[:2]
     rows = torch.from_numpy(ctx.bank_real_pos[idx])
@@ -532,7 +547,7 @@ def test_selftrain_steps_label_in_the_configured_teacher_mode(method, mode, inpu
 def test_sraseg_pseudo_weight_weighs_the_pseudo_share_of_each_pixel(rampup, inputs, monkeypatch):
     """pseudo_weight w (times the ramp-up factor r): pixel weights 1 - (1 - w*r)*m with m = a in x1 and
     1 - a in x2; the loss split gets the same shares."""
-    ctx = make_ctx(inputs, "sraseg", pseudo_weight=0.5, unlabeled_rampup=rampup)
+    ctx = make_ctx(inputs, "sraseg", sraseg_loss="soft", pseudo_weight=0.5, unlabeled_rampup=rampup)
     calls = spy(monkeypatch, ctx)
     ctx.student = UNet(**SMALL_NET)
     terms = loop._sraseg_selftrain_step(ctx)
@@ -619,7 +634,8 @@ def test_sraseg_selftrain_with_the_hard_bank(inputs, tmp_path, monkeypatch):
     """The hard-blend ablation: the step mixes with the bank's {0,1} maps, so every pixel of a mixed image
     is the synthetic or the real pixel and the target is one-hot."""
     hard = make_blend(tmp_path, inputs["prepared_dir"], inputs["synthetic_dir"], kind="hard")
-    calls, ctx, _ = run_step(monkeypatch, inputs, "sraseg", loop._sraseg_selftrain_step, sraseg_expect, blend_dir=hard)
+    calls, ctx, _ = run_step(monkeypatch, inputs, "sraseg", loop._sraseg_selftrain_step, sraseg_expect, blend_dir=hard,
+                             **SOFT_SHARED)
     _check_sraseg_sources(calls, ctx)
     target = torch.cat(calls.targets)
     assert torch.equal(target, target.round()) and torch.equal(target.sum(1), torch.ones_like(target[:, 0]))
@@ -854,3 +870,20 @@ def test_interrupted_semi_supervised_run_resumes_exactly(method, inputs, tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     drop = lambda path: [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(path))]  # noqa: E731
     assert drop(resumed / "train_log.csv") == drop(straight / "train_log.csv")
+
+
+@pytest.mark.parametrize("method", ["labeled_only", "bcp_real", "bcp_synthetic"])
+def test_sraseg_settings_leave_the_other_methods_untouched(method, inputs):
+    """sraseg_loss, pseudo_weight and pair_augment are sraseg's alone (bcp_loss keeps the region loss): the
+    other methods' steps give the same terms whatever they are, so their runs stand when sraseg's defaults
+    move."""
+    out = []
+    for settings in ({"sraseg_loss": "soft", "pseudo_weight": 1.0, "pair_augment": "shared"},
+                     {"sraseg_loss": "region", "pseudo_weight": 0.5, "pair_augment": "separate"}):
+        ctx = make_ctx(inputs, method, **settings)
+        torch.manual_seed(0)
+        ctx.student = UNet(**SMALL_NET)
+        out.append({k: v.detach() for k, v in loop.training_phases(ctx.cfg)[-1][2](ctx).items()})
+    assert out[0].keys() == out[1].keys() and out[0]["loss"] > 0
+    for key in out[0]:
+        assert torch.equal(out[0][key], out[1][key]), key

@@ -100,7 +100,7 @@ class BlendSettings:
         kernel_size (`int`, 5): odd side of the smoothing kernel.
         sigma (`float`, 1.0): std of the Gaussian kernel in pixels.
         ratio (`float`, 2/3): side of the hole relative to the image, in (0, 1).
-        pairing (`str`, "nearest"): "nearest" (DINOv2 neighbours), "random" labeled slices, or "balanced"
+        pairing (`str`, "random"): "nearest" (DINOv2 neighbours), "random" labeled slices, or "balanced"
             (per-domain centred cosine, capacity-capped assignment).
         seed (`int`, 0): seed of the maps, of random pairing and of the fresh draws.
     """
@@ -111,7 +111,7 @@ class BlendSettings:
     kernel_size: int = 5
     sigma: float = 1.0
     ratio: float = 2 / 3
-    pairing: str = "nearest"
+    pairing: str = "random"
     seed: int = 0
 
     def __post_init__(self):

@@ -129,16 +129,17 @@ class TrainSettings:
         teacher_mode: train (the default, the reference's and BCP's: the unlabeled batch's own BatchNorm
             statistics, dropout on; running statistics left untouched) or eval (running statistics,
             dropout off) while the teacher pseudo-labels.
-        pseudo_weight: weight of the pseudo-labelled part of sraseg's soft loss (1: the reference; BCP's
-            region loss has its own 0.5). Pixels weigh 1 - (1 - w)*m, m the pixel's pseudo-labelled share.
+        pseudo_weight: weight of the pseudo-labelled part of sraseg's self-training loss (0.5, BCP's ratio;
+            1: the reference). Pixels weigh 1 - (1 - w)*m, m the pixel's pseudo-labelled share.
         unlabeled_rampup: iterations of the sigmoid ramp-up exp(-5 (1 - t)^2) that multiplies the pseudo
             part's weight (sraseg's pseudo_weight, BCP's 0.5) from self-training's first iteration; 0: none.
         selftrain_reduction: sum (the reference: L(x1,y1) + L(x2,y2)) or mean of the two mixed images'
             losses in self-training.
-        pair_augment: shared (one transform for sraseg's synthetic image and its real partner) or separate.
-        sraseg_loss: soft (the reference's: per-image Dice + CE over the whole mixed image), batch_soft (the
-            same with batch Dice) or region (BCP's region loss over the blend's shares, the pseudo-labelled
-            share weighted by pseudo_weight) in sraseg's self-training (`_soft_terms`).
+        pair_augment: separate (one transform each for sraseg's synthetic image and its real partner, the
+            reference's) or shared.
+        sraseg_loss: region (BCP's region loss over the blend's shares, the pseudo-labelled share weighted by
+            pseudo_weight; the default), soft (the reference's: per-image Dice + CE over the whole mixed
+            image) or batch_soft (the same with batch Dice) in sraseg's self-training (`_soft_terms`).
         bcp_loss: region (BCP's own: the pseudo-labelled region weighs 0.5) or soft (the mirror ablation:
             sraseg's soft loss with its pseudo_weight on BCP's mixed images) in BCP's self-training.
         val_every: validate every this many iterations of a phase (and at each phase's end).
@@ -167,11 +168,11 @@ class TrainSettings:
     weight_decay: float = 1e-4
     ema_decay: float = 0.99
     teacher_mode: str = "train"
-    pseudo_weight: float = 1.0
+    pseudo_weight: float = 0.5
     unlabeled_rampup: int = 0
     selftrain_reduction: str = "sum"
-    pair_augment: str = "shared"
-    sraseg_loss: str = "soft"
+    pair_augment: str = "separate"
+    sraseg_loss: str = "region"
     bcp_loss: str = "region"
     val_every: int = 200
     dense_val_every: int = 0
