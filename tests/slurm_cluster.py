@@ -34,6 +34,10 @@ SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 # times its first status-check delay, else it falls back to `sacct` (which needs accounting).
 MIN_JOB_AGE = 600
 MIN_NODE_MEMORY_MB = 32000
+# Job credentials' lifetime in seconds; a requeued job waits this long before it starts again.
+CRED_EXPIRE = 20
+# Device files that stand for GPUs: SLURM wants one file per GPU.
+PRETEND_GPUS = ("/dev/null", "/dev/zero", "/dev/full")
 
 
 class ClusterUnavailable(RuntimeError):
@@ -117,7 +121,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire={cred_expire}
 StateSaveLocation={state}/ctld
 SlurmdSpoolDir={state}/slurmd
 SlurmctldPidFile={state}/slurmctld.pid
@@ -236,9 +240,9 @@ def _stop(cluster: Cluster) -> None:
 def running_cluster(root: Path, cpus: int = 2, gpus: int = 1) -> Iterator[Cluster]:
     """Bring a cluster up in `root` (an empty folder), yield it, and always tear it down.
 
-    The node offers `cpus` CPUs and `gpus` pretend GPUs: a `gpu` GRES backed by /dev/null, so that
-    `sbatch --gpus=1` is accepted and scheduled (one GPU job at a time) while the job itself finds no
-    CUDA device and runs on the CPU.
+    The node offers `cpus` CPUs and `gpus` pretend GPUs: a `gpu` GRES backed by /dev/null (then /dev/zero,
+    /dev/full), so that `sbatch --gpus=1` is accepted and scheduled (`gpus` GPU jobs at a time) while the
+    job itself finds no CUDA device and runs on the CPU.
 
     Args:
         root: folder for the configuration, keys, sockets, spool, state and logs (left in place).
@@ -265,6 +269,7 @@ def running_cluster(root: Path, cpus: int = 2, gpus: int = 1) -> Iterator[Cluste
             ctld_port=_free_port(),
             slurmd_port=_free_port(),
             munge_socket=root / "munge.socket",
+            cred_expire=CRED_EXPIRE,
             state=root,
             min_job_age=MIN_JOB_AGE,
             cpus=cpus,
@@ -272,7 +277,9 @@ def running_cluster(root: Path, cpus: int = 2, gpus: int = 1) -> Iterator[Cluste
             gpus=gpus,
         )
     )
-    (root / "gres.conf").write_text(f"NodeName=localhost Name=gpu File=/dev/null Count={gpus}\n")
+    if not 1 <= gpus <= len(PRETEND_GPUS):
+        raise ValueError(f"gpus={gpus}: between 1 and {len(PRETEND_GPUS)} pretend GPUs")
+    (root / "gres.conf").write_text(f"NodeName=localhost Name=gpu File={','.join(PRETEND_GPUS[:gpus])}\n")
     # The SLURM jobstep executor drops every SLURM_* variable, SLURM_CONF included, before it calls
     # srun inside a job; a real cluster keeps its configuration in /etc/slurm, this one in `root`
     # (so nothing of the system's is touched), hence an srun that is told again where it is.
