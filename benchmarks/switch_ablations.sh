@@ -15,4 +15,4 @@ targets=() runs=()
 for exp in "$@"; do targets+=("$ds/$exp/seed1337/eval/summary.json"); runs+=("$ds/$exp/seed1337"); done
 snakemake --configfile "${configs[@]}" --cores "${CORES:-2}" --resources gpu="${CORES:-2}" \
     --set-threads train=1 predict=1 -- "${targets[@]}"
-python benchmarks/switch_dip.py "$ds/bcp_synthetic/seed1337" "$ds/sraseg/seed1337" "${runs[@]}"
+python benchmarks/switch_dip.py "$ds/bcp_synthetic/seed1337" "$ds/sraseg_previous/seed1337" "${runs[@]}"

@@ -106,6 +106,7 @@ TERM_COLUMNS = term_columns(CLASS_NAMES)
 SELFTRAIN_REDUCTIONS = ("sum", "mean")
 BCP_LOSSES = ("region", "soft")
 SRASEG_LOSSES = ("soft", "batch_soft", "region")
+SRASEG_PRETRAIN_LOSSES = ("same", "soft")
 CHECKPOINT_FORMAT = 1
 
 
@@ -139,7 +140,10 @@ class TrainSettings:
             reference's) or shared.
         sraseg_loss: region (BCP's region loss over the blend's shares, the pseudo-labelled share weighted by
             pseudo_weight; the default), soft (the reference's: per-image Dice + CE over the whole mixed
-            image) or batch_soft (the same with batch Dice) in sraseg's self-training (`_soft_terms`).
+            image) or batch_soft (the same with batch Dice) in sraseg's pre-training (both sources weighing
+            1) and self-training (`_mixed_loss`).
+        sraseg_pretrain_loss: same (pre-training uses sraseg_loss's form) or soft (the reference's soft loss
+            whatever the self-training form: the loss then changes at the switch; an ablation).
         bcp_loss: region (BCP's own: the pseudo-labelled region weighs 0.5) or soft (the mirror ablation:
             sraseg's soft loss with its pseudo_weight on BCP's mixed images) in BCP's self-training.
         val_every: validate every this many iterations of a phase (and at each phase's end).
@@ -173,6 +177,7 @@ class TrainSettings:
     selftrain_reduction: str = "sum"
     pair_augment: str = "separate"
     sraseg_loss: str = "region"
+    sraseg_pretrain_loss: str = "same"
     bcp_loss: str = "region"
     val_every: int = 200
     dense_val_every: int = 0
@@ -203,6 +208,7 @@ def check_settings(cfg: TrainSettings) -> None:
     check_choice("train", "pair_augment", cfg.pair_augment, PAIR_AUGMENTS)
     check_choice("train", "unlabeled", cfg.unlabeled, ("synthetic", "real"))
     check_choice("train", "sraseg_loss", cfg.sraseg_loss, SRASEG_LOSSES)
+    check_choice("train", "sraseg_pretrain_loss", cfg.sraseg_pretrain_loss, SRASEG_PRETRAIN_LOSSES)
     check_choice("train", "bcp_loss", cfg.bcp_loss, BCP_LOSSES)
     for name in ("pretrain_iterations", "selftrain_iterations", "sa_weight", "weight_decay", "momentum",
                  "pseudo_weight", "unlabeled_rampup", "dense_val_every", "dense_val_iterations"):
@@ -357,36 +363,38 @@ def _sum_terms(*terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: sum(t[k] for t in terms) for k in terms[0]}
 
 
-def _soft_terms(logits: torch.Tensor, target: torch.Tensor, pseudo_share: torch.Tensor,
-                pseudo_weight: float, form: str = "soft") -> dict[str, torch.Tensor]:
-    """SRA-Seg's loss of mixed images whose pseudo-labelled image holds share m = `pseudo_share`
-    [B,1,H,W] of each pixel, and its parts loss_pseudo, loss_true (`soft_dice_ce_split`).
-
-    form (`train.sraseg_loss`):
-    - soft: the reference's soft loss; pseudo_weight 1 is the reference's call as ever, any other w weighs
-      each pixel 1 - (1 - w)*m in the Dice sums and the CE mean: true-label pixels 1, pseudo-labelled ones
-      w, the blend band in between.
-    - batch_soft: the same with batch Dice (sums over the sub-batch's pixels, BCP's Dice).
-    - region: BCP's region loss over the blend's shares, (w*L(m) + L(1-m)) / 2 with L(m) the batch-Dice
-      soft loss weighted by m: each source's pixels normalised by their own mass. With a hard map it is
-      exactly `bcp_region_loss` with weights w and 1.
-    The parts are the form's own (batch Dice for batch_soft and region), before any weight."""
+def _mixed_loss(logits: torch.Tensor, target: torch.Tensor, share: torch.Tensor, first_weight: float,
+                form: str) -> dict[str, torch.Tensor]:
+    """SRA-Seg's loss (loss, dice_loss, ce_loss) of mixed images whose first source holds share m = `share`
+    [B,1,H,W] of each pixel (self-training: the pseudo-labelled image, weighted w = `first_weight`;
+    pre-training: a labeled image, w = 1). form (`train.sraseg_loss`), in both phases:
+    - soft: the reference's soft loss; w = 1 is the reference's call as ever, any other w weighs each pixel
+      1 - (1 - w)*m in the Dice sums and the CE mean;
+    - batch_soft: the same with batch Dice (sums over the sub-batch's pixels, BCP's Dice);
+    - region: BCP's region loss over the shares, (w*L(m) + L(1-m)) / 2 with L(m) the batch-Dice soft loss
+      weighted by m: each source's pixels normalised by their own mass. With a hard map it is exactly
+      `bcp_region_loss` with weights w and 1."""
     batch_dice = form != "soft"
     if form == "region":
-        pseudo = soft_dice_ce(logits, target, weight=pseudo_share, batch_dice=True)
-        true = soft_dice_ce(logits, target, weight=1.0 - pseudo_share, batch_dice=True)
-        terms = {key: (pseudo_weight * p + t) / 2.0 for key, p, t in zip(("loss", "dice_loss", "ce_loss"), pseudo, true)}
-        terms["loss_pseudo"], terms["loss_true"] = pseudo[0].detach(), true[0].detach()
-        return terms
-    if pseudo_weight == 1.0:
+        first = soft_dice_ce(logits, target, weight=share, batch_dice=True)
+        second = soft_dice_ce(logits, target, weight=1.0 - share, batch_dice=True)
+        return {key: (first_weight * f + s) / 2.0 for key, f, s in zip(("loss", "dice_loss", "ce_loss"), first, second)}
+    if first_weight == 1.0:
         loss, dice, ce = soft_dice_ce(logits, target, batch_dice=batch_dice)
     else:
-        loss, dice, ce = soft_dice_ce(logits, target, weight=1.0 - (1.0 - pseudo_weight) * pseudo_share,
-                                      batch_dice=batch_dice)
-    terms = {"loss": loss, "dice_loss": dice, "ce_loss": ce}
+        loss, dice, ce = soft_dice_ce(logits, target, weight=1.0 - (1.0 - first_weight) * share, batch_dice=batch_dice)
+    return {"loss": loss, "dice_loss": dice, "ce_loss": ce}
+
+
+def _soft_terms(logits: torch.Tensor, target: torch.Tensor, pseudo_share: torch.Tensor,
+                pseudo_weight: float, form: str = "soft") -> dict[str, torch.Tensor]:
+    """SRA-Seg's self-training loss of mixed images whose pseudo-labelled image holds share m =
+    `pseudo_share` of each pixel (`_mixed_loss`), and its parts loss_pseudo, loss_true
+    (`soft_dice_ce_split`, no gradient; batch Dice for batch_soft and region, as the loss)."""
+    terms = _mixed_loss(logits, target, pseudo_share, pseudo_weight, form)
     with torch.no_grad():
         terms["loss_pseudo"], terms["loss_true"] = soft_dice_ce_split(logits.detach(), target, pseudo_share,
-                                                                      batch_dice=batch_dice)
+                                                                      batch_dice=form != "soft")
     return terms
 
 
@@ -418,8 +426,9 @@ def _supervised_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
 def _pretrain_step(ctx: TrainContext, kind: str) -> dict[str, torch.Tensor]:
     """Pre-train: x = a*l_first + (1-a)*l_second, y = a*Y(l_first) + (1-a)*Y(l_second) over the two halves
     of the labeled batch (BCP's pre-training; a soft map gives a continuous label).
-    BCP methods: BCP's region loss, both regions true labels (weights 1 and 1); sraseg: the soft loss,
-    also when its ablation pre-trains with hard maps."""
+    BCP methods: BCP's region loss, both regions true labels (weights 1 and 1); sraseg: the form of its
+    self-training loss (`sraseg_loss`), both sources weighing 1, so the loss does not change at the switch
+    (`sraseg_pretrain_loss: soft`: the reference's soft loss whatever the self-training form)."""
     images, labels = ctx.labeled_batch(ctx.cfg.labeled_batch)
     half = len(images) // 2
     a = ctx.blend_maps(half, kind)
@@ -428,7 +437,8 @@ def _pretrain_step(ctx: TrainContext, kind: str) -> dict[str, torch.Tensor]:
     y_mix = mix(a, y[:half], y[half : 2 * half])
     if ctx.cfg.method.startswith("bcp"):
         return _bcp_terms(ctx.student(x_mix), y_mix, a, TRUE_LABEL_WEIGHT, TRUE_LABEL_WEIGHT)
-    return _loss_terms(ctx.student(x_mix), y_mix)
+    form = ctx.cfg.sraseg_loss if ctx.cfg.sraseg_pretrain_loss == "same" else "soft"
+    return _mixed_loss(ctx.student(x_mix), y_mix, a, TRUE_LABEL_WEIGHT, form)
 
 
 def _bcp_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
