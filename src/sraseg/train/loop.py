@@ -7,12 +7,14 @@ Phases (global step counts all of them):
   (selftrain_iterations): student and a fresh EMA teacher both start from the best pre-train weights,
   and the optimizer carries on with its pre-training state (momentum buffers), as BCP's self-training.
 - Loss: bcp_real and bcp_synthetic use BCP's region-weighted Dice + CE (`bcp_region_loss`, pseudo-labelled
-  region 0.5, true-label region 1); labeled_only and sraseg use the soft Dice + CE (`soft_dice_ce`).
+  region 0.5, true-label region 1); labeled_only uses the soft Dice + CE (`soft_dice_ce`), sraseg its
+  `sraseg_loss` form in both phases (`_mixed_loss`: by default BCP's region loss over the blend's shares).
 The published model is the best-validation student of the last phase (BCP and the reference keep the
 best self-training checkpoint); the pre-train best only initialises self-training.
 
-Self-training's switches (defaults: the reference's choices; README, "Why SRA-Seg fell at the switch"):
-`pseudo_weight` and `unlabeled_rampup` weigh the pseudo-labelled part, `selftrain_reduction` sums or
+Self-training's switches (defaults: what the ablations found best; README, "Why SRA-Seg fell behind BCP"):
+`sraseg_loss` and `sraseg_pretrain_loss` pick sraseg's loss form, `pseudo_weight` and `unlabeled_rampup`
+weigh the pseudo-labelled part, `selftrain_reduction` sums or
 averages the two mixed images' losses, `teacher_mode` runs the teacher in eval or train mode while it
 labels, `pair_augment` augments SRA-Seg's synthetic/real pair with one transform or two. Instruments in
 train_log.csv: the teacher's validation Dice beside the student's, the loss split into its true-label and
