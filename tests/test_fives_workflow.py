@@ -36,10 +36,11 @@ def workdir(tmp_path: Path) -> Path:
 def test_fives_phantom_config_plans_every_method_with_the_fives_rules(workdir: Path):
     out = snakemake(workdir, "-n", "-p", config="fives_phantom.yaml").stdout
     stats = job_stats(out)
-    assert {rule: stats.get(rule) for rule in ("fives_phantom", "prepare_fives", "train", "predict_fives", "evaluate_fives")} == {
-        "fives_phantom": 1, "prepare_fives": 1, "train": 4, "predict_fives": 4, "evaluate_fives": 4}  # fmt: skip
+    fives_rules = ("fives_phantom", "prepare_fives", "train", "predict_fives", "evaluate_fives", "report_fives")
+    assert {rule: stats.get(rule) for rule in fives_rules} == {
+        "fives_phantom": 1, "prepare_fives": 1, "train": 4, "predict_fives": 4, "evaluate_fives": 4, "report_fives": 1}  # fmt: skip
     assert {"train_generator", "sample", "embed", "index", "blend_fresh"} <= set(stats)
-    # the ACDC rules, the content rule and the report (both ACDC-only for now) are not planned
+    # the ACDC rules and the content rule (ACDC-only for now) are not planned
     assert not {"phantom", "prepare", "predict", "evaluate", "content", "report"} & set(stats)
     assert "python -m sraseg fives-phantom --out-dir resources/fives_phantom/raw --train 48 --test 16 --size 256" in out
     assert re.search(r"python -m sraseg prepare --dataset fives --raw-dir resources/fives_phantom/raw "
@@ -52,6 +53,7 @@ def test_fives_phantom_config_plans_every_method_with_the_fives_rules(workdir: P
         assert f"sraseg predict --dataset fives -m {run}/model.safetensors --prepared-dir results/fives_phantom/prepared" in out
         assert (f"sraseg evaluate --dataset fives --pred-dir {run}/predictions --gt-dir resources/fives_phantom/raw "
                 f"--out-dir {run}/eval") in out  # fmt: skip
+    assert "python -m sraseg report --dataset fives --results-dir results/fives_phantom" in out
     blend = re.search(r"python -m sraseg blend .*", out).group(0)
     assert '"kernel": "box"' in blend and '"kernel_size": 7' in blend
 
@@ -106,9 +108,9 @@ def test_acdc_plans_do_not_depend_on_the_fives_code(workdir: Path):
 
 
 @pytest.mark.slow
-def test_tiny_fives_run_goes_through_evaluate_and_a_rerun_does_nothing(workdir: Path):
+def test_tiny_fives_run_goes_to_a_report_and_a_rerun_does_nothing(workdir: Path):
     """The FIVES phantom (64 px images, prepared at 32 px) with labeled_only for a few iterations:
-    phantom -> prepare -> train -> PNG predictions -> per-image evaluation; then nothing to do."""
+    phantom -> prepare -> train -> PNG predictions -> per-image evaluation -> report; then nothing to do."""
     config = yaml.safe_load((workdir / "config" / "fives_phantom.yaml").read_text())
     config["dataset"]["name"] = "fives_tiny"
     config["fives_phantom"]["size"] = 64
@@ -124,6 +126,9 @@ def test_tiny_fives_run_goes_through_evaluate_and_a_rerun_does_nothing(workdir: 
     summary = json.loads((run / "eval" / "summary.json").read_text())
     assert summary["image"]["n_cases"] == 16 and 0 <= summary["image"]["mean"]["dice"] <= 1
     assert summary["stacked"]["n_cases"] == 16
+    report = (workdir / "results" / "fives_tiny" / "report" / "results.md").read_text()
+    assert "| labeled_only | labeled_only |" in report and "Stacked, the reference's mode (16 test images" in report
+    assert (workdir / "results" / "fives_tiny" / "report" / "figures" / "training_curves.png").is_file()
     again = snakemake(workdir, config="fives_tiny.yaml")
     assert "Nothing to be done" in again.stdout + again.stderr
     shutil.rmtree(workdir / "resources")

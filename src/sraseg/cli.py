@@ -462,8 +462,10 @@ def _add_report(sub):
     _path(p, "--out-dir", required=True, help="report folder")
     p.add_argument("--config", type=_config_file, default=None, metavar="FILE", help="take experiments and seeds from it")
     p.add_argument("--settings", type=_settings, default={}, metavar="JSON", help="experiments and seeds as JSON")
+    p.add_argument("--dataset", choices=["acdc", "fives"], default="acdc",
+                   help="acdc (default) or fives: the image and stacked modes of `evaluate --dataset fives`")  # fmt: skip
     p.set_defaults(
-        target="sraseg.report.run",
+        target=lambda a: {"acdc": "sraseg.report.run", "fives": "sraseg.report.fives"}[a.dataset],
         kwargs=lambda a: dict(results_dir=a.results_dir, out_dir=a.out_dir, settings=_report_settings(a)),
     )
 
