@@ -42,8 +42,11 @@ if FIVES:
             f"{LOGS}/evaluate_{{exp}}_seed{{seed}}.log",
         threads: 1
         resources:
-            mem_mb=4000,
-            runtime=30,
+            # the stacked mode's distance transforms over all test images at once: for the release's
+            # 200 images of 2048 x 2048 about 17 GB (int32 feature indices and float64 distances of
+            # 800M voxels; an estimate, not measured)
+            mem_mb=24000,
+            runtime=60,
         conda:
             "../../envs/cpu.yaml"
         shell:
