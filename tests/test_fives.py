@@ -573,3 +573,26 @@ def test_evaluate_names_a_missing_mask_and_a_size_mismatch(raw, tmp_path):
     proc = run_cli("evaluate", "--dataset", "fives", "--pred-dir", str(preds), "--gt-dir", str(raw), "--out-dir",
                    str(tmp_path / "e"))  # fmt: skip
     assert proc.returncode == 1 and "test_1_A.png" in proc.stderr
+
+
+def test_fives_report_averages_seeds_per_mode_and_names_a_missing_summary(tmp_path):
+    from sraseg.report import fives as fives_report
+
+    def summary(dice, stacked=True):
+        entry = lambda d: dict(n_cases=4, mean=dict(dice=d, jaccard=d / 2, hd95=3.0, asd=None))  # noqa: E731
+        return dict(image=entry(dice), **({"stacked": entry(dice + 0.1)} if stacked else {}))
+
+    for seed, dice in ((1, 0.5), (2, 0.7)):
+        path = tmp_path / "sraseg" / f"seed{seed}" / "eval" / "summary.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(summary(dice, stacked=seed == 1)))
+    frame = fives_report.collect_results(tmp_path, {"sraseg": {"method": "sraseg"}}, [1, 2])
+    image = frame[frame["mode"] == "image"].iloc[0]
+    np.testing.assert_allclose([image.dice_mean, image.dice_std, image.jaccard_mean, image.hd95_mean],
+                               [60.0, np.std([50, 70], ddof=1), 30.0, 3.0])  # fmt: skip
+    assert np.isnan(image.asd_mean) and image.n_seeds == 2
+    assert list(frame["mode"]) == ["image"]  # a seed without the stacked mode leaves that table out
+    fives_report.write_markdown(frame, tmp_path / "results.md", "t", [1, 2])
+    assert "| sraseg | sraseg | 60.00 ± 14.14 | 30.00 ± 7.07 | 3.00 ± 0.00 | n/a |" in (tmp_path / "results.md").read_text()
+    with pytest.raises(DatasetError, match="seed 3"):
+        fives_report.collect_results(tmp_path, {"sraseg": {"method": "sraseg"}}, [3])
