@@ -55,7 +55,7 @@ def test_every_schema_key_has_a_description_and_a_readme_line():
             assert f"`{key}`" in readme, f"config/README.md does not explain {section}.{key}"
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "tiny.yaml", "acdc.yaml", "benchmark.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "tiny.yaml", "acdc.yaml", "benchmark.yaml", "fives.yaml", "fives_phantom.yaml"])
 def test_shipped_configs_are_valid(name: str):
     path = REPO / "config" / name
     if not path.exists():

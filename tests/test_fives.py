@@ -485,3 +485,114 @@ def test_per_image_2d_metrics_in_pixels_match_a_hand_computed_case():
     for row in rows:
         np.testing.assert_allclose([row["dice"], row["jaccard"], row["hd95"], row["asd"]], [2 / 3, 0.5, 1.0, 0.6],
                                    err_msg=row["mode"])  # fmt: skip
+
+
+# ---- predict (PNG masks) and evaluate (per image, in pixels) ----------------------------------------
+
+
+def test_image_mode_scores_the_hand_computed_case_and_leaves_empty_distances_missing():
+    """The hand-computed patch above through the FIVES evaluate's image mode: Dice 2/3, Jaccard 1/2,
+    HD95 1 px, ASD 0.6 px; an empty prediction is a miss (Dice 0) with HD95/ASD missing, not 0."""
+    from sraseg.evaluate import fives as fives_eval
+
+    ref = np.zeros((8, 8), bool)
+    ref[2:5, 2:6] = True
+    pred = np.zeros_like(ref)
+    pred[3:6, 2:6] = True
+    got = fives_eval.image_scores(pred, ref)
+    np.testing.assert_allclose([got[m] for m in ("dice", "jaccard", "hd95", "asd")], [2 / 3, 0.5, 1.0, 0.6])
+    empty = fives_eval.image_scores(np.zeros_like(ref), ref)
+    assert empty["dice"] == 0 and empty["jaccard"] == 0 and np.isnan(empty["hd95"]) and np.isnan(empty["asd"])
+
+
+@pytest.fixture(scope="module")
+def binary_run(prepared_binary, tmp_path_factory):
+    settings = dict(TINY, method="labeled_only", num_classes=2, channels=[8, 16, 32], dropout=[0.05, 0.1, 0.2])
+    return loop.run(out_dir=tmp_path_factory.mktemp("fives_run") / "run", settings=settings, seed=0,
+                    prepared_dir=prepared_binary)  # fmt: skip
+
+
+def test_predict_writes_png_masks_at_the_image_size_and_evaluate_scores_them(raw, prepared_binary, binary_run, tmp_path):
+    from sraseg.evaluate import fives as fives_eval
+
+    # the workflow's mode: the prepared test cases, <case>.png
+    preds = tmp_path / "predictions"
+    fives_eval.predict(binary_run, preds, prepared_dir=prepared_binary, split="test", device="cpu")
+    test_cases = sorted(pd.read_parquet(prepared_binary / "volumes.parquet").query("split == 'test'").case)
+    assert sorted(p.stem for p in preds.glob("*.png")) == test_cases
+    for path in preds.glob("*.png"):
+        mask = np.asarray(Image.open(path))
+        assert mask.shape == (SIZE, SIZE) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+    summary = fives_eval.evaluate(preds, raw, tmp_path / "eval")
+    assert summary["image"]["n_cases"] == len(test_cases) and summary["stacked"]["n_cases"] == len(test_cases)
+    assert 0 <= summary["image"]["mean"]["dice"] <= 1 and set(summary["image"]["per_class"]) == {"vessel"}
+    table = pd.read_csv(tmp_path / "eval" / "metrics_per_case.csv")
+    assert list(table.columns) == ["case", "class", "mode", "dice", "jaccard", "hd95", "asd"]
+    assert (table["mode"] == "image").sum() == len(test_cases) and (table["mode"] == "stacked").sum() == 1
+
+    # the ground truth itself scores perfectly in both modes
+    perfect = tmp_path / "perfect"
+    perfect.mkdir()
+    for case in test_cases:
+        _, number, cond = fives.parse_case(case)
+        shutil.copy(raw / "test" / "Ground truth" / f"{number}_{cond}.png", perfect / f"{case}.png")
+    summary = fives_eval.evaluate(perfect, raw, tmp_path / "eval_perfect")
+    for mode in ("image", "stacked"):
+        assert summary[mode]["mean"] == dict(dice=1.0, jaccard=1.0, hd95=0.0, asd=0.0), mode
+
+
+def test_predict_cli_on_a_folder_of_pngs_writes_masks_with_the_same_names(raw, binary_run, tmp_path):
+    images = raw / "test" / "Original"
+    args = build_parser().parse_args(["predict", "-i", str(images), "-o", str(tmp_path / "o"), "-m", str(binary_run)])
+    assert args.target(args) == "sraseg.evaluate.fives"  # PNG input picks the 2-D path by itself
+    proc = run_cli("predict", "-i", str(images), "-o", str(tmp_path / "masks"), "-m", str(binary_run), "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == sorted(p.name for p in images.glob("*.png"))
+    # an unreadable image is named in one line and skipped; the others are written; exit 1
+    broken = tmp_path / "broken"
+    shutil.copytree(images, broken)
+    (broken / "1_A.png").write_bytes(b"not a png")
+    proc = run_cli("predict", "-i", str(broken), "-o", str(tmp_path / "m2"), "-m", str(binary_run), "--device", "cpu")
+    assert proc.returncode == 1 and "1_A.png" in proc.stderr
+    assert len(list((tmp_path / "m2").glob("*.png"))) == len(list(images.glob("*.png"))) - 1
+
+
+def test_evaluate_names_a_missing_mask_and_a_size_mismatch(raw, tmp_path):
+    from sraseg.evaluate import fives as fives_eval
+
+    preds = tmp_path / "p"
+    preds.mkdir()
+    Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(preds / "test_99_A.png")
+    with pytest.raises(DatasetError, match="no ground truth for case test_99_A"):
+        fives_eval.evaluate(preds, raw, tmp_path / "e")
+    (preds / "test_99_A.png").unlink()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(preds / "test_1_A.png")
+    with pytest.raises(DatasetError, match="prediction size"):
+        fives_eval.evaluate(preds, raw, tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+    proc = run_cli("evaluate", "--dataset", "fives", "--pred-dir", str(preds), "--gt-dir", str(raw), "--out-dir",
+                   str(tmp_path / "e"))  # fmt: skip
+    assert proc.returncode == 1 and "test_1_A.png" in proc.stderr
+
+
+def test_fives_report_averages_seeds_per_mode_and_names_a_missing_summary(tmp_path):
+    from sraseg.report import fives as fives_report
+
+    def summary(dice, stacked=True):
+        entry = lambda d: dict(n_cases=4, mean=dict(dice=d, jaccard=d / 2, hd95=3.0, asd=None))  # noqa: E731
+        return dict(image=entry(dice), **({"stacked": entry(dice + 0.1)} if stacked else {}))
+
+    for seed, dice in ((1, 0.5), (2, 0.7)):
+        path = tmp_path / "sraseg" / f"seed{seed}" / "eval" / "summary.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(summary(dice, stacked=seed == 1)))
+    frame = fives_report.collect_results(tmp_path, {"sraseg": {"method": "sraseg"}}, [1, 2])
+    image = frame[frame["mode"] == "image"].iloc[0]
+    np.testing.assert_allclose([image.dice_mean, image.dice_std, image.jaccard_mean, image.hd95_mean],
+                               [60.0, np.std([50, 70], ddof=1), 30.0, 3.0])  # fmt: skip
+    assert np.isnan(image.asd_mean) and image.n_seeds == 2
+    assert list(frame["mode"]) == ["image"]  # a seed without the stacked mode leaves that table out
+    fives_report.write_markdown(frame, tmp_path / "results.md", "t", [1, 2])
+    assert "| sraseg | sraseg | 60.00 ± 14.14 | 30.00 ± 7.07 | 3.00 ± 0.00 | n/a |" in (tmp_path / "results.md").read_text()
+    with pytest.raises(DatasetError, match="seed 3"):
+        fives_report.collect_results(tmp_path, {"sraseg": {"method": "sraseg"}}, [3])

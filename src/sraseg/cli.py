@@ -353,12 +353,14 @@ def _add_predict(sub):
     p = _parser(
         sub,
         "predict",
-        "segment NIfTI volumes slice by slice with a trained model (-i IN -o OUT -m RUN_DIR)",
+        "segment NIfTI volumes slice by slice (or FIVES PNG images) with a trained model (-i IN -o OUT -m RUN_DIR)",
         description="Segment every *.nii.gz volume in IN with the model in RUN_DIR and write OUT/<same name> "
-        "(labels 0-3, the input's shape and affine). A failing input is named in one line and skipped; "
-        "the exit code is 1 when any failed. 4-D series are skipped.",
+        "(labels 0-3, the input's shape and affine); for a folder of *.png fundus images (FIVES, a 2-class "
+        "model), PNG masks with 0 background and 255 vessel at the input's size. A failing input is named "
+        "in one line and skipped; the exit code is 1 when any failed. 4-D series are skipped.",
     )
-    p.add_argument("-i", "--input", type=Path, default=None, help="folder of .nii.gz volumes (or one .nii.gz file)")
+    p.add_argument("-i", "--input", type=Path, default=None,
+                   help="folder of .nii.gz volumes or .png images (or one such file)")  # fmt: skip
     p.add_argument("-o", "--output", "--out-dir", dest="output", type=Path, required=True, help="predictions folder")
     p.add_argument("-m", "--model", type=Path, required=True,
                    help="train output: results/{ds}/{exp}/seed{N} or its model.safetensors")  # fmt: skip
@@ -368,9 +370,23 @@ def _add_predict(sub):
     # the workflow's mode: a split of the prepared volumes.parquet instead of a folder
     _path(p, "--prepared-dir", "--prepared", help="instead of -i: prepare output whose volumes.parquet lists the cases")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="with --prepared-dir (default test)")
+    p.add_argument("--dataset", choices=["acdc", "fives"], default=None,
+                   help="acdc: NIfTI volumes; fives: fundus PNGs, written as PNG masks (0/255). Default: fives when "
+                        "-i is a .png file or a folder of .png images without .nii.gz volumes, else acdc")  # fmt: skip
+    # the layout picks the stage module: sraseg.evaluate.predict (ACDC, as before) or sraseg.evaluate.fives
     p.set_defaults(
-        target="sraseg.evaluate.predict",
+        target=lambda a: "sraseg.evaluate.fives" if _predict_dataset(a) == "fives" else "sraseg.evaluate.predict",
         kwargs=lambda a: dict(
+            stage="predict",
+            model_path=a.model,
+            input_path=a.input,
+            prepared_dir=a.prepared_dir,
+            split=a.split,
+            out_dir=a.output,
+            device=a.device,
+        )
+        if _predict_dataset(a) == "fives"
+        else dict(
             model_path=a.model,
             input_path=a.input,
             prepared_dir=a.prepared_dir,
@@ -382,13 +398,32 @@ def _add_predict(sub):
     )
 
 
+def _predict_dataset(a) -> str:
+    """predict's --dataset, or what -i holds: PNG images (fives) or NIfTI volumes (acdc)."""
+    if a.dataset is not None:
+        return a.dataset
+    path = a.input
+    if path is None:
+        return "acdc"
+    if path.is_file():
+        return "fives" if path.suffix.lower() == ".png" else "acdc"
+    if path.is_dir() and not any(path.glob("*.nii.gz")) and any(q.suffix.lower() == ".png" for q in path.iterdir()):
+        return "fives"
+    return "acdc"
+
+
 def _add_evaluate(sub):
     p = _parser(sub, "evaluate", "Dice, Jaccard, HD95, ASD per case and class, in peer and mm modes")
-    _path(p, "--pred-dir", required=True, help="folder of <case>.nii.gz predictions")
-    _path(p, "--gt-dir", required=True, help="folder of <case>_gt.nii.gz or <case>.nii.gz")
+    _path(p, "--pred-dir", required=True, help="folder of <case>.nii.gz predictions (<case>.png with --dataset fives)")
+    _path(p, "--gt-dir", required=True, help="folder of <case>_gt.nii.gz or <case>.nii.gz (fives: the release folder)")
     _path(p, "--out-dir", required=True, help="eval folder")
+    p.add_argument("--dataset", choices=["acdc", "fives"], default="acdc",
+                   help="acdc (NIfTI volumes, default) or fives: <case>.png masks against a FIVES-layout folder, "
+                        "per image in pixels and stacked (the reference's mode)")  # fmt: skip
     p.set_defaults(
-        target="sraseg.evaluate.run", kwargs=lambda a: dict(pred_dir=a.pred_dir, gt_dir=a.gt_dir, out_dir=a.out_dir)
+        target=lambda a: {"acdc": "sraseg.evaluate.run", "fives": "sraseg.evaluate.fives"}[a.dataset],
+        kwargs=lambda a: dict(pred_dir=a.pred_dir, gt_dir=a.gt_dir, out_dir=a.out_dir)
+        | ({"stage": "evaluate"} if a.dataset == "fives" else {}),
     )
 
 
@@ -427,8 +462,10 @@ def _add_report(sub):
     _path(p, "--out-dir", required=True, help="report folder")
     p.add_argument("--config", type=_config_file, default=None, metavar="FILE", help="take experiments and seeds from it")
     p.add_argument("--settings", type=_settings, default={}, metavar="JSON", help="experiments and seeds as JSON")
+    p.add_argument("--dataset", choices=["acdc", "fives"], default="acdc",
+                   help="acdc (default) or fives: the image and stacked modes of `evaluate --dataset fives`")  # fmt: skip
     p.set_defaults(
-        target="sraseg.report.run",
+        target=lambda a: {"acdc": "sraseg.report.run", "fives": "sraseg.report.fives"}[a.dataset],
         kwargs=lambda a: dict(results_dir=a.results_dir, out_dir=a.out_dir, settings=_report_settings(a)),
     )
 

@@ -17,6 +17,17 @@ from sraseg.settings import config_problems
 # and a missing dataset.raw_dir, stop the run before any job starts.
 with open(os.path.join(workflow.basedir, "schemas", "config.schema.yaml")) as _schema_file:
     _problems = config_problems(config, yaml.safe_load(_schema_file))
+# source fives reads the user's FIVES download: the same raw_dir check as for source acdc (there in
+# sraseg.settings, whose code the ACDC stages hash; this check sits here so their hashes stay as they are)
+_dataset = config.get("dataset") if isinstance(config.get("dataset"), dict) else {}
+if not _problems and _dataset.get("source") == "fives":
+    _raw = _dataset.get("raw_dir")
+    if not _raw:
+        _problems.append(
+            "'dataset.raw_dir' is not set; source fives needs the FIVES-layout folder (train/ and test/, each Original/ and Ground truth/)"
+        )
+    elif not os.path.isdir(_raw):
+        _problems.append(f"'dataset.raw_dir' is {_raw!r}: no such folder")
 if _problems:
     for _line in _problems:
         print(f"config error: {_line}", file=sys.stderr)
@@ -30,6 +41,10 @@ if _experiments_as_written is not None:
     config["experiments"] = _experiments_as_written
 
 DS = config["dataset"]["name"]
+# The dataset's kind: ACDC (NIfTI volumes, 4 classes; sources phantom and acdc) or FIVES (fundus PNGs,
+# 2 classes; sources fives_phantom and fives). FIVES has rules of its own (data.smk, evaluate.smk), so
+# the ACDC rules, their commands and their code hashes stay exactly as they were.
+FIVES = config["dataset"]["source"] in ("fives_phantom", "fives")
 RESULTS = f"results/{DS}"
 PREPARED = f"{RESULTS}/prepared"
 GENERATOR = f"{RESULTS}/generator"
@@ -59,8 +74,8 @@ wildcard_constraints:
 
 
 def raw_dir():
-    """The ACDC-layout folder: generated for the phantom, the user's download otherwise."""
-    if config["dataset"]["source"] == "phantom":
+    """The release-layout folder (ACDC or FIVES): generated for a phantom, the user's download otherwise."""
+    if config["dataset"]["source"] in ("phantom", "fives_phantom"):
         return f"resources/{DS}/raw"
     return config["dataset"]["raw_dir"]
 
@@ -202,8 +217,9 @@ def content_experiment():
 
 
 def content_enabled():
-    """The content rule exists when there is a labeled-only model and some experiment uses synthetic data."""
-    return content_experiment() is not None and uses("synthetic")
+    """The content rule exists when there is a labeled-only model and some experiment uses synthetic data
+    (ACDC only: the content stage names the cardiac classes)."""
+    return not FIVES and content_experiment() is not None and uses("synthetic")
 
 
 def content_model():

@@ -1,55 +1,111 @@
-# Data: the built-in phantom (only for source: phantom) and the prepare stage.
+# Data: the built-in phantoms (sources phantom and fives_phantom) and the prepare stage.
 
 
-rule phantom:
-    output:
-        directory(f"resources/{DS}/raw"),
-    params:
-        code=stage_code("sraseg.data.phantom"),
-        patients=lookup(dpath="phantom/patients", within=config),
-        seed=lookup(dpath="phantom/seed", within=config),
-        version=lookup(dpath="phantom/version", within=config),
-    log:
-        f"{LOGS}/phantom.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=30,
-    conda:
-        "../../envs/cpu.yaml"
-    shell:
-        "python -m sraseg phantom --out-dir {output} --patients {params.patients} --seed {params.seed}"
-        " --phantom-version {params.version} > {log} 2>&1"
+# FIVES (sources fives_phantom and fives): rules of their own, so the ACDC rules (after `else:`) keep
+# their commands and code hashes exactly.
+if FIVES:
+
+    rule fives_phantom:
+        output:
+            directory(f"resources/{DS}/raw"),
+        params:
+            code=stage_code("sraseg.data.fives_phantom"),
+            train=lookup(dpath="fives_phantom/train", within=config),
+            test=lookup(dpath="fives_phantom/test", within=config),
+            size=lookup(dpath="fives_phantom/size", within=config),
+            seed=lookup(dpath="fives_phantom/seed", within=config),
+        log:
+            f"{LOGS}/phantom.log",
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=30,
+        conda:
+            "../../envs/cpu.yaml"
+        shell:
+            "python -m sraseg fives-phantom --out-dir {output} --train {params.train} --test {params.test}"
+            " --size {params.size} --seed {params.seed} > {log} 2>&1"
+
+    rule prepare_fives:
+        input:
+            raw=raw_dir(),
+            splits=[f"{config['dataset']['splits_dir']}/{s}.txt" for s in ("train", "val", "test")],
+            labeled=f"{config['dataset']['splits_dir']}/{config['dataset']['labeled']}",
+        output:
+            slices=f"{PREPARED}/slices.parquet",
+            images=f"{PREPARED}/images.npy",
+            labels=f"{PREPARED}/labels.npy",
+            volumes=f"{PREPARED}/volumes.parquet",
+            settings=f"{PREPARED}/prepare.json",
+        params:
+            code=stage_code("sraseg.data.fives"),
+            splits_dir=input_dir("labeled"),
+            image_size=lookup(dpath="prepare/image_size", within=config),
+            out_dir=output_dir("slices"),
+        log:
+            f"{LOGS}/prepare.log",
+        threads: 1
+        resources:
+            # every image is decoded at full size once (FIVES: 2048 x 2048 RGB, one at a time)
+            mem_mb=8000,
+            runtime=120,
+        conda:
+            "../../envs/cpu.yaml"
+        shell:
+            "python -m sraseg prepare --dataset fives --raw-dir {input.raw} --splits-dir {params.splits_dir}"
+            " --labeled {input.labeled} --image-size {params.image_size} --out-dir {params.out_dir} > {log} 2>&1"
+
+else:
+
+    rule phantom:
+        output:
+            directory(f"resources/{DS}/raw"),
+        params:
+            code=stage_code("sraseg.data.phantom"),
+            patients=lookup(dpath="phantom/patients", within=config),
+            seed=lookup(dpath="phantom/seed", within=config),
+            version=lookup(dpath="phantom/version", within=config),
+        log:
+            f"{LOGS}/phantom.log",
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=30,
+        conda:
+            "../../envs/cpu.yaml"
+        shell:
+            "python -m sraseg phantom --out-dir {output} --patients {params.patients} --seed {params.seed}"
+            " --phantom-version {params.version} > {log} 2>&1"
 
 
-rule prepare:
-    input:
-        raw=raw_dir(),
-        splits=[f"{config['dataset']['splits_dir']}/{s}.txt" for s in ("train", "val", "test")],
-        labeled=f"{config['dataset']['splits_dir']}/{config['dataset']['labeled']}",
-    output:
-        slices=f"{PREPARED}/slices.parquet",
-        images=f"{PREPARED}/images.npy",
-        labels=f"{PREPARED}/labels.npy",
-        volumes=f"{PREPARED}/volumes.parquet",
-        settings=f"{PREPARED}/prepare.json",
-    params:
-        code=stage_code("sraseg.data.prepare"),
-        splits_dir=input_dir("labeled"),
-        image_size=lookup(dpath="prepare/image_size", within=config),
-        out_dir=output_dir("slices"),
-    log:
-        f"{LOGS}/prepare.log",
-    threads: 1
-    resources:
-        # Every slice of the dataset is held in memory once (ACDC at 256 px: about 1 GB).
-        mem_mb=8000,
-        runtime=60,
-    conda:
-        "../../envs/cpu.yaml"
-    shell:
-        "python -m sraseg prepare --raw-dir {input.raw} --splits-dir {params.splits_dir} --labeled {input.labeled}"
-        " --image-size {params.image_size} --out-dir {params.out_dir} > {log} 2>&1"
+    rule prepare:
+        input:
+            raw=raw_dir(),
+            splits=[f"{config['dataset']['splits_dir']}/{s}.txt" for s in ("train", "val", "test")],
+            labeled=f"{config['dataset']['splits_dir']}/{config['dataset']['labeled']}",
+        output:
+            slices=f"{PREPARED}/slices.parquet",
+            images=f"{PREPARED}/images.npy",
+            labels=f"{PREPARED}/labels.npy",
+            volumes=f"{PREPARED}/volumes.parquet",
+            settings=f"{PREPARED}/prepare.json",
+        params:
+            code=stage_code("sraseg.data.prepare"),
+            splits_dir=input_dir("labeled"),
+            image_size=lookup(dpath="prepare/image_size", within=config),
+            out_dir=output_dir("slices"),
+        log:
+            f"{LOGS}/prepare.log",
+        threads: 1
+        resources:
+            # Every slice of the dataset is held in memory once (ACDC at 256 px: about 1 GB).
+            mem_mb=8000,
+            runtime=60,
+        conda:
+            "../../envs/cpu.yaml"
+        shell:
+            "python -m sraseg prepare --raw-dir {input.raw} --splits-dir {params.splits_dir} --labeled {input.labeled}"
+            " --image-size {params.image_size} --out-dir {params.out_dir} > {log} 2>&1"
 
 
 # train.unlabeled real: the real unlabeled training slices in the sample stage's layout.

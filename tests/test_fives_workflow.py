@@ -1,0 +1,134 @@
+"""The workflow on FIVES: the phantom config plans every method with the FIVES rules, the real-release
+config plans, a tiny FIVES run goes through evaluate, and the ACDC plans do not depend on FIVES code."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from test_workflow import checkout_copy, job_stats
+from workflow_run import scratch, snakemake_command, snakemake_env
+
+METHODS = ("labeled_only", "bcp_real", "bcp_synthetic", "sraseg")
+
+
+def snakemake(workdir: Path, *args: str, config: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The repository's workflow in `workdir` on one core (the FIVES runs are small)."""
+    cmd = snakemake_command(workdir, config, "--cores", "1", *args)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=snakemake_env(), timeout=1200)
+    if check and result.returncode != 0:
+        logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted(workdir.glob("results/*/logs/*.log")))
+        pytest.fail(f"snakemake {' '.join(args)} failed:\n{result.stderr[-5000:]}\n{logs}")
+    return result
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path) -> Path:
+    return scratch(tmp_path)
+
+
+def test_fives_phantom_config_plans_every_method_with_the_fives_rules(workdir: Path):
+    out = snakemake(workdir, "-n", "-p", config="fives_phantom.yaml").stdout
+    stats = job_stats(out)
+    fives_rules = ("fives_phantom", "prepare_fives", "train", "predict_fives", "evaluate_fives", "report_fives")
+    assert {rule: stats.get(rule) for rule in fives_rules} == {
+        "fives_phantom": 1, "prepare_fives": 1, "train": 4, "predict_fives": 4, "evaluate_fives": 4, "report_fives": 1}  # fmt: skip
+    assert {"train_generator", "sample", "embed", "index", "blend_fresh"} <= set(stats)
+    # the ACDC rules and the content rule (ACDC-only for now) are not planned
+    assert not {"phantom", "prepare", "predict", "evaluate", "content", "report"} & set(stats)
+    assert "python -m sraseg fives-phantom --out-dir resources/fives_phantom/raw --train 48 --test 16 --size 256" in out
+    assert re.search(r"python -m sraseg prepare --dataset fives --raw-dir resources/fives_phantom/raw "
+                     r"--splits-dir config/splits/fives_phantom --labeled \S+/labeled_4.txt --image-size 64", out)  # fmt: skip
+    for method in METHODS:
+        run = f"results/fives_phantom/{method}/seed0"
+        train = re.search(rf"python -m sraseg train .*--out-dir {run} .*", out).group(0)
+        settings = json.loads(re.search(r"--settings '(.*)'", train).group(1))
+        assert (settings["method"], settings["num_classes"], settings["blend_kernel"]) == (method, 2, "box")
+        assert f"sraseg predict --dataset fives -m {run}/model.safetensors --prepared-dir results/fives_phantom/prepared" in out
+        assert (f"sraseg evaluate --dataset fives --pred-dir {run}/predictions --gt-dir resources/fives_phantom/raw "
+                f"--out-dir {run}/eval") in out  # fmt: skip
+    assert "python -m sraseg report --dataset fives --results-dir results/fives_phantom" in out
+    blend = re.search(r"python -m sraseg blend .*", out).group(0)
+    assert '"kernel": "box"' in blend and '"kernel_size": 7' in blend
+
+
+def test_fives_release_config_plans_and_needs_its_folder(workdir: Path):
+    release = workdir / "FIVES"
+    release.mkdir()
+    dataset = dict(yaml.safe_load((workdir / "config" / "fives.yaml").read_text())["dataset"], raw_dir=str(release))
+    result = snakemake(workdir, "-n", "-p", "--config", f"dataset={dataset}", config="fives.yaml")
+    stats = job_stats(result.stdout)
+    assert stats["prepare_fives"] == 1 and stats["evaluate_fives"] == 4 and "fives_phantom" not in stats
+    assert f"prepare --dataset fives --raw-dir {release} --splits-dir config/splits/fives" in result.stdout
+    assert '"num_classes": 2' in result.stdout and '"pretrain_iterations": 10000' in result.stdout
+    refused = snakemake(workdir, "-n", config="fives.yaml", check=False)  # raw_dir /path/to/FIVES
+    assert refused.returncode != 0 and "'dataset.raw_dir' is '/path/to/FIVES': no such folder" in refused.stderr
+
+
+# A dry run that prints every planned job's rule, wildcards and params (the code hashes among them).
+_PLAN_PARAMS = """
+import json, sys
+import snakemake.jobs as J
+_orig = J.Job.log_info
+def log_info(self, *a, **k):
+    print("PARAMS", self.rule.name, json.dumps(dict(self.wildcards_dict), sort_keys=True),
+          json.dumps({n: str(v) for n, v in self.params.items()}, sort_keys=True), flush=True)
+    return _orig(self, *a, **k)
+J.Job.log_info = log_info
+from snakemake.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _planned_jobs(workdir: Path, snakefile: Path, config: str) -> list[str]:
+    cmd = snakemake_command(workdir, config, "--cores", "1", "-n", "-p")
+    cmd[cmd.index("--snakefile") + 1] = str(snakefile)
+    proc = subprocess.run([sys.executable, "-c", _PLAN_PARAMS, *cmd[1:]], capture_output=True, text=True,
+                          env=snakemake_env(), timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    return sorted(line for line in lines if line.startswith("PARAMS") or "python -m sraseg" in line)
+
+
+def test_acdc_plans_do_not_depend_on_the_fives_code(workdir: Path):
+    """The tiny ACDC plan (every job's params, code hashes included, and its commands) is the same with
+    the FIVES modules removed from a checkout copy: FIVES code never enters an ACDC job."""
+    planned = _planned_jobs(workdir, checkout_copy(workdir), "tiny.yaml")
+    rules = {line.split()[1] for line in planned if line.startswith("PARAMS")}
+    assert {"phantom", "prepare", "predict", "evaluate"} <= rules and not {r for r in rules if "fives" in r}
+    for module in ("data/fives.py", "data/fives_phantom.py", "data/fives_splits.py", "evaluate/fives.py"):
+        (workdir / "src" / "sraseg" / module).unlink()
+    assert _planned_jobs(workdir, workdir / "workflow" / "Snakefile", "tiny.yaml") == planned
+
+
+@pytest.mark.slow
+def test_tiny_fives_run_goes_to_a_report_and_a_rerun_does_nothing(workdir: Path):
+    """The FIVES phantom (64 px images, prepared at 32 px) with labeled_only for a few iterations:
+    phantom -> prepare -> train -> PNG predictions -> per-image evaluation -> report; then nothing to do."""
+    config = yaml.safe_load((workdir / "config" / "fives_phantom.yaml").read_text())
+    config["dataset"]["name"] = "fives_tiny"
+    config["fives_phantom"]["size"] = 64
+    config["prepare"]["image_size"] = 32
+    config["train"].update(pretrain_iterations=4, selftrain_iterations=0, val_every=2, checkpoint_every=2,
+                           channels=[8, 16, 32], dropout=[0.05, 0.1, 0.2], device="cpu")  # fmt: skip
+    config["experiments"] = {"labeled_only": {"method": "labeled_only"}}
+    (workdir / "config" / "fives_tiny.yaml").write_text(yaml.safe_dump(config))
+    snakemake(workdir, config="fives_tiny.yaml")
+    run = workdir / "results" / "fives_tiny" / "labeled_only" / "seed0"
+    masks = sorted((run / "predictions").glob("*.png"))
+    assert len(masks) == 16 and masks[0].stem.startswith("test_")
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert summary["image"]["n_cases"] == 16 and 0 <= summary["image"]["mean"]["dice"] <= 1
+    assert summary["stacked"]["n_cases"] == 16
+    report = (workdir / "results" / "fives_tiny" / "report" / "results.md").read_text()
+    assert "| labeled_only | labeled_only |" in report and "Stacked, the reference's mode (16 test images" in report
+    assert (workdir / "results" / "fives_tiny" / "report" / "figures" / "training_curves.png").is_file()
+    again = snakemake(workdir, config="fives_tiny.yaml")
+    assert "Nothing to be done" in again.stdout + again.stderr
+    shutil.rmtree(workdir / "resources")
