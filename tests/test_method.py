@@ -81,6 +81,8 @@ def test_pseudo_labels_keep_the_largest_blob_of_the_teachers_argmax():
     want = raw.clone()
     want[0, 8:10, 8:10] = 0
     assert torch.equal(out, want)
+    # largest_component off (FIVES's vessels): the argmax as it is, both LV blobs
+    assert torch.equal(pseudo_labels(teacher, image, C, largest_component=False), raw)
 
 
 def test_pseudo_labels_use_the_teacher_in_eval_mode():
@@ -251,6 +253,7 @@ class Calls:
     indices: list = field(default_factory=list)
     pseudo: list = field(default_factory=list)  # (teacher, images, pseudo-labels)
     modes: list = field(default_factory=list)  # the teacher mode of each pseudo_labels call
+    largest_component: list = field(default_factory=list)  # the filter flag of each pseudo_labels call
     targets: list = field(default_factory=list)  # soft_dice_ce targets
     weights: list = field(default_factory=list)  # soft_dice_ce per-pixel weights (None: unweighted)
     shares: list = field(default_factory=list)  # soft_dice_ce_split pseudo-label shares
@@ -265,10 +268,11 @@ def spy(monkeypatch, ctx: loop.TrainContext) -> Calls:
         calls.augment.append((images.clone(), None if labels is None else labels.clone(), *out))
         return out
 
-    def pseudo_spy(teacher, images, num_classes, mode="eval"):
-        out = pseudo_labels(teacher, images, num_classes, mode)
+    def pseudo_spy(teacher, images, num_classes, mode="eval", largest_component=True):
+        out = pseudo_labels(teacher, images, num_classes, mode, largest_component)
         calls.pseudo.append((teacher, images.clone(), out))
         calls.modes.append(mode)
+        calls.largest_component.append(largest_component)
         return out
 
     def indices_spy(population, count, generator):
@@ -573,6 +577,16 @@ def test_selftrain_steps_label_in_the_configured_teacher_mode(method, mode, inpu
     assert calls.modes == [mode]
 
 
+@pytest.mark.parametrize("method", ["bcp_synthetic", "sraseg"])
+@pytest.mark.parametrize("flag", [True, False])
+def test_selftrain_steps_pass_the_largest_component_setting(method, flag, inputs, monkeypatch):
+    ctx = make_ctx(inputs, method, largest_component=flag)
+    calls = spy(monkeypatch, ctx)
+    ctx.student = UNet(**SMALL_NET)
+    loop.training_phases(ctx.cfg)[-1][2](ctx)
+    assert calls.largest_component == [flag]
+
+
 @pytest.mark.parametrize("rampup", [0, 4])
 def test_sraseg_pseudo_weight_weighs_the_pseudo_share_of_each_pixel(rampup, inputs, monkeypatch):
     """pseudo_weight w (times the ramp-up factor r): pixel weights 1 - (1 - w*r)*m with m = a in x1 and
@@ -653,7 +667,7 @@ def test_bcp_loss_split_and_pseudo_label_fractions(inputs, monkeypatch):
     the class shares of the pseudo-labels (here all MYO)."""
     ctx = make_ctx(inputs, "bcp_real")
     ctx.student = UNet(**SMALL_NET)
-    monkeypatch.setattr(loop, "pseudo_labels", lambda t, x, c, mode="eval": torch.full((len(x), *x.shape[2:]), 2))
+    monkeypatch.setattr(loop, "pseudo_labels", lambda t, x, c, mode="eval", **k: torch.full((len(x), *x.shape[2:]), 2))
     terms = loop._bcp_selftrain_step(ctx)
     torch.testing.assert_close(terms["loss"], terms["loss_true"] + 0.5 * terms["loss_pseudo"])
     assert not torch.allclose(terms["loss"], 0.5 * terms["loss_true"] + terms["loss_pseudo"])

@@ -75,7 +75,7 @@ def test_bcp_uses_region_loss_with_pseudo_region_at_half(inputs, tmp_path, monke
     # the teacher's pseudo-labels are replaced by "all MYO", so the pseudo-labelled region is recognisable
     calls, soft_calls = [], []
 
-    def all_myo(teacher, images, num_classes, mode="eval"):
+    def all_myo(teacher, images, num_classes, mode="eval", largest_component=True):
         return torch.full((len(images), *images.shape[2:]), 2, dtype=torch.long)
 
     def spy_region(logits, target, mask, first_weight, second_weight):

@@ -132,6 +132,8 @@ class TrainSettings:
         teacher_mode: train (the default, the reference's and BCP's: the unlabeled batch's own BatchNorm
             statistics, dropout on; running statistics left untouched) or eval (running statistics,
             dropout off) while the teacher pseudo-labels.
+        largest_component: keep only each class's largest blob per slice in the pseudo-labels (the
+            reference; off for structures in many pieces, such as FIVES's vessels).
         pseudo_weight: weight of the pseudo-labelled part of sraseg's self-training loss (0.5, BCP's ratio;
             1: the reference). Pixels weigh 1 - (1 - w)*m, m the pixel's pseudo-labelled share.
         unlabeled_rampup: iterations of the sigmoid ramp-up exp(-5 (1 - t)^2) that multiplies the pseudo
@@ -174,6 +176,7 @@ class TrainSettings:
     weight_decay: float = 1e-4
     ema_decay: float = 0.99
     teacher_mode: str = "train"
+    largest_component: bool = True
     pseudo_weight: float = 0.5
     unlabeled_rampup: int = 0
     selftrain_reduction: str = "sum"
@@ -455,7 +458,8 @@ def _bcp_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
     unlabeled, _ = augment(ctx.to_device(ctx.rows(ctx.unlabeled, idx)[:, None]), None, ctx.generator, cfg.augment)
     half = min(len(images), len(unlabeled)) // 2
     y_l = one_hot(labels, cfg.num_classes)
-    y_u = one_hot(pseudo_labels(ctx.teacher, unlabeled, cfg.num_classes, cfg.teacher_mode), cfg.num_classes)
+    y_u = one_hot(pseudo_labels(ctx.teacher, unlabeled, cfg.num_classes, cfg.teacher_mode,
+                                     largest_component=cfg.largest_component), cfg.num_classes)
     pseudo = PSEUDO_LABEL_WEIGHT * _unlabeled_rampup(ctx)
     a = ctx.blend_maps(2 * half, "hard")
     a1, a2 = a[:half], a[half:]
@@ -506,7 +510,8 @@ def _sraseg_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
     r_raw = ctx.to_device(ctx.rows(prepared.labeled_images, real_pos)[:, None])
     r_label = ctx.to_device(ctx.rows(prepared.labeled_labels, real_pos)[:, None].float())  # on the device
     s, r, r_label = augment_pair(s_raw, r_raw, r_label, ctx.generator, cfg.augment, cfg.pair_augment)
-    y_s = one_hot(pseudo_labels(ctx.teacher, s, cfg.num_classes, cfg.teacher_mode), cfg.num_classes)
+    y_s = one_hot(pseudo_labels(ctx.teacher, s, cfg.num_classes, cfg.teacher_mode,
+                                     largest_component=cfg.largest_component), cfg.num_classes)
     y_r = one_hot(r_label[:, 0].round().long(), cfg.num_classes)
     half = len(idx) // 2
     x1 = mix(a[:half], s[:half], r[:half])

@@ -262,15 +262,19 @@ def teacher_logits(teacher: nn.Module, images: torch.Tensor, mode: str = "eval")
 
 
 @torch.no_grad()
-def pseudo_labels(teacher: nn.Module, images: torch.Tensor, num_classes: int, mode: str = "eval") -> torch.Tensor:
-    """Teacher pseudo-labels of un-mixed images: argmax, then the largest blob per class per slice.
+def pseudo_labels(teacher: nn.Module, images: torch.Tensor, num_classes: int, mode: str = "eval",
+                  largest_component: bool = True) -> torch.Tensor:
+    """Teacher pseudo-labels of un-mixed images: argmax, then (by default, as the reference) the largest
+    blob per class per slice.
 
     Args:
         images: float [B,1,H,W] in [0,1].
         mode: "eval" (running statistics, dropout off) or "train" (the reference: the batch's own
             statistics, dropout on; the running statistics are left as they are).
+        largest_component: keep only each class's largest connected blob per slice (right for one heart;
+            for vessel trees it deletes every segment not connected to the largest).
     Returns:
         long [B,H,W] in [0,num_classes) on the images' device (on CUDA computed there, no host sync).
     """
-    logits = teacher_logits(teacher, images, mode)
-    return largest_components(logits.argmax(dim=1), num_classes)
+    labels = teacher_logits(teacher, images, mode).argmax(dim=1)
+    return largest_components(labels, num_classes) if largest_component else labels
