@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-seed ablations of SRA-Seg's self-training at the switch (issue 22): config/switch_ablations.yaml over
 # config/benchmark.yaml, seed 1337, then the table of the switch (teacher, first and lowest student
-# validation in the first 200 self-training iterations, the dip, test Dice) beside the benchmark's own
-# sraseg and bcp_synthetic runs of that seed. With no arguments every ablation runs, in the file's order.
+# validation in the first 200 self-training iterations, the dip, test Dice) beside the benchmark's
+# bcp_synthetic run of that seed and sraseg_previous (SRA-Seg with the defaults before the ablations). With no arguments every ablation runs, in the file's order.
 #   benchmarks/switch_ablations.sh                                   # all
 #   benchmarks/switch_ablations.sh sraseg_pseudo_half bcp_synthetic_soft
 set -euo pipefail
