@@ -374,19 +374,16 @@ def test_pretrain_mixes_image_and_label_alike(method, kind, inputs, monkeypatch)
     # the labeled pool, augmented (a rot90/flip changes the slice)
     pool = ctx.prepared.labeled_images
     assert all(any(torch.equal(row[0], p) for p in pool) for row in calls.augment[0][0])
-    if method == "sraseg":  # the target is exactly the continuous label mix, in the default region form
-        target = pretrain_expect(calls, ctx)[0][1]
-        torch.testing.assert_close(torch.cat(calls.targets), torch.cat([target, target]))
-        torch.testing.assert_close(torch.cat(calls.weights), torch.cat([a, 1 - a]), rtol=0, atol=0)
-        assert calls.batch_dice == [True, True]
+    if method == "sraseg":  # the default soft pre-training: the target is exactly the continuous label mix
+        torch.testing.assert_close(torch.cat(calls.targets), pretrain_expect(calls, ctx)[0][1])
+        assert calls.weights == [None] and calls.batch_dice == [False]
 
 
 @pytest.mark.parametrize("form", ["soft", "batch_soft", "region"])
 def test_sraseg_pretrains_with_the_form_of_its_self_training_loss(form, inputs, monkeypatch):
-    """sraseg_loss covers pre-training too (so the loss does not change at the switch), both sources
-    weighing 1: soft is the reference's plain soft loss, batch_soft the same with batch Dice, region
+    """sraseg_pretrain_loss same: sraseg_loss covers pre-training too, both sources weighing 1: soft is the reference's plain soft loss, batch_soft the same with batch Dice, region
     (L(a) + L(1 - a)) / 2."""
-    ctx = make_ctx(inputs, "sraseg", sraseg_loss=form)
+    ctx = make_ctx(inputs, "sraseg", sraseg_loss=form, sraseg_pretrain_loss="same")
     calls = spy(monkeypatch, ctx)
     ctx.student = UNet(**SMALL_NET)
     terms = loop._pretrain_step(ctx, "gaussian")
@@ -400,8 +397,10 @@ def test_sraseg_pretrains_with_the_form_of_its_self_training_loss(form, inputs, 
 
 
 def test_sraseg_pretrain_loss_soft_keeps_the_references_pretraining(inputs, monkeypatch):
-    """sraseg_pretrain_loss soft: one plain soft loss (per-image Dice) in pre-training whatever sraseg_loss."""
-    ctx = make_ctx(inputs, "sraseg", sraseg_loss="region", sraseg_pretrain_loss="soft")
+    """sraseg_pretrain_loss soft (the default): one plain soft loss (per-image Dice) in pre-training
+    whatever sraseg_loss."""
+    ctx = make_ctx(inputs, "sraseg", sraseg_loss="region")
+    assert ctx.cfg.sraseg_pretrain_loss == "soft"
     calls = spy(monkeypatch, ctx)
     ctx.student = UNet(**SMALL_NET)
     loop._pretrain_step(ctx, "gaussian")

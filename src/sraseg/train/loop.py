@@ -108,7 +108,7 @@ TERM_COLUMNS = term_columns(CLASS_NAMES)
 SELFTRAIN_REDUCTIONS = ("sum", "mean")
 BCP_LOSSES = ("region", "soft")
 SRASEG_LOSSES = ("soft", "batch_soft", "region")
-SRASEG_PRETRAIN_LOSSES = ("same", "soft")
+SRASEG_PRETRAIN_LOSSES = ("soft", "same")
 CHECKPOINT_FORMAT = 1
 
 
@@ -146,8 +146,8 @@ class TrainSettings:
             pseudo_weight; the default), soft (the reference's: per-image Dice + CE over the whole mixed
             image) or batch_soft (the same with batch Dice) in sraseg's pre-training (both sources weighing
             1) and self-training (`_mixed_loss`).
-        sraseg_pretrain_loss: same (pre-training uses sraseg_loss's form) or soft (the reference's soft loss
-            whatever the self-training form: the loss then changes at the switch; an ablation).
+        sraseg_pretrain_loss: soft (the default: the reference's soft loss whatever the self-training form;
+            it pre-trains better teachers) or same (pre-training uses sraseg_loss's form).
         bcp_loss: region (BCP's own: the pseudo-labelled region weighs 0.5) or soft (the mirror ablation:
             sraseg's soft loss with its pseudo_weight on BCP's mixed images) in BCP's self-training.
         val_every: validate every this many iterations of a phase (and at each phase's end).
@@ -182,7 +182,7 @@ class TrainSettings:
     selftrain_reduction: str = "sum"
     pair_augment: str = "separate"
     sraseg_loss: str = "region"
-    sraseg_pretrain_loss: str = "same"
+    sraseg_pretrain_loss: str = "soft"
     bcp_loss: str = "region"
     val_every: int = 200
     dense_val_every: int = 0
@@ -431,9 +431,9 @@ def _supervised_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
 def _pretrain_step(ctx: TrainContext, kind: str) -> dict[str, torch.Tensor]:
     """Pre-train: x = a*l_first + (1-a)*l_second, y = a*Y(l_first) + (1-a)*Y(l_second) over the two halves
     of the labeled batch (BCP's pre-training; a soft map gives a continuous label).
-    BCP methods: BCP's region loss, both regions true labels (weights 1 and 1); sraseg: the form of its
-    self-training loss (`sraseg_loss`), both sources weighing 1, so the loss does not change at the switch
-    (`sraseg_pretrain_loss: soft`: the reference's soft loss whatever the self-training form)."""
+    BCP methods: BCP's region loss, both regions true labels (weights 1 and 1); sraseg: the reference's soft
+    loss (`sraseg_pretrain_loss: soft`, the default), or with `same` the form of its self-training loss
+    (`sraseg_loss`), both sources weighing 1."""
     images, labels = ctx.labeled_batch(ctx.cfg.labeled_batch)
     half = len(images) // 2
     a = ctx.blend_maps(half, kind)
