@@ -69,6 +69,16 @@ VARIANTS = {
 }
 
 
+# Sampling variants: an already trained generator (--generator-dir, e.g. the benchmark's) sampled
+# with other `sample` settings; sampling costs no training, so these are the cheapest levers.
+SAMPLERS = {
+    "sample_ddim25": ("the benchmark's generator as the benchmark samples it (DDIM, 25 steps)", {"sampler": "ddim", "inference_steps": 25}),
+    "sample_ddim50": ("the benchmark's generator, DDIM with 50 steps (25 in the benchmark)", {"sampler": "ddim", "inference_steps": 50}),
+    "sample_ddim100": ("the benchmark's generator, DDIM with 100 steps", {"sampler": "ddim", "inference_steps": 100}),
+    "sample_ddpm100": ("the benchmark's generator, ancestral DDPM with 100 steps", {"sampler": "ddpm", "inference_steps": 100}),
+}
+
+
 # Real test slices passed through a generator's resolution and back to the prepared size: what a
 # perfect generator at that resolution would score (64 = the prepared size: the measure's own floor).
 REFERENCES = {
@@ -137,17 +147,33 @@ def run_variant(name: str, config: dict, prepared_dir: Path, segmenter: Path | N
     return row
 
 
+def run_sampler(name: str, config: dict, generator_dir: Path, prepared_dir: Path, segmenter: Path | None,
+                out_dir: Path) -> dict:  # fmt: skip
+    """Sample a trained generator with other sampling settings, then score the set as a variant."""
+    what, overrides = SAMPLERS[name]
+    root = out_dir / name
+    cpu_started = time.process_time()
+    sample_stage.run(generator_dir, prepared_dir, root / "synthetic", {**config["sample"], **overrides, "device": "cpu"})
+    sample_cpu_minutes = (time.process_time() - cpu_started) / 60
+    _score(root, config, prepared_dir, segmenter)
+    row = {"variant": name, "change": what, "overrides": overrides, "generator_dir": str(generator_dir),
+           "steps": None, "train_minutes": None, "train_cpu_minutes": None,
+           "sample_cpu_minutes": sample_cpu_minutes}  # fmt: skip
+    write_json(root / "row.json", row)
+    return row
+
+
 def collect(out_dir: Path) -> list[dict]:
     """Every finished variant's row with its FD curve, full-set FD ratio and content numbers."""
     rows = []
-    for name in [*VARIANTS, *REFERENCES]:
+    for name in [*VARIANTS, *SAMPLERS, *REFERENCES]:
         root = out_dir / name
         if not (root / "row.json").is_file():
             continue
         row = read_json(root / "row.json")
         row["fd_ratio"] = read_json(root / "embed" / "fd_dinov2.json")["fd_ratio"]
-        curve = generator_stage_fd_curve(root / "generator" / "fd_log.csv")
-        row["fd_curve"] = curve
+        fd_log = root / "generator" / "fd_log.csv"
+        row["fd_curve"] = generator_stage_fd_curve(fd_log) if fd_log.is_file() else []
         content_path = root / "content" / "content.json"
         row["content"] = read_json(content_path) if content_path.is_file() else None
         rows.append(row)
@@ -190,6 +216,9 @@ def main(argv=None) -> None:
     p.add_argument("--variant", nargs="*", default=[], choices=sorted(VARIANTS))
     p.add_argument("--reference", nargs="*", default=[], choices=sorted(REFERENCES),
                    help="score real test slices through a resolution, as a perfect generator's set")
+    p.add_argument("--sampler", nargs="*", default=[], choices=sorted(SAMPLERS),
+                   help="sample --generator-dir's generator with other sampling settings")
+    p.add_argument("--generator-dir", type=Path, help="a trained generator (for --sampler)")
     p.add_argument("--steps", type=int, help="override generator.steps (a shorter screening run)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: one variant per core)")
     p.add_argument("--table", action="store_true", help="print the table of finished variants (and write study.json)")
@@ -200,6 +229,12 @@ def main(argv=None) -> None:
         config = yaml.safe_load(args.config.read_text())
         for name in args.variant:
             run_variant(name, config, args.prepared_dir, args.segmenter, args.out_dir, args.steps)
+    if args.sampler:
+        if args.generator_dir is None:
+            p.error("--sampler needs --generator-dir")
+        config = yaml.safe_load(args.config.read_text())
+        for name in args.sampler:
+            run_sampler(name, config, args.generator_dir, args.prepared_dir, args.segmenter, args.out_dir)
     if args.reference:
         config = yaml.safe_load(args.config.read_text())
         for name in args.reference:
