@@ -12,8 +12,10 @@ import jsonschema
 import pytest
 import yaml
 
+from sraseg.settings import SCHEMA_PATH
+
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+SCHEMA = yaml.safe_load(SCHEMA_PATH.read_text())  # the packaged schema, as the stages and the workflow read it
 
 # config section -> the stage settings dataclass that receives it
 SECTIONS = {
@@ -144,7 +146,7 @@ def edited_schema(tmp_path, monkeypatch):
     """Point the package at an edited copy of the schema; `edit(section, key, **fields)` changes it."""
     from sraseg import settings
 
-    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    schema = yaml.safe_load(settings.SCHEMA_PATH.read_text())
     path = tmp_path / "config.schema.yaml"
 
     def edit(section: str, key: str, **fields):
