@@ -16,7 +16,7 @@ from sraseg.embed.frechet import frechet_distance, real_floor
 from sraseg.embed.pairing import balanced_partners, partner_stats
 from sraseg.errors import ConfigError, DatasetError
 from sraseg.io import load_array, read_json, read_table, staged_outputs, write_json
-from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
+from sraseg.settings import parse_settings, settings_dict
 
 __all__ = [
     "IndexSettings",
@@ -31,7 +31,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BANKS = ("labeled", "all_train")
 _EMBED_HINT = "run the embed stage first"
 
 
@@ -50,11 +49,6 @@ class IndexSettings:
     bank: str = "labeled"
     k: int = 5
     device: str = "auto"
-
-    def validate(self) -> None:
-        check_choice("index", "bank", self.bank, BANKS)
-        check_choice("index", "device", self.device, ("auto", "cpu", "cuda"))
-        check_positive("index", "k", self.k)
 
 
 def faiss_has_gpu() -> bool:
@@ -223,7 +217,6 @@ def run(embed_dir: Path, prepared_dir: Path, out_dir: Path, settings: dict | Non
     import faiss
 
     cfg = parse_settings(IndexSettings, settings, "index")
-    cfg.validate()
     embed_dir = Path(embed_dir)
     real, real_table, syn, syn_table = load_embeddings(embed_dir)
     labeled, patients = _train_labeled(prepared_dir, real_table["slice_id"].to_numpy())

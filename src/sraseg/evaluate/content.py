@@ -34,7 +34,7 @@ import torch
 from sraseg.errors import DatasetError
 from sraseg.evaluate.metrics import CLASS_NAMES
 from sraseg.io import load_array, read_table, staged_outputs, write_json
-from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
+from sraseg.settings import parse_settings, settings_dict
 
 __all__ = [
     "ContentSettings",
@@ -79,12 +79,6 @@ class ContentSettings:
     seed: int = 0
     batch_size: int = 32
     device: str = "auto"
-
-    def validate(self) -> None:
-        check_choice("content", "device", self.device, ("auto", "cpu", "cuda"))
-        check_positive("content", "batch_size", self.batch_size)
-        if self.n_images is not None:
-            check_positive("content", "n_images", self.n_images)
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -332,7 +326,6 @@ def run(model: Path | str, synthetic_dir: Path | str, prepared_dir: Path | str, 
     from sraseg.train.unet import load_model
 
     cfg = parse_settings(ContentSettings, settings, "content")
-    cfg.validate()
     weights = model_weights(model)
     synthetic_dir, prepared_dir = Path(synthetic_dir), Path(prepared_dir)
     synthetic = _synthetic_images(synthetic_dir, cfg.n_images)

@@ -31,7 +31,7 @@ from sraseg.io import read_table, staged_outputs, write_csv, write_json
 from sraseg.preempt import stop_on_signals
 from sraseg.progress import Progress
 from sraseg.resume import job_key
-from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
+from sraseg.settings import parse_settings, settings_dict
 
 __all__ = [
     "GeneratorSettings",
@@ -47,9 +47,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SECTION = "generator"
-SOURCES = ("all_train", "labeled")
-LR_SCHEDULES = ("cosine", "constant_with_warmup", "linear")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 MAX_GRAD_NORM = 1.0  # as diffusers' train_unconditional example; keeps early steps stable
 # Settings that do not change the trained weights; a resume may differ in these.
 RESUME_FREE_KEYS = ("device",)
@@ -121,38 +118,31 @@ class GeneratorSettings:
     fd_samples: int = 48
     fd_sampler_steps: int = 20
 
+    def cross_checks(self) -> None:
+        """The rules across fields that the schema cannot say (parse_settings runs them).
+
+        Raises:
+            ConfigError: a resolution the UNet's levels cannot halve, or zero_terminal_snr without v_prediction.
+        """
+        check_resolution(self.resolution, self.block_out_channels, f"'{SECTION}.resolution'")
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            # at the pure-noise level the noise says nothing about the image: epsilon cannot be turned into x0
+            raise ConfigError(
+                f"'{SECTION}.zero_terminal_snr' needs prediction_type 'v_prediction'; got '{self.prediction_type}'"
+            )
+
 
 def validate_settings(settings: dict | GeneratorSettings | None) -> GeneratorSettings:
-    """Parse and check the generator settings.
+    """Parse and check the generator settings against the schema's `generator` section (defaults,
+    choices and bounds are declared there, not restated here) and `GeneratorSettings.cross_checks`.
 
     Raises:
         ConfigError: an unknown key, a wrong type, or a value outside its range (key and allowed values named).
     """
-    s = settings if isinstance(settings, GeneratorSettings) else parse_settings(GeneratorSettings, settings, SECTION)
+    if isinstance(settings, GeneratorSettings):
+        settings = settings_dict(settings)  # an instance is held to the same bounds as a config
+    s = parse_settings(GeneratorSettings, settings, SECTION)
     s.block_out_channels = list(s.block_out_channels)
-    check_choice(SECTION, "source", s.source, SOURCES)
-    check_choice(SECTION, "lr_schedule", s.lr_schedule, LR_SCHEDULES)
-    check_choice(SECTION, "beta_schedule", s.beta_schedule, BETA_SCHEDULES)
-    check_choice(SECTION, "device", s.device, ("auto", "cpu", "cuda"))
-    if not s.block_out_channels or not all(isinstance(c, int) and c > 0 for c in s.block_out_channels):
-        raise ConfigError(
-            f"'{SECTION}.block_out_channels' must be a non-empty list of positive ints; got {s.block_out_channels!r}"
-        )
-    check_resolution(s.resolution, s.block_out_channels, f"'{SECTION}.resolution'")
-    for name in ("layers_per_block", "steps", "batch_size", "num_train_timesteps", "checkpoint_every", "log_every"):
-        check_positive(SECTION, name, getattr(s, name))
-    check_positive(SECTION, "lr", s.lr)
-    check_positive(SECTION, "warmup_steps", s.warmup_steps, allow_zero=True)
-    check_positive(SECTION, "fd_every", s.fd_every, allow_zero=True)
-    check_positive(SECTION, "fd_samples", s.fd_samples)
-    check_positive(SECTION, "fd_sampler_steps", s.fd_sampler_steps)
-    if not 0.0 <= s.ema_decay < 1.0:
-        raise ConfigError(f"'{SECTION}.ema_decay' must be in [0, 1); got {s.ema_decay!r}")
-    if s.zero_terminal_snr and s.prediction_type != "v_prediction":
-        # at the pure-noise level the noise says nothing about the image: epsilon cannot be turned into x0
-        raise ConfigError(
-            f"'{SECTION}.zero_terminal_snr' needs prediction_type 'v_prediction'; got '{s.prediction_type}'"
-        )
     return s
 
 

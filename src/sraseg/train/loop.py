@@ -38,17 +38,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sraseg.blend.maps import KERNELS, make_blend_maps, mix
+from sraseg.blend.maps import make_blend_maps, mix
 from sraseg.device import autocast, grad_scaler, pick_device, seed_everything
 from sraseg.errors import ConfigError, DatasetError, SrasegError
 from sraseg.preempt import stop_on_signals
 from sraseg.resume import input_identity, job_key
-from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
+from sraseg.settings import choices, parse_settings, settings_dict
 from sraseg.train.alignment import ProjectionHead, sa_loss
 from sraseg.train.checkpoint import cpu_state, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from sraseg.train.data import (
-    AUGMENTATIONS,
-    PAIR_AUGMENTS,
     augment,
     augment_pair,
     load_blend,
@@ -65,15 +63,15 @@ from sraseg.train.losses import (
     soft_dice_ce,
     soft_dice_ce_split,
 )
-from sraseg.train.teacher import TEACHER_MODES, pseudo_labels, update_ema
+from sraseg.train.teacher import pseudo_labels, update_ema
 from sraseg.train.unet import UNet, save_model
 
-__all__ = ["METHODS", "TrainSettings", "TrainContext", "check_settings", "make_optimizer", "training_phases", "train_iteration", "run", "validate",
+__all__ = ["METHODS", "TrainSettings", "TrainContext", "make_optimizer", "training_phases", "train_iteration", "run", "validate",
            "class_names", "log_columns", "dataset_classes"]
 
 log = logging.getLogger(__name__)
 
-METHODS = ("labeled_only", "bcp_real", "bcp_synthetic", "sraseg")
+METHODS = choices("experiments", "method")  # labeled_only, bcp_real, bcp_synthetic, sraseg
 CLASS_NAMES = ("rv", "myo", "lv")  # ACDC's foreground classes (num_classes 4), as the log names them
 
 
@@ -105,10 +103,6 @@ def log_columns(names: tuple[str, ...] = CLASS_NAMES) -> tuple[str, ...]:
 
 LOG_COLUMNS = log_columns(CLASS_NAMES)
 TERM_COLUMNS = term_columns(CLASS_NAMES)
-SELFTRAIN_REDUCTIONS = ("sum", "mean")
-BCP_LOSSES = ("region", "soft")
-SRASEG_LOSSES = ("soft", "batch_soft", "region")
-SRASEG_PRETRAIN_LOSSES = ("soft", "same")
 CHECKPOINT_FORMAT = 1
 
 
@@ -202,39 +196,22 @@ class TrainSettings:
     num_classes: int = 4
     val_batch: int = 32
 
+    def cross_checks(self) -> None:
+        """What the schema cannot say (parse_settings runs it): the method (an experiment's key, not a
+        `train` one), rules across fields, and odd kernel sides.
 
-def check_settings(cfg: TrainSettings) -> None:
-    check_choice("train", "method", cfg.method, METHODS)
-    check_choice("train", "blend_kernel", cfg.blend_kernel, KERNELS)
-    check_choice("train", "augment", cfg.augment, AUGMENTATIONS)
-    check_choice("train", "device", cfg.device, ("auto", "cpu", "cuda"))
-    check_choice("train", "teacher_mode", cfg.teacher_mode, TEACHER_MODES)
-    check_choice("train", "selftrain_reduction", cfg.selftrain_reduction, SELFTRAIN_REDUCTIONS)
-    check_choice("train", "pair_augment", cfg.pair_augment, PAIR_AUGMENTS)
-    check_choice("train", "unlabeled", cfg.unlabeled, ("synthetic", "real"))
-    check_choice("train", "sraseg_loss", cfg.sraseg_loss, SRASEG_LOSSES)
-    check_choice("train", "sraseg_pretrain_loss", cfg.sraseg_pretrain_loss, SRASEG_PRETRAIN_LOSSES)
-    check_choice("train", "bcp_loss", cfg.bcp_loss, BCP_LOSSES)
-    for name in ("pretrain_iterations", "selftrain_iterations", "sa_weight", "weight_decay", "momentum",
-                 "pseudo_weight", "unlabeled_rampup", "dense_val_every", "dense_val_iterations"):
-        check_positive("train", name, getattr(cfg, name), allow_zero=True)
-    for name in ("labeled_batch", "unlabeled_batch", "lr", "val_every", "checkpoint_every", "sa_batch", "val_batch"):
-        check_positive("train", name, getattr(cfg, name))
-    if cfg.method != "labeled_only" and (cfg.labeled_batch < 2 or cfg.unlabeled_batch < 2):
-        raise ConfigError(f"'train.labeled_batch' and 'train.unlabeled_batch' must be >= 2 for {cfg.method}")
-    if not 0.0 <= cfg.ema_decay <= 1.0:
-        raise ConfigError(f"'train.ema_decay' must lie in [0, 1]; got {cfg.ema_decay}")
-    if cfg.pretrain_iterations + cfg.selftrain_iterations == 0:
-        raise ConfigError("'train.pretrain_iterations' + 'train.selftrain_iterations' must be > 0")
-    if len(cfg.channels) != len(cfg.dropout) or len(cfg.channels) < 2:
-        raise ConfigError(f"'train.channels' and 'train.dropout' need the same length >= 2; got {cfg.channels}, "
-                          f"{cfg.dropout}")
-    if cfg.blend_kernel_size < 1 or cfg.blend_kernel_size % 2 == 0:
-        raise ConfigError(f"'train.blend_kernel_size' must be a positive odd number; got {cfg.blend_kernel_size}")
-    if not 0.0 < cfg.blend_ratio < 1.0:
-        raise ConfigError(f"'train.blend_ratio' must lie in (0, 1); got {cfg.blend_ratio}")
-    if isinstance(cfg.num_classes, bool) or not isinstance(cfg.num_classes, int) or cfg.num_classes < 2:
-        raise ConfigError(f"'train.num_classes' must be an integer >= 2 (background included); got {cfg.num_classes}")
+        Raises:
+            ConfigError: naming the key and the problem.
+        """
+        if self.method not in METHODS:
+            raise ConfigError(f"'train.method' is {self.method!r}; allowed: {', '.join(METHODS)}")
+        if self.pretrain_iterations + self.selftrain_iterations == 0:
+            raise ConfigError("'train.pretrain_iterations' + 'train.selftrain_iterations' must be > 0")
+        if len(self.channels) != len(self.dropout):
+            raise ConfigError(f"'train.channels' and 'train.dropout' need the same length; got {self.channels}, "
+                              f"{self.dropout}")
+        if self.blend_kernel_size % 2 == 0:
+            raise ConfigError(f"'train.blend_kernel_size' is {self.blend_kernel_size!r}; must be odd")
 
 
 def dataset_classes(prepared_dir: Path | str) -> int:
@@ -733,7 +710,6 @@ def run(
 
     # --- settings and inputs -------------------------------------------------------------------
     cfg = parse_settings(TrainSettings, settings, "train")
-    check_settings(cfg)
     out_dir = Path(out_dir)
     needs = {"synthetic_dir": cfg.method in ("bcp_synthetic", "sraseg"), "blend_dir": cfg.method == "sraseg",
              "embed_dir": cfg.method == "sraseg" and cfg.sa}
