@@ -863,7 +863,7 @@ def test_held_out_slices_never_train(method, poisoned, tmp_path, monkeypatch):
     assert scored and set(scored) == {6}  # patient004: 2 frames x 3 slices
     # and the check itself can fail: a val slice in the labeled pool gives a NaN loss
     if method == "labeled_only":
-        real = loop.load_prepared
+        real = train_data.load_prepared
 
         def leaky(*args, **kwargs):
             prepared = real(*args, **kwargs)
@@ -871,7 +871,7 @@ def test_held_out_slices_never_train(method, poisoned, tmp_path, monkeypatch):
             prepared.labeled_labels = torch.cat([prepared.labeled_labels, prepared.val_labels])
             return prepared
 
-        monkeypatch.setattr(loop, "load_prepared", leaky)
+        monkeypatch.setattr(train_data, "load_prepared", leaky)
         with pytest.raises(SrasegError, match="nan"):
             loop.run(out_dir=tmp_path / "leaky", settings=dict(settings, labeled_batch=40), seed=1, **poisoned)
 

@@ -20,10 +20,12 @@ import torch.nn.functional as F
 
 from sraseg.blend.maps import render_blend_maps
 from sraseg.device import full_precision
-from sraseg.errors import DatasetError
+from sraseg.errors import ConfigError, DatasetError
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from sraseg.train.loop import TrainSettings
 
 __all__ = [
     "AUGMENTATIONS",
@@ -34,6 +36,11 @@ __all__ = [
     "load_synthetic",
     "load_embed",
     "load_blend",
+    "dataset_classes",
+    "needed_inputs",
+    "check_inputs",
+    "TrainInputs",
+    "load_inputs",
     "sample_indices",
     "augment",
     "PAIR_AUGMENTS",
@@ -277,6 +284,113 @@ def load_blend(blend_dir: Path | str, image_size: int, synthetic_count: int) -> 
                      hole=hole, kernel=str(settings.get("kernel", "gaussian")),
                      kernel_size=int(settings.get("kernel_size", 5)), sigma=float(settings.get("sigma", 1.0)),
                      maps_size=image_size)
+
+
+def dataset_classes(prepared_dir: Path | str) -> int:
+    """The prepared dataset's class count: prepare.json's num_classes (FIVES: 2), else 4 (ACDC's
+    prepare.json predates the key and ACDC has 4)."""
+    from sraseg.io import read_json
+
+    meta_path = Path(prepared_dir) / "prepare.json"
+    meta = read_json(meta_path) if meta_path.is_file() else {}
+    return int(meta.get("num_classes", 4))
+
+
+_INPUT_FLAGS = {"synthetic_dir": "--synthetic", "embed_dir": "--embed-dir", "blend_dir": "--blend-dir"}
+
+
+def needed_inputs(cfg: TrainSettings) -> dict[str, bool]:
+    """Which of the optional input folders the method reads."""
+    return {"synthetic_dir": cfg.method in ("bcp_synthetic", "sraseg"), "blend_dir": cfg.method == "sraseg",
+            "embed_dir": cfg.method == "sraseg" and cfg.sa}
+
+
+def check_inputs(cfg: TrainSettings, **given: Path | str | None) -> None:
+    """ConfigError when the method needs an input folder (synthetic_dir, embed_dir, blend_dir) not given."""
+    missing = [name for name, needed in needed_inputs(cfg).items() if needed and given[name] is None]
+    if missing:
+        raise ConfigError(f"method {cfg.method} needs input(s) {', '.join(missing)} (command line "
+                          f"{', '.join(_INPUT_FLAGS[m] for m in missing)})")
+
+
+@dataclass
+class TrainInputs:
+    """Everything a training run reads, on the CPU; None where the method reads no such input.
+
+    Attributes:
+        prepared: the prepared slices.
+        unlabeled: the self-training pool of BCP (bcp_real: the unlabeled train slices; else the synthetic set).
+        synthetic: float32 [M,S,S] (bcp_synthetic, sraseg).
+        bank: the blend bank (sraseg); bank_real_pos: row in the labeled arrays of each entry's real slice.
+        embed: the embedding targets (sraseg with sa); bank_sa_rows: row in real.npy of each entry's SA
+            target; bank_real_embed_rows: row in real.npy of each entry's real slice.
+    """
+
+    prepared: Prepared
+    unlabeled: torch.Tensor | None = None
+    synthetic: torch.Tensor | None = None
+    bank: BlendBank | None = None
+    bank_real_pos: np.ndarray | None = None
+    embed: EmbedTargets | None = None
+    bank_sa_rows: np.ndarray | None = None
+    bank_real_embed_rows: np.ndarray | None = None
+
+
+def load_inputs(cfg: TrainSettings, prepared_dir: Path | str, synthetic_dir: Path | str | None = None,
+                embed_dir: Path | str | None = None, blend_dir: Path | str | None = None) -> TrainInputs:
+    """Load what `cfg.method` trains on (`check_inputs` has checked the folders it needs are given).
+
+    Raises:
+        ConfigError: the prepared dataset's class count is not train.num_classes.
+        DatasetError: missing or inconsistent input files, no labeled slices, too few blend draws.
+    """
+    if dataset_classes(prepared_dir) != cfg.num_classes:
+        raise ConfigError(f"'train.num_classes' is {cfg.num_classes} but the prepared dataset in {prepared_dir} has "
+                          f"{dataset_classes(prepared_dir)} classes (prepare.json num_classes; 4 when absent)")
+    prepared = load_prepared(prepared_dir, cfg.num_classes)
+    inputs = TrainInputs(prepared)
+    if cfg.method == "bcp_real":
+        if len(prepared.unlabeled_images) == 0:
+            raise DatasetError(f"{Path(prepared_dir) / 'slices.parquet'}: no unlabeled train slices for bcp_real")
+        inputs.unlabeled = prepared.unlabeled_images
+    if needed_inputs(cfg)["synthetic_dir"]:
+        inputs.synthetic = inputs.unlabeled = load_synthetic(synthetic_dir, prepared.image_size)
+    if cfg.method == "sraseg":
+        _load_bank(inputs, cfg, blend_dir)
+        if cfg.sa:
+            _load_sa_targets(inputs, embed_dir, blend_dir)
+    return inputs
+
+
+def _load_bank(inputs: TrainInputs, cfg: TrainSettings, blend_dir: Path | str) -> None:
+    """sraseg's blend bank and the labeled row of each entry's real slice."""
+    inputs.bank = load_blend(blend_dir, inputs.prepared.image_size, len(inputs.synthetic))
+    needed = cfg.selftrain_iterations * cfg.unlabeled_batch
+    if inputs.bank.fresh and len(inputs.bank.draw_entries) < needed:
+        raise DatasetError(
+            f"{Path(blend_dir) / 'draws.parquet'}: {len(inputs.bank.draw_entries)} self-training draws, training needs "
+            f"{needed} (selftrain_iterations x unlabeled_batch); rerun the blend stage with --draws set to that")
+    inputs.bank_real_pos = inputs.prepared.labeled_position(inputs.bank.real_ids, Path(blend_dir) / "pairs.parquet")
+
+
+def _load_sa_targets(inputs: TrainInputs, embed_dir: Path | str, blend_dir: Path | str) -> None:
+    """The embeddings and, per bank entry, the real.npy rows of its SA target and of its real slice."""
+    from sraseg.io import read_table
+
+    bank = inputs.bank
+    inputs.embed = embed = load_embed(embed_dir, len(inputs.synthetic))
+    # SA target of each entry: its pairs.parquet sa_real_id (balanced: the partner), else rank-0 neighbour
+    inputs.bank_sa_rows = embed.neighbour_row[bank.synthetic_ids]
+    pairs_path = Path(blend_dir) / "pairs.parquet"
+    sa_ids = read_table(pairs_path, ("blend_id",)).sort_values("blend_id").get("sa_real_id")
+    if sa_ids is not None and (sa_ids.to_numpy() >= 0).any():
+        own = sa_ids.to_numpy() >= 0
+        inputs.bank_sa_rows[own] = embed.rows_of(sa_ids.to_numpy()[own], pairs_path)
+    no_neighbour = np.unique(bank.synthetic_ids[inputs.bank_sa_rows < 0])
+    if len(no_neighbour):
+        raise DatasetError(f"{Path(embed_dir) / 'neighbours.parquet'}: no rank-0 neighbour for synthetic "
+                           f"id(s) {no_neighbour[:5].tolist()} used by the blend bank")
+    inputs.bank_real_embed_rows = embed.rows_of(bank.real_ids, Path(embed_dir) / "real.parquet")
 
 
 def sample_indices(population: int, count: int, generator: torch.Generator) -> torch.Tensor:
