@@ -12,10 +12,11 @@ import numpy as np
 import pandas as pd
 
 from sraseg.embed.common import describe_encoder
+from sraseg.embed.embeddings import load_embeddings
 from sraseg.embed.frechet import frechet_distance, real_floor
-from sraseg.embed.pairing import balanced_partners, partner_stats
+from sraseg.embed.pairing import pairing_hubness
 from sraseg.errors import ConfigError, DatasetError
-from sraseg.io import load_array, read_json, read_table, staged_outputs, write_json
+from sraseg.io import read_json, read_table, staged_outputs, write_json
 from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
 
 __all__ = [
@@ -23,16 +24,13 @@ __all__ = [
     "run",
     "cosine_knn",
     "faiss_has_gpu",
-    "load_embeddings",
     "neighbour_hubness",
-    "pairing_hubness",
     "plot_projection",
 ]
 
 log = logging.getLogger(__name__)
 
 BANKS = ("labeled", "all_train")
-_EMBED_HINT = "run the embed stage first"
 
 
 @dataclass
@@ -89,44 +87,6 @@ def cosine_knn(bank: np.ndarray, queries: np.ndarray, k: int, use_gpu: bool = Fa
     return index, ids.astype(np.int64), cosines.astype(np.float32)
 
 
-def _unit_rows(x: np.ndarray, path: Path) -> np.ndarray:
-    """Check finite, non-empty, 2-D; re-normalise rows (defensive: the embed stage already did)."""
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise DatasetError(f"{path}: expected a non-empty float array [N,D]; got shape {x.shape}")
-    x = x.astype(np.float32, copy=False)
-    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
-    if bad.size:
-        raise DatasetError(f"{path}: {bad.size} row(s) hold NaN/inf embeddings (first row {bad[0]})")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise DatasetError(f"{path}: {int((norms == 0).sum())} all-zero embedding row(s)")
-    return x / norms
-
-
-def load_embeddings(embed_dir: Path) -> tuple[np.ndarray, pd.DataFrame, np.ndarray, pd.DataFrame]:
-    """real [R,D] unit rows, real table (row, slice_id, labeled), synthetic [M,D] unit rows, synthetic table.
-
-    Raises:
-        DatasetError: missing files, row counts that disagree, dimension mismatch, NaN rows.
-    """
-    embed_dir = Path(embed_dir)
-    arrays, tables = [], []
-    for name, id_col in (("real", "slice_id"), ("synthetic", "synthetic_id")):
-        npy, table_path = embed_dir / f"{name}.npy", embed_dir / f"{name}.parquet"
-        x = _unit_rows(load_array(npy, _EMBED_HINT, mmap=False), npy)
-        table = read_table(table_path, ("row", id_col), _EMBED_HINT)
-        if len(table) != len(x) or not np.array_equal(table["row"].to_numpy(), np.arange(len(x))):
-            raise DatasetError(f"{table_path}: {len(table)} rows do not match the {len(x)} rows of {npy.name}")
-        arrays.append(x)
-        tables.append(table)
-    if arrays[0].shape[1] != arrays[1].shape[1]:
-        raise DatasetError(
-            f"{embed_dir / 'synthetic.npy'}: embedding dim {arrays[1].shape[1]} differs from real.npy's "
-            f"{arrays[0].shape[1]} (embedded with different encoders? rerun embed)"
-        )
-    return arrays[0], tables[0], arrays[1], tables[1]
-
-
 def _train_labeled(prepared_dir: Path, slice_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """labeled flags and patient ids of `slice_ids` from the prepared table; checks they are train slices."""
     path = Path(prepared_dir) / "slices.parquet"
@@ -136,29 +96,6 @@ def _train_labeled(prepared_dir: Path, slice_ids: np.ndarray) -> tuple[np.ndarra
     if known["split"].isna().any() or (known["split"] != "train").any():
         raise DatasetError(f"{path}: the embeddings name slices that are not train slices here (stale embed? rerun it)")
     return known["labeled"].to_numpy(dtype=bool), known["patient"].astype(str).to_numpy()
-
-
-RANDOM_RULE_SEED = 0  # the index's hubness figure for "random" pairing is one seeded draw
-
-
-def pairing_hubness(real_bank: np.ndarray, bank_ids: np.ndarray, syn: np.ndarray, nearest_ids: np.ndarray,
-                    nearest_cos: np.ndarray) -> dict:
-    """partner_stats of each pairing rule with one partner per synthetic image (cosines uncentred)."""
-    rng = np.random.default_rng(RANDOM_RULE_SEED)
-    random_rows = rng.integers(0, len(bank_ids), size=len(syn))
-    balanced_rows, cap = balanced_partners(real_bank, syn, 1)
-    balanced_rows = balanced_rows[:, 0]
-
-    def cos(rows):
-        return np.einsum("ij,ij->i", syn.astype(np.float64), real_bank[rows].astype(np.float64))
-
-    out = {
-        "nearest": partner_stats(nearest_ids, nearest_cos),
-        "random": partner_stats(bank_ids[random_rows], cos(random_rows)),
-        "balanced": partner_stats(bank_ids[balanced_rows], cos(balanced_rows)),
-    }
-    out["balanced"]["cap"] = cap
-    return out
 
 
 def plot_projection(real: np.ndarray, synthetic: np.ndarray, bank_mask: np.ndarray, path: Path, title: str) -> None:
@@ -263,7 +200,8 @@ def run(embed_dir: Path, prepared_dir: Path, out_dir: Path, settings: dict | Non
     encoder_path = embed_dir / "encoder.json"
     encoder = read_json(encoder_path) if encoder_path.is_file() else {}
     hubness = neighbour_hubness(neighbours)
-    rules = pairing_hubness(real[bank_mask], bank_ids, syn, bank_ids[rows[:, 0]], cosines[:, 0])
+    rules = pairing_hubness(real[bank_mask], bank_ids, syn, syn_table["synthetic_id"].to_numpy(dtype=np.int64),
+                            neighbours)
     for rule, stats in rules.items():
         log.info("pairing %-8s: %d distinct partners, largest share %.1f%%, mean cosine %.4f",
                  rule, stats["distinct"], 100 * stats["top_share"], stats["mean_cosine"])

@@ -55,6 +55,7 @@ from sraseg.train.data import (
     load_embed,
     load_prepared,
     load_synthetic,
+    sa_target_rows,
     sample_indices,
 )
 from sraseg.train.losses import (
@@ -728,7 +729,7 @@ def run(
         Preempted: SIGTERM or SIGUSR1 arrived; last.ckpt holds the step reached and a rerun resumes from it.
     """
     # run()'s tools, imported here: the steps need only torch (benchmarks/gpu_check.py)
-    from sraseg.io import read_table, staged_outputs, write_csv, write_json
+    from sraseg.io import staged_outputs, write_csv, write_json
     from sraseg.progress import Progress
 
     # --- settings and inputs -------------------------------------------------------------------
@@ -772,17 +773,7 @@ def run(
         ctx.bank_real_pos = prepared.labeled_position(ctx.bank.real_ids, Path(blend_dir) / "pairs.parquet")
         if cfg.sa:
             ctx.embed = load_embed(embed_dir, len(ctx.synthetic))
-            # SA target of each entry: its pairs.parquet sa_real_id (balanced: the partner), else rank-0 neighbour
-            ctx.bank_sa_rows = ctx.embed.neighbour_row[ctx.bank.synthetic_ids]
-            pairs_path = Path(blend_dir) / "pairs.parquet"
-            sa_ids = read_table(pairs_path, ("blend_id",)).sort_values("blend_id").get("sa_real_id")
-            if sa_ids is not None and (sa_ids.to_numpy() >= 0).any():
-                own = sa_ids.to_numpy() >= 0
-                ctx.bank_sa_rows[own] = ctx.embed.rows_of(sa_ids.to_numpy()[own], pairs_path)
-            no_neighbour = np.unique(ctx.bank.synthetic_ids[ctx.bank_sa_rows < 0])
-            if len(no_neighbour):
-                raise DatasetError(f"{Path(embed_dir) / 'neighbours.parquet'}: no rank-0 neighbour for synthetic "
-                                  f"id(s) {no_neighbour[:5].tolist()} used by the blend bank")
+            ctx.bank_sa_rows = sa_target_rows(ctx.bank, ctx.embed, Path(blend_dir) / "pairs.parquet")
             ctx.bank_real_embed_rows = ctx.embed.rows_of(ctx.bank.real_ids, Path(embed_dir) / "real.parquet")
 
     # --- models and optimizer ------------------------------------------------------------------
