@@ -150,8 +150,13 @@ def test_bad_neighbours(inputs, tmp_path):
     assert path in str(info.value)
     _rewrite_neighbours(inputs, [r for r in rows if r[0] != 3] + [(3, 0, UNLABELED[0], 0.5)])
     with pytest.raises(DatasetError, match=r"\[3\] have no labeled train slice"):
-        blend.run(**inputs, out_dir=tmp_path / "out", settings={"maps": "bank"})
+        blend.run(**inputs, out_dir=tmp_path / "out", settings={"maps": "bank", "pairing": "nearest"})
     assert not (tmp_path / "out").exists()
+    # only nearest pairing takes its partners from the neighbours: random pairs image 3 and takes its
+    # unlabeled rank-0 neighbour as the SA target
+    blend.run(**inputs, out_dir=tmp_path / "random", settings={"maps": "bank", "pairing": "random"})
+    pairs = pd.read_parquet(tmp_path / "random" / "pairs.parquet")
+    assert (pairs.loc[pairs["synthetic_id"] == 3, "sa_real_id"] == UNLABELED[0]).all()
 
 
 @pytest.mark.parametrize(

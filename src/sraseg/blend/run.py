@@ -186,14 +186,14 @@ def _read_neighbours(path: Path, synthetic_ids: np.ndarray, slices: pd.DataFrame
     return table
 
 
-def _labeled_neighbours(table: pd.DataFrame, path: Path, synthetic_ids: np.ndarray, slices: pd.DataFrame
-                        ) -> pd.DataFrame:  # fmt: skip
-    """The neighbours restricted to labeled real ids, sorted by (synthetic_id, rank); every synthetic image
-    must keep one."""
+def _labeled_neighbours(table: pd.DataFrame, path: Path, synthetic_ids: np.ndarray, slices: pd.DataFrame,
+                        every_image: bool) -> pd.DataFrame:  # fmt: skip
+    """The neighbours restricted to labeled real ids, sorted by (synthetic_id, rank); with `every_image`
+    (nearest pairing: its partners), every synthetic image must keep one."""
     labeled = slices["slice_id"].to_numpy()[slices["labeled"].to_numpy(dtype=bool)]
     kept = table[table["real_id"].isin(labeled)].sort_values(["synthetic_id", "rank"], kind="stable")
     without = np.setdiff1d(synthetic_ids, kept["synthetic_id"].to_numpy())
-    if len(without):
+    if every_image and len(without):
         raise DatasetError(
             f"{path}: synthetic id(s) {without[:5].tolist()} have no labeled train slice among their neighbours "
             "(index with bank 'labeled' or more neighbours)"
@@ -459,7 +459,7 @@ def pair_entries(cfg: BlendSettings, inputs: _Inputs, neighbours: Path, embed_di
         rng: the pairings' stream (random pairing only).
     """
     table = _read_neighbours(neighbours, inputs.synthetic_ids, inputs.slices)
-    labeled = _labeled_neighbours(table, neighbours, inputs.synthetic_ids, inputs.slices)
+    labeled = _labeled_neighbours(table, neighbours, inputs.synthetic_ids, inputs.slices, cfg.pairing == "nearest")
     if cfg.pairing == "balanced":
         return pair_balanced(Path(embed_dir), labeled, inputs.labeled_ids, inputs.synthetic_ids, cfg.maps_per_image)
     if cfg.pairing == "nearest":
