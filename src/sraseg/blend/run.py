@@ -78,6 +78,7 @@ __all__ = [
     "pair_balanced",
     "pair_nearest",
     "pair_random",
+    "pair_entries",
     "nearest_sa_targets",
     "run",
 ]
@@ -398,11 +399,11 @@ def run(
                           f"train.selftrain_iterations x train.unlabeled_batch); got {draws!r}")
     if cfg.pairing == "balanced" and embed_dir is None:
         raise ConfigError("blend.pairing 'balanced' reads the embeddings: give the embed folder (--embed-dir)")
-    out_dir = Path(out_dir)
+    neighbours, out_dir = Path(neighbours), Path(out_dir)
     inputs = _read_inputs(Path(synthetic_dir), Path(prepared_dir))
     # three streams of one seed: maps, pairings, fresh draws (spawn(3)'s first two are spawn(2)'s)
     map_seq, pair_seq, draw_seq = np.random.SeedSequence(cfg.seed).spawn(3)
-    pairs, cap = pair_entries(cfg, inputs, Path(neighbours), embed_dir, np.random.default_rng(pair_seq))
+    pairs, cap = pair_entries(cfg, inputs, neighbours, embed_dir, np.random.default_rng(pair_seq))
     rng = np.random.default_rng(map_seq)
     with staged_outputs(out_dir) as st:
         if cfg.maps == "bank":
