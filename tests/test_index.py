@@ -287,3 +287,21 @@ def test_faiss_index_choice_falls_back_to_cpu_with_the_same_neighbours(monkeypat
     # a faiss without the GPU classes (the CPU wheel) is told apart by hasattr alone
     monkeypatch.delattr(faiss, "StandardGpuResources", raising=False)
     assert not index.faiss_has_gpu() and not index.use_gpu_index("auto")
+
+
+def test_pairing_rules_are_shared_and_keep_their_streams():
+    """sraseg.embed.pairing's rules as the blend stage and the index's hubness use them: nearest takes
+    neighbour k mod n in rank order; random draws the same stream as a uniform rng.choice over the bank."""
+    from sraseg.embed.pairing import PAIRING_RULES, PAIRINGS, nearest_partners, random_partners
+
+    assert set(PAIRING_RULES) == set(PAIRINGS) == {"nearest", "random", "balanced"}
+    table = pd.DataFrame(dict(synthetic_id=[1, 0, 0, 1, 0], rank=[0, 2, 0, 1, 1], real_id=[7, 5, 3, 8, 4],
+                              cosine=np.float32([0.9, 0.5, 0.8, 0.7, 0.6])))  # fmt: skip
+    picks = nearest_partners(table, np.array([1, 0]), 4)
+    assert picks["real_id"].tolist() == [7, 8, 7, 8, 3, 4, 5, 3]
+    with pytest.raises(ValueError, match=r"\[2\]"):
+        nearest_partners(table, np.array([2]), 1)
+    bank = np.array([11, 12, 13, 14, 15])
+    rows = random_partners(len(bank), 6, 3, np.random.default_rng(9))
+    assert rows.shape == (6, 3)
+    np.testing.assert_array_equal(bank[rows].ravel(), np.random.default_rng(9).choice(bank, size=18, replace=True))
