@@ -363,7 +363,7 @@ def test_formerly_drifted_bounds_agree():
 DISPATCH_TABLES = [
     ("sraseg.blend.maps", "KERNELS", "blend", "kernel"),
     ("sraseg.blend.maps", "KERNELS", "train", "blend_kernel"),
-    ("sraseg.blend.run", "_RULES", "blend", "pairing"),
+    ("sraseg.embed.pairing", "PAIRING_RULES", "blend", "pairing"),
     ("sraseg.embed.common", "POOLINGS", "embed", "pooling"),
     ("sraseg.train.data", "AUGMENTATIONS", "train", "augment"),
     ("sraseg.train.data", "PAIR_AUGMENTS", "train", "pair_augment"),

@@ -541,3 +541,40 @@ def test_min_snr_weights_by_hand():
         got = float(train.diffusion_loss(_Constant(errors), sched, clean, noise, t, snr_gamma=5.0))
         assert got == pytest.approx(expected, rel=1e-5), kind
         assert got != pytest.approx(2.5, rel=1e-3)  # not the unweighted mean
+
+
+def test_generator_fd_probe_logs_ratio_and_degrades_without_wheel(tmp_path, monkeypatch, caplog):
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    from sraseg.generate.probe import FDProbe, read_fd_log
+
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.random((16, 1, 16, 16), dtype=np.float32) * 2 - 1)
+    patients = np.repeat([f"p{i}" for i in range(4)], 4)
+    probe = FDProbe.create(images, np.arange(16), patients, n=6, every=2, total=5, sampler_steps=2,
+                           out_dir=tmp_path, resume_step=0)  # fmt: skip
+    assert probe is not None and probe.floor > 0
+    unet = build_unet(16, [8, 16], 1, False, False)
+    ema = EMAModel(unet.parameters(), decay=0.9)
+    scheduler = DDPMScheduler(num_train_timesteps=20)
+    before = [p.detach().clone() for p in unet.parameters()]
+    assert probe.maybe_log(1, unet, ema, scheduler, torch.device("cpu")) is None  # not due
+    for step in (2, 4, 5):  # every 2 steps and the last one
+        row = probe.maybe_log(step, unet, ema, scheduler, torch.device("cpu"))
+        assert row["fd_ratio"] == pytest.approx(row["fd"] / row["fd_floor"]) and row["fd"] > 0
+    assert unet.training and all(torch.equal(a, b) for a, b in zip(before, unet.parameters()))  # weights restored
+    assert [r["step"] for r in read_fd_log(tmp_path / "fd_log.csv")] == [2, 4, 5]
+    # A resumed run at step 2 drops the later rows it is about to redo.
+    FDProbe.create(images, np.arange(16), patients, 6, 2, 5, 2, tmp_path, resume_step=2)
+    assert [r["step"] for r in read_fd_log(tmp_path / "fd_log.csv")] == [2]
+
+    import importlib.metadata
+
+    def absent(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", absent)
+    with caplog.at_level("WARNING"):
+        assert FDProbe.create(images, np.arange(16), patients, 6, 2, 5, 2, tmp_path / "x", resume_step=0) is None
+    assert "FD probe off" in caplog.text

@@ -304,6 +304,7 @@ def _add_blend(sub):
     _path(p, "--synthetic-dir", "--synthetic", required=True, help="sample stage output folder")
     _path(p, "--prepared-dir", "--prepared", required=True, help="prepare output folder")
     _path(p, "--neighbours", required=True, help="neighbours.parquet from the index stage")
+    _path(p, "--embed-dir", help="embed stage folder (real/synthetic embeddings; needed by pairing: balanced)")
     _path(p, "--out-dir", required=True, help="blend bank folder")
     p.add_argument("--draws", type=int, default=None, metavar="N",
                    help="self-training draws for `maps: fresh` (train.selftrain_iterations x train.unlabeled_batch; "
@@ -318,6 +319,7 @@ def _add_blend(sub):
             out_dir=a.out_dir,
             settings=section_settings(a),
             draws=selftrain_draws(a),
+            embed_dir=a.embed_dir,
         ),
     )
 

@@ -172,7 +172,7 @@ def blend_inputs(wildcards):
         "synthetic": f"{images}/images.npy",
         "neighbours": f"{embed}/neighbours.parquet",
         "prepared": f"{PREPARED}/slices.parquet",
-        # balanced pairing reads the embeddings beside neighbours.parquet
+        # the embed folder (--embed-dir): balanced pairing reads the embeddings
         "real_embeddings": f"{embed}/real.npy",
         "synthetic_embeddings": f"{embed}/synthetic.npy",
     }

@@ -86,7 +86,7 @@ class GeneratorSettings:
         seed (`int`, 0): seeds model init, batch order, noise and timesteps.
         device (`str`, "auto"): "auto", "cpu" or "cuda".
         fd_every (`int`, 0): steps between FD-ratio probes written to fd_log.csv (0: off; needs the
-            stand-in encoder's wheel, else a warning and no probe). See sraseg.embed.probe.
+            stand-in encoder's wheel, else a warning and no probe). See sraseg.generate.probe.
         fd_samples (`int`, 48): synthetic images (and real per half) in each probe.
         fd_sampler_steps (`int`, 20): DDIM steps of the probe's samples.
     """
@@ -413,7 +413,7 @@ def _fd_probe(s: GeneratorSettings, prepared_dir: Path, images: torch.Tensor, ro
     """The FD-ratio probe of a fixed small sample at checkpoints, or None when fd_every is 0."""
     if not s.fd_every:
         return None
-    from sraseg.embed.probe import FDProbe
+    from sraseg.generate.probe import FDProbe
 
     patients = read_table(prepared_dir / "slices.parquet", ("slice_id", "patient")).set_index("slice_id")
     return FDProbe.create(images, rows, patients.loc[rows, "patient"].astype(str).to_numpy(), s.fd_samples,

@@ -41,6 +41,7 @@ __all__ = [
     "check_inputs",
     "TrainInputs",
     "load_inputs",
+    "sa_target_rows",
     "sample_indices",
     "augment",
     "PAIR_AUGMENTS",
@@ -177,13 +178,11 @@ def load_embed(embed_dir: Path | str, synthetic_count: int) -> EmbedTargets:
     """Read real.npy/real.parquet and neighbours.parquet (rank 0 = nearest real slice)."""
     import pandas as pd
 
-    from sraseg.io import load_array, read_table
+    from sraseg.embed.embeddings import read_embeddings
+    from sraseg.io import read_table
 
     embed_dir = Path(embed_dir)
-    real = load_array(embed_dir / "real.npy", mmap=False)
-    table = read_table(embed_dir / "real.parquet", ("row", "slice_id"))
-    if real.ndim != 2 or len(table) != len(real):
-        raise DatasetError(f"{embed_dir / 'real.npy'}: shape {real.shape} does not match {len(table)} rows of real.parquet")
+    real, table = read_embeddings(embed_dir, "real")
     real_row = pd.Series(table["row"].to_numpy(dtype=np.int64), index=table["slice_id"].to_numpy(dtype=np.int64))
     neighbours_path = embed_dir / "neighbours.parquet"
     neighbours = read_table(neighbours_path, ("synthetic_id", "rank", "real_id"))
@@ -211,6 +210,8 @@ class BlendBank:
             training device with the bank and the maps are rendered there.
         hole: fresh: (rows, columns) of the hole; kernel, kernel_size, sigma: fresh: the edge softening;
         maps_size: fresh: the image side S the maps are rendered at.
+        sa_real_ids: int64 [B], each entry's SA target (pairs.parquet sa_real_id, which the blend stage
+            always writes); None when the table has no such column (written by hand or an older blend stage).
     """
 
     maps: torch.Tensor | None
@@ -223,6 +224,7 @@ class BlendBank:
     kernel_size: int = 5
     sigma: float = 1.0
     maps_size: int = 0
+    sa_real_ids: np.ndarray | None = None
 
     @property
     def fresh(self) -> bool:
@@ -236,6 +238,19 @@ class BlendBank:
                              "self-training draws of draws.parquet")
         return render_blend_maps(self.draw_corners[start : start + count], self.maps_size, self.hole, self.kernel,
                                  self.kernel_size, self.sigma)
+
+
+def sa_target_rows(bank: BlendBank, embed: EmbedTargets, pairs_path: Path) -> np.ndarray:
+    """Row of `embed.real` holding each bank entry's SA target: pairs.parquet's sa_real_id, as the blend stage
+    wrote it (the partner for balanced pairing, the rank-0 neighbour otherwise).
+
+    Raises:
+        DatasetError: no sa_real_id column or an entry without a target (a blend folder from before the stage
+            wrote them: rerun it), or a target without an embedding.
+    """
+    if bank.sa_real_ids is None or (bank.sa_real_ids < 0).any():
+        raise DatasetError(f"{pairs_path}: entries without an SA target (sa_real_id); rerun the blend stage")
+    return embed.rows_of(bank.sa_real_ids, pairs_path)
 
 
 def load_blend(blend_dir: Path | str, image_size: int, synthetic_count: int) -> BlendBank:
@@ -260,10 +275,11 @@ def load_blend(blend_dir: Path | str, image_size: int, synthetic_count: int) -> 
         raise DatasetError(f"{pairs_path}: blend_id must be 0..{entries - 1}, {what}")
     synthetic_ids = pairs["synthetic_id"].to_numpy(dtype=np.int64)
     real_ids = pairs["real_id"].to_numpy(dtype=np.int64)
+    sa_real_ids = pairs["sa_real_id"].to_numpy(dtype=np.int64) if "sa_real_id" in pairs else None
     if synthetic_ids.min() < 0 or synthetic_ids.max() >= synthetic_count:
         raise DatasetError(f"{pairs_path}: synthetic ids outside [0, {synthetic_count}) of the synthetic set")
     if maps is not None:
-        return BlendBank(torch.from_numpy(maps.astype(np.float16)), synthetic_ids, real_ids)
+        return BlendBank(torch.from_numpy(maps.astype(np.float16)), synthetic_ids, real_ids, sa_real_ids=sa_real_ids)
 
     draws_path = blend_dir / "draws.parquet"
     draws = read_table(draws_path, ("blend_id", "synthetic_id", "real_id", "top", "left"), "run the blend stage")
@@ -283,7 +299,7 @@ def load_blend(blend_dir: Path | str, image_size: int, synthetic_count: int) -> 
     return BlendBank(None, synthetic_ids, real_ids, draw_entries=entry, draw_corners=torch.tensor(corners),
                      hole=hole, kernel=str(settings.get("kernel", "gaussian")),
                      kernel_size=int(settings.get("kernel_size", 5)), sigma=float(settings.get("sigma", 1.0)),
-                     maps_size=image_size)
+                     maps_size=image_size, sa_real_ids=sa_real_ids)
 
 
 def dataset_classes(prepared_dir: Path | str) -> int:
@@ -375,22 +391,9 @@ def _load_bank(inputs: TrainInputs, cfg: TrainSettings, blend_dir: Path | str) -
 
 def _load_sa_targets(inputs: TrainInputs, embed_dir: Path | str, blend_dir: Path | str) -> None:
     """The embeddings and, per bank entry, the real.npy rows of its SA target and of its real slice."""
-    from sraseg.io import read_table
-
-    bank = inputs.bank
-    inputs.embed = embed = load_embed(embed_dir, len(inputs.synthetic))
-    # SA target of each entry: its pairs.parquet sa_real_id (balanced: the partner), else rank-0 neighbour
-    inputs.bank_sa_rows = embed.neighbour_row[bank.synthetic_ids]
-    pairs_path = Path(blend_dir) / "pairs.parquet"
-    sa_ids = read_table(pairs_path, ("blend_id",)).sort_values("blend_id").get("sa_real_id")
-    if sa_ids is not None and (sa_ids.to_numpy() >= 0).any():
-        own = sa_ids.to_numpy() >= 0
-        inputs.bank_sa_rows[own] = embed.rows_of(sa_ids.to_numpy()[own], pairs_path)
-    no_neighbour = np.unique(bank.synthetic_ids[inputs.bank_sa_rows < 0])
-    if len(no_neighbour):
-        raise DatasetError(f"{Path(embed_dir) / 'neighbours.parquet'}: no rank-0 neighbour for synthetic "
-                           f"id(s) {no_neighbour[:5].tolist()} used by the blend bank")
-    inputs.bank_real_embed_rows = embed.rows_of(bank.real_ids, Path(embed_dir) / "real.parquet")
+    inputs.embed = load_embed(embed_dir, len(inputs.synthetic))
+    inputs.bank_sa_rows = sa_target_rows(inputs.bank, inputs.embed, Path(blend_dir) / "pairs.parquet")
+    inputs.bank_real_embed_rows = inputs.embed.rows_of(inputs.bank.real_ids, Path(embed_dir) / "real.parquet")
 
 
 def sample_indices(population: int, count: int, generator: torch.Generator) -> torch.Tensor:
