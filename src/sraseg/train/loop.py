@@ -43,7 +43,7 @@ from sraseg.device import autocast, grad_scaler, pick_device, seed_everything
 from sraseg.errors import ConfigError, SrasegError
 from sraseg.preempt import stop_on_signals
 from sraseg.resume import input_identity, job_key
-from sraseg.settings import choices, parse_settings, settings_dict
+from sraseg.settings import parse_settings, settings_dict
 from sraseg.train.alignment import ProjectionHead, sa_loss
 from sraseg.train.checkpoint import (
     cpu_state,
@@ -77,7 +77,9 @@ __all__ = ["METHODS", "TrainSettings", "TrainContext", "make_optimizer", "traini
 
 log = logging.getLogger(__name__)
 
-METHODS = choices("experiments", "method")  # labeled_only, bcp_real, bcp_synthetic, sraseg
+# the methods training_phases dispatches on (tests/test_config.py checks it equals the schema's enum); a
+# literal, so importing the train stage needs no schema (benchmarks/gpu_check.py imports only torch)
+METHODS = ("labeled_only", "bcp_real", "bcp_synthetic", "sraseg")
 CLASS_NAMES = ("rv", "myo", "lv")  # ACDC's foreground classes (num_classes 4), as the log names them
 
 
