@@ -14,8 +14,8 @@ best self-training checkpoint); the pre-train best only initialises self-trainin
 
 Self-training's switches (defaults: what the ablations found best; README, "Why SRA-Seg fell behind BCP"):
 `sraseg_loss` and `sraseg_pretrain_loss` pick sraseg's loss form, `pseudo_weight` and `unlabeled_rampup`
-weigh the pseudo-labelled part, `selftrain_reduction` sums or
-averages the two mixed images' losses, `teacher_mode` runs the teacher in eval or train mode while it
+weigh the pseudo-labelled part, `selftrain_reduction` averages (the default) or sums sraseg's two
+mixed images' losses (BCP always sums, as its paper), `teacher_mode` runs the teacher in eval or train mode while it
 labels, `pair_augment` augments SRA-Seg's synthetic/real pair with one transform or two. Instruments in
 train_log.csv: the teacher's validation Dice beside the student's, the loss split into its true-label and
 pseudo-label parts, the pseudo-labels' class fractions (the labeled slices' own are in train.json), and
@@ -140,8 +140,9 @@ class TrainSettings:
             1: the reference). Pixels weigh 1 - (1 - w)*m, m the pixel's pseudo-labelled share.
         unlabeled_rampup: iterations of the sigmoid ramp-up exp(-5 (1 - t)^2) that multiplies the pseudo
             part's weight (sraseg's pseudo_weight, BCP's 0.5) from self-training's first iteration; 0: none.
-        selftrain_reduction: sum (the reference: L(x1,y1) + L(x2,y2)) or mean of the two mixed images'
-            losses in self-training.
+        selftrain_reduction: mean (the default) or sum (the reference: L(x1,y1) + L(x2,y2)) of sraseg's
+            two mixed images' losses in self-training. Pre-training has one mixed term, so the sum doubles
+            the step at the switch; with soft maps the student then fell (README, issue 22). BCP sums.
         pair_augment: separate (one transform each for sraseg's synthetic image and its real partner, the
             reference's) or shared.
         sraseg_loss: region (BCP's region loss over the blend's shares, the pseudo-labelled share weighted by
@@ -181,7 +182,7 @@ class TrainSettings:
     largest_component: bool = True
     pseudo_weight: float = 0.5
     unlabeled_rampup: int = 0
-    selftrain_reduction: str = "sum"
+    selftrain_reduction: str = "mean"
     pair_augment: str = "separate"
     sraseg_loss: str = "region"
     sraseg_pretrain_loss: str = "soft"
@@ -386,12 +387,12 @@ def _unlabeled_rampup(ctx: TrainContext) -> float:
 
 
 def _selftrain_terms(cfg: TrainSettings, per_image: list[dict[str, torch.Tensor]],
-                     pseudo: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The terms of a self-train step: the mixed images' terms summed (the reference) or averaged
-    (`selftrain_reduction: mean`), and pl_frac_<class>, each class's share of the pseudo-labels' pixels
+                     pseudo: torch.Tensor, average: bool = False) -> dict[str, torch.Tensor]:
+    """The terms of a self-train step: the mixed images' terms summed (BCP, the reference) or averaged
+    (`average`), and pl_frac_<class>, each class's share of the pseudo-labels' pixels
     (`pseudo`: one-hot float [B,C,H,W]), kept on the device like the losses."""
     terms = _sum_terms(*per_image)
-    if cfg.selftrain_reduction == "mean":
+    if average:
         terms = {k: v / len(per_image) for k, v in terms.items()}
     fractions = pseudo.detach().float().mean(dim=(0, 2, 3))
     terms.update({f"pl_frac_{name}": fractions[c] for c, name in enumerate(class_names(cfg.num_classes), start=1)})
@@ -425,7 +426,7 @@ def _pretrain_step(ctx: TrainContext, kind: str) -> dict[str, torch.Tensor]:
 def _bcp_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
     """BCP self-train, bidirectional hard copy-paste with teacher pseudo-labels of the unlabeled images:
     x1 = a*u_a + (1-a)*l_a, x2 = a*l_b + (1-a)*u_b (one fresh hard map per mixed image).
-    Loss: BCP's region loss on x1 and on x2, summed (or averaged); the unlabeled (pseudo-labelled) region
+    Loss: BCP's region loss on x1 and on x2, summed (BCP's; `selftrain_reduction` is sraseg's); the unlabeled (pseudo-labelled) region
     weighs 0.5 (times the ramp-up factor when `unlabeled_rampup` is set). `bcp_loss: soft` puts sraseg's
     soft loss (pseudo-labelled share weighted by pseudo_weight) in its place."""
     cfg = ctx.cfg
@@ -475,10 +476,11 @@ def _sraseg_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
        draws one for each);
     2. Y(s) = teacher argmax + largest component on the un-mixed s, Y(r) = true label;
     3. a-half: x1 = a*s + (1-a)*r, y1 = a*Y(s) + (1-a)*Y(r); b-half: x2 = a*r + (1-a)*s, y2 likewise;
-    4. loss = L_soft(x1,y1) + L_soft(x2,y2) + sa_weight * L_SA, L_SA on the un-augmented images (their
+    4. loss = (L_soft(x1,y1) + L_soft(x2,y2)) / 2 + sa_weight * L_SA (`selftrain_reduction: sum`, the
+       reference, drops the / 2), L_SA on the un-augmented images (their
        DINOv2 embeddings were computed without augmentation). L_soft weighs the pseudo-labelled share
        (a in x1, 1-a in x2) by pseudo_weight times the ramp-up factor (1 and 1 in the reference),
-       `sraseg_loss` picks its form (`_soft_terms`), and `selftrain_reduction: mean` halves the two terms' sum."""
+       `sraseg_loss` picks its form (`_soft_terms`)."""
     cfg, bank, prepared = ctx.cfg, ctx.bank, ctx.prepared
     idx, a = _sraseg_draws(ctx)
     syn_ids, real_pos = bank.synthetic_ids[idx], ctx.bank_real_pos[idx]  # host-side bookkeeping
@@ -497,7 +499,8 @@ def _sraseg_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
     logits = ctx.student(torch.cat([x1, x2]))
     weight = cfg.pseudo_weight * _unlabeled_rampup(ctx)
     terms = _selftrain_terms(cfg, [_soft_terms(logits[:half], y1, a[:half], weight, cfg.sraseg_loss),
-                                   _soft_terms(logits[half:], y2, 1.0 - a[half:], weight, cfg.sraseg_loss)], y_s)
+                                   _soft_terms(logits[half:], y2, 1.0 - a[half:], weight, cfg.sraseg_loss)], y_s,
+                             average=cfg.selftrain_reduction == "mean")
     if cfg.sa:
         k = min(cfg.sa_batch, len(idx))
         features = ctx.student.encode(torch.cat([s_raw[:k], r_raw[:k]]))
