@@ -181,7 +181,7 @@ def collect(out_dir: Path) -> list[dict]:
 
 
 def generator_stage_fd_curve(path: Path) -> list[tuple[int, float]]:
-    from sraseg.embed.probe import read_fd_log
+    from sraseg.generate.probe import read_fd_log
 
     return [(r["step"], round(r["fd_ratio"], 2)) for r in read_fd_log(path)]
 

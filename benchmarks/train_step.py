@@ -40,7 +40,7 @@ from sraseg.device import autocast, pick_device, seed_everything  # noqa: E402
 from sraseg.settings import parse_settings  # noqa: E402
 from sraseg.train.alignment import ProjectionHead  # noqa: E402
 from sraseg.train.data import BlendBank, EmbedTargets, Prepared  # noqa: E402
-from sraseg.train.loop import TrainContext, TrainSettings, check_settings, make_optimizer, training_phases  # noqa: E402
+from sraseg.train.loop import TrainContext, TrainSettings, make_optimizer, training_phases  # noqa: E402
 from sraseg.train.teacher import update_ema  # noqa: E402
 from sraseg.train.unet import UNet  # noqa: E402
 
@@ -142,7 +142,6 @@ def make_bench(name: str, inputs: Inputs, device: torch.device, seed: int = 0, *
         Bench with the last phase's step function (self-train; labeled_only's single supervised phase).
     """
     cfg = parse_settings(TrainSettings, {**settings, "device": device.type}, "train")
-    check_settings(cfg)
     torch.manual_seed(seed)  # same initial weights for every variant
     ctx = TrainContext(cfg=cfg, seed=seed, device=device, generator=torch.Generator().manual_seed(seed),
                    prepared=inputs.prepared, student=None)

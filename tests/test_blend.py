@@ -49,7 +49,7 @@ def inputs(tmp_path):
     rows = [(s, r, real, 0.9 - 0.1 * r) for s, reals in real_by_rank.items() for r, real in enumerate(reals)]
     neighbours = tmp_path / "neighbours.parquet"
     pd.DataFrame(rows, columns=["synthetic_id", "rank", "real_id", "cosine"]).to_parquet(neighbours)
-    return dict(synthetic_dir=synthetic, prepared_dir=prepared, neighbours=neighbours)
+    return dict(synthetic_dir=synthetic, prepared_dir=prepared, neighbours=neighbours, embed_dir=tmp_path)
 
 
 def _run(inputs, out_dir, **settings):
@@ -150,8 +150,13 @@ def test_bad_neighbours(inputs, tmp_path):
     assert path in str(info.value)
     _rewrite_neighbours(inputs, [r for r in rows if r[0] != 3] + [(3, 0, UNLABELED[0], 0.5)])
     with pytest.raises(DatasetError, match=r"\[3\] have no labeled train slice"):
-        blend.run(**inputs, out_dir=tmp_path / "out", settings={"maps": "bank"})
+        blend.run(**inputs, out_dir=tmp_path / "out", settings={"maps": "bank", "pairing": "nearest"})
     assert not (tmp_path / "out").exists()
+    # only nearest pairing takes its partners from the neighbours: random pairs image 3 and takes its
+    # unlabeled rank-0 neighbour as the SA target
+    blend.run(**inputs, out_dir=tmp_path / "random", settings={"maps": "bank", "pairing": "random"})
+    pairs = pd.read_parquet(tmp_path / "random" / "pairs.parquet")
+    assert (pairs.loc[pairs["synthetic_id"] == 3, "sa_real_id"] == UNLABELED[0]).all()
 
 
 @pytest.mark.parametrize(
@@ -198,14 +203,25 @@ def test_balanced_pairing_caps_every_labeled_slice_and_sets_sa_target(inputs, tm
     np.testing.assert_allclose(pairs["cosine"], expected, atol=1e-5)
     info = json.loads((tmp_path / "balanced" / "blend.json").read_text())
     assert info["cap"] == cap and info["partner_stats"]["max_uses"] <= cap
-    # nearest keeps the SA target at the rank-0 neighbour (sa_real_id -1)
-    _, near = _run(inputs, tmp_path / "nearest", maps_per_image=3)
-    assert (near["sa_real_id"] == -1).all()
+    # nearest and random pairing: the SA target is the image's rank-0 neighbour, labeled or not
+    rank0 = {0: 2, 1: 4, 2: 0, 3: 5}
+    for pairing in ("nearest", "random"):
+        _, other = _run(inputs, tmp_path / pairing, maps_per_image=3, pairing=pairing)
+        assert other["sa_real_id"].tolist() == [rank0[s] for s in other["synthetic_id"]]
 
 
 def test_balanced_pairing_without_embeddings_is_one_line(inputs, tmp_path):
     with pytest.raises(DatasetError, match="real.npy"):
         _run(inputs, tmp_path / "b", pairing="balanced")
+    with pytest.raises(ConfigError, match="--embed-dir"):
+        _run(dict(inputs, embed_dir=None), tmp_path / "b", pairing="balanced")
+
+
+def test_every_image_needs_a_rank0_neighbour_for_its_sa_target(inputs, tmp_path):
+    rows = [r for r in pd.read_parquet(inputs["neighbours"]).itertuples(index=False) if (r[0], r[1]) != (1, 0)]
+    _rewrite_neighbours(inputs, rows)
+    with pytest.raises(DatasetError, match=r"no rank-0 neighbour .*\[1\]"):
+        _run(inputs, tmp_path / "b", pairing="random")
 
 
 # --- maps: fresh, a map of its own for every self-training draw ----------------------------------------
@@ -293,8 +309,10 @@ def test_fresh_files_stay_small_at_acdc_scale(tmp_path):
     np.save(prepared / "labels.npy", rng.integers(0, 4, size=(n, size, size)).astype(np.uint8))
     np.save(synthetic / "images.npy", rng.random((m, size, size), dtype=np.float32))
     pd.DataFrame(dict(synthetic_id=np.arange(m))).to_parquet(synthetic / "synthetic.parquet")
+    neighbours = tmp_path / "neighbours.parquet"  # the SA targets: rank-0 neighbours
+    pd.DataFrame(dict(synthetic_id=np.arange(m), rank=0, real_id=np.arange(m) % 3, cosine=0.5)).to_parquet(neighbours)
     out = tmp_path / "blend"
-    blend.run(synthetic, prepared, tmp_path / "none.parquet", out, dict(maps="fresh", pairing="random"), draws=600_000)
+    blend.run(synthetic, prepared, neighbours, out, dict(maps="fresh", pairing="random"), draws=600_000)
     written = {p.name: p.stat().st_size for p in out.iterdir()}
     assert set(written) == {"draws.parquet", "pairs.parquet", "preview.png", "blend.json"}
     assert sum(written.values()) < 50e6, written

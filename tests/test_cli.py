@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from sraseg.cli import build_parser, main
+from sraseg.settings import SCHEMA_PATH
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+SCHEMA = yaml.safe_load(SCHEMA_PATH.read_text())  # the packaged schema, as the stages and the workflow read it
 
 
 def _help(stage: str, capsys) -> str:

@@ -12,8 +12,10 @@ import jsonschema
 import pytest
 import yaml
 
+from sraseg.settings import SCHEMA_PATH
+
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+SCHEMA = yaml.safe_load(SCHEMA_PATH.read_text())  # the packaged schema, as the stages and the workflow read it
 
 # config section -> the stage settings dataclass that receives it
 SECTIONS = {
@@ -144,7 +146,7 @@ def edited_schema(tmp_path, monkeypatch):
     """Point the package at an edited copy of the schema; `edit(section, key, **fields)` changes it."""
     from sraseg import settings
 
-    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    schema = yaml.safe_load(settings.SCHEMA_PATH.read_text())
     path = tmp_path / "config.schema.yaml"
 
     def edit(section: str, key: str, **fields):
@@ -198,3 +200,219 @@ def test_config_readme_reference_is_the_schema():
         for key, sub in spec.get("properties", {}).items():
             assert f"| `{key}` | `{json.dumps(sub['default'])}` |" in block, f"{section}.{key}"
 
+
+
+# --- every section walked: each schema bound is the stage's check, the stages check nothing else by hand ---
+
+# Sections no stage dataclass parses: the workflow reads them itself (rule arguments, targets).
+WORKFLOW_SECTIONS = {"device", "dataset", "phantom", "fives_phantom", "prepare", "experiments", "seeds"}
+
+
+def test_every_schema_section_is_a_stage_section_or_the_workflows():
+    assert set(SCHEMA["properties"]) == set(SECTIONS) | WORKFLOW_SECTIONS
+
+
+def _outside(sub: dict, default) -> list[tuple[str, object]]:
+    """(rule, value) for a value just outside each bound or choice of schema property `sub`."""
+    kinds = sub.get("type") if isinstance(sub.get("type"), list) else [sub.get("type")]
+    step = 1 if "integer" in kinds else 1e-3
+    cases = []
+    if "enum" in sub:
+        cases.append(("enum", "not-a-choice" if isinstance(sub["enum"][0], str) else max(sub["enum"]) + 1))
+    if "minimum" in sub:
+        cases.append(("minimum", sub["minimum"] - step))
+    if "maximum" in sub:
+        cases.append(("maximum", sub["maximum"] + step))
+    for rule in ("exclusiveMinimum", "exclusiveMaximum"):
+        if rule in sub:
+            cases.append((rule, sub[rule]))
+    if "multipleOf" in sub:
+        cases.append(("multipleOf", default + 1))
+    if "minItems" in sub:
+        cases.append(("minItems", list(default)[: sub["minItems"] - 1]))
+    if "items" in sub:
+        cases += [(f"items.{rule}", [bad, *list(default)[1:]]) for rule, bad in _outside(sub["items"], default[0])]
+    return cases
+
+
+STAGE_BOUNDS = [
+    (section, key, rule, bad)
+    for section in sorted(SECTIONS)
+    for key, sub in SCHEMA["properties"][section]["properties"].items()
+    for rule, bad in _outside(sub, sub["default"])
+]
+
+
+def test_the_walk_covers_every_kind_of_bound():
+    assert {rule for _, _, rule, _ in STAGE_BOUNDS} == {
+        "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minItems",
+        "items.minimum", "items.maximum",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(("section", "key", "rule", "bad"), STAGE_BOUNDS, ids=[f"{s}.{k}-{r}" for s, k, r, _ in STAGE_BOUNDS])
+def test_each_schema_bound_is_enforced_by_the_stage(section, key, rule, bad):
+    """A value just outside each bound or choice of the schema is refused by the stage's own parse, in
+    one line naming `section.key`; the value at the bound's default passes."""
+    from sraseg.errors import ConfigError
+    from sraseg.settings import parse_settings
+
+    cls = getattr(importlib.import_module(SECTIONS[section][0]), SECTIONS[section][1])
+    parse_settings(cls, {key: SCHEMA["properties"][section]["properties"][key]["default"]}, section)
+    with pytest.raises(ConfigError, match=re.escape(f"'{section}.{key}")) as err:
+        parse_settings(cls, {key: bad}, section)
+    assert "\n" not in str(err.value)
+
+
+def _inside(sub: dict, default) -> list[tuple[str, object]]:
+    """(rule, value) for each value at the edge of what schema property `sub` allows, and each choice."""
+    kinds = sub.get("type") if isinstance(sub.get("type"), list) else [sub.get("type")]
+    step = 1 if "integer" in kinds else 1e-3
+    cases = [(f"enum:{choice}", choice) for choice in sub.get("enum", [])]
+    cases += [(rule, sub[rule]) for rule in ("minimum", "maximum") if rule in sub]
+    if "exclusiveMinimum" in sub:
+        cases.append(("exclusiveMinimum", sub["exclusiveMinimum"] + step))
+    if "exclusiveMaximum" in sub:
+        cases.append(("exclusiveMaximum", sub["exclusiveMaximum"] - step))
+    if "minItems" in sub:
+        cases.append(("minItems", list(default)[: sub["minItems"]]))
+    if "items" in sub:
+        cases += [(f"items.{rule}", [edge, *list(default)[1:]]) for rule, edge in _inside(sub["items"], default[0])]
+    return cases
+
+
+# The other keys a value at the edge needs, where a cross-field rule ties them.
+COMPANIONS = {
+    ("generator", "prediction_type", "enum:epsilon"): {"zero_terminal_snr": False},
+    ("train", "channels", "minItems"): {"dropout": [0.05, 0.1]},
+    ("train", "dropout", "minItems"): {"channels": [16, 32]},
+}
+STAGE_EDGES = [
+    (section, key, rule, edge)
+    for section in sorted(SECTIONS)
+    for key, sub in SCHEMA["properties"][section]["properties"].items()
+    for rule, edge in _inside(sub, sub["default"])
+]
+
+
+@pytest.mark.parametrize(("section", "key", "rule", "edge"), STAGE_EDGES, ids=[f"{s}.{k}-{r}" for s, k, r, _ in STAGE_EDGES])
+def test_the_stage_accepts_everything_the_schema_allows(section, key, rule, edge):
+    """Each choice and each value at a bound's edge passes the stage's parse: a stage refuses nothing the
+    schema allows key by key (only the cross-field rules below tie keys together)."""
+    from sraseg.settings import parse_settings
+
+    cls = getattr(importlib.import_module(SECTIONS[section][0]), SECTIONS[section][1])
+    settings = parse_settings(cls, {key: edge, **COMPANIONS.get((section, key, rule), {})}, section)
+    assert getattr(settings, key) == edge
+
+
+@pytest.mark.parametrize(
+    ("section", "settings", "needle"),
+    [
+        ("generator", dict(resolution=18, block_out_channels=[8, 16, 16]), r"'generator\.resolution'.*resolution 18"),
+        ("generator", dict(prediction_type="epsilon", zero_terminal_snr=True), r"'generator\.zero_terminal_snr' needs .*v_prediction"),
+        ("train", dict(pretrain_iterations=0, selftrain_iterations=0), r"'train\.pretrain_iterations' \+ 'train\.selftrain_iterations' must be > 0"),
+        ("train", dict(channels=[4, 8, 16], dropout=[0.1, 0.2]), r"'train\.channels' and 'train\.dropout' need the same length"),
+        ("train", dict(blend_kernel_size=4), r"'train\.blend_kernel_size' is 4; must be odd"),
+        ("blend", dict(kernel_size=4), r"'blend\.kernel_size' is 4; must be odd"),
+    ],
+)
+def test_cross_checks_say_what_the_schema_cannot(section, settings, needle):
+    """Each stage's `cross_checks` (run by parse_settings) holds only rules the schema cannot state: every
+    value here is valid key by key under the schema, and the stage still refuses the combination."""
+    from sraseg.errors import ConfigError
+    from sraseg.settings import config_problems, parse_settings
+
+    assert config_problems({section: settings}, SCHEMA, check_paths=False) == []
+    cls = getattr(importlib.import_module(SECTIONS[section][0]), SECTIONS[section][1])
+    with pytest.raises(ConfigError, match=needle):
+        parse_settings(cls, settings, section)
+
+
+def test_train_method_is_checked_against_the_experiments_enum():
+    """`method` comes from the experiment (not a `train` key): the train stage checks it against the
+    schema's experiments.<name>.method choices."""
+    from sraseg.errors import ConfigError
+    from sraseg.settings import parse_settings
+    from sraseg.train.loop import TrainSettings
+
+    with pytest.raises(ConfigError, match=r"^'train\.method' is 'fixmatch'; allowed: labeled_only, bcp_real, bcp_synthetic, sraseg$"):
+        parse_settings(TrainSettings, {"method": "fixmatch"}, "train")
+
+
+def test_formerly_drifted_bounds_agree():
+    """generator.ema_decay must be < 1 and train.num_classes >= 2 (ACDC 4, FIVES 2), for the workflow's
+    check and the stage's alike; an instance built in Python is held to the same bounds."""
+    from sraseg.errors import ConfigError
+    from sraseg.generate.train import GeneratorSettings, validate_settings
+    from sraseg.settings import config_problems, parse_settings
+    from sraseg.train.loop import TrainSettings
+
+    assert config_problems({"generator": {"ema_decay": 1.0}}, SCHEMA, check_paths=False) == ["'generator.ema_decay' is 1.0; must be < 1"]
+    for given in ({"ema_decay": 1.0}, GeneratorSettings(ema_decay=1.0)):
+        with pytest.raises(ConfigError, match=r"'generator\.ema_decay' is 1\.0; must be < 1"):
+            validate_settings(given)
+    assert validate_settings(GeneratorSettings(ema_decay=0.5)).ema_decay == 0.5
+    for classes in (2, 4):
+        assert config_problems({"train": {"num_classes": classes}}, SCHEMA, check_paths=False) == []
+        assert parse_settings(TrainSettings, {"num_classes": classes}, "train").num_classes == classes
+    assert config_problems({"train": {"num_classes": 1}}, SCHEMA, check_paths=False) == ["'train.num_classes' is 1; must be >= 2"]
+
+
+# Code that dispatches on a setting's values keeps its one table; each equals the schema's enum.
+DISPATCH_TABLES = [
+    ("sraseg.blend.maps", "KERNELS", "blend", "kernel"),
+    ("sraseg.blend.maps", "KERNELS", "train", "blend_kernel"),
+    ("sraseg.embed.pairing", "PAIRING_RULES", "blend", "pairing"),
+    ("sraseg.embed.common", "POOLINGS", "embed", "pooling"),
+    ("sraseg.train.data", "AUGMENTATIONS", "train", "augment"),
+    ("sraseg.train.data", "PAIR_AUGMENTS", "train", "pair_augment"),
+    ("sraseg.train.teacher", "TEACHER_MODES", "train", "teacher_mode"),
+    ("sraseg.train.loop", "METHODS", "experiments", "method"),
+]
+
+
+@pytest.mark.parametrize(("module", "name", "section", "key"), DISPATCH_TABLES)
+def test_code_tables_of_choices_equal_the_schema_enum(module, name, section, key):
+    from sraseg.settings import choices
+
+    assert set(getattr(importlib.import_module(module), name)) == set(choices(section, key))
+
+
+def test_every_stage_device_takes_the_same_choices():
+    from sraseg.cli import _devices
+    from sraseg.settings import choices
+
+    with_device = [section for section in SECTIONS if "device" in SCHEMA["properties"][section]["properties"]]
+    assert len(with_device) == 6 and {choices(section, "device") for section in with_device} == {("auto", "cpu", "cuda")}
+    assert _devices() == ["auto", "cpu", "cuda"]
+
+
+def test_experiment_section_is_the_one_merge_of_overrides():
+    """The section with the experiment's overrides on top (train: and its method); the workflow's rules
+    and the CLI's --config/--experiment both use it."""
+    from sraseg.errors import ConfigError
+    from sraseg.settings import experiment_section
+
+    config = _tiny()
+    config["experiments"]["sraseg"]["train"] = {"lr": 0.5}
+    config["experiments"]["sraseg"]["blend"] = {"pairing": "nearest"}
+    assert experiment_section(config, "train", "sraseg") == {**config["train"], "lr": 0.5, "method": "sraseg"}
+    assert experiment_section(config, "blend", "sraseg") == {**config.get("blend", {}), "pairing": "nearest"}
+    assert experiment_section(config, "train") == config["train"]
+    assert experiment_section(config, "sample", "sraseg") == config["sample"]
+    with pytest.raises(ConfigError, match="'nope' is not in the config's experiments"):
+        experiment_section(config, "train", "nope")
+    common = (REPO / "workflow" / "rules" / "common.smk").read_text()
+    assert not re.search(r"EXPERIMENTS\[[^]]+\]\.get\(\"(train|blend)\"", common), "merge overrides with experiment_section"
+
+
+def test_the_schema_ships_in_the_package():
+    import tomllib
+
+    import sraseg
+
+    assert SCHEMA_PATH.parent == Path(sraseg.__file__).resolve().parent and SCHEMA_PATH.is_file()
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert SCHEMA_PATH.name in pyproject["tool"]["setuptools"]["package-data"]["sraseg"]
+    assert not (REPO / "workflow" / "schemas").exists(), "one schema file: the package's"

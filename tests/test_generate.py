@@ -210,6 +210,63 @@ def test_resume_equals_uninterrupted(prepared, tmp_path, monkeypatch):
     assert any(not torch.equal(fresh[k], a[k]) for k in a)
 
 
+
+def test_logged_loss_is_the_mean_of_the_step_losses_read_back_at_log_steps(prepared, tmp_path, monkeypatch):
+    """train_step hands its loss back on the device (no host sync per step); each train_log.csv row is
+    the mean of its steps' losses, summed in float64 in step order as when each step was read at once."""
+    losses, real_step = [], train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: losses.append(real_step(*a, **k)) or losses[-1])
+    out = train.run(prepared, tmp_path / "out", dict(TINY, steps=7, checkpoint_every=3, log_every=2))
+    assert all(isinstance(loss, torch.Tensor) and loss.dim() == 0 for loss in losses)
+    values = [float(loss) for loss in losses]
+    want = []
+    for first, last in ((0, 2), (2, 4), (4, 6), (6, 7)):
+        total = 0.0
+        for v in values[first:last]:
+            total += v
+        want.append(total / (last - first))
+    assert pd.read_csv(out / "train_log.csv")["loss"].tolist() == want
+
+
+def test_non_finite_loss_names_its_step(prepared, tmp_path, monkeypatch):
+    calls, real_step = [], train.train_step
+
+    def nan_at_3(*args, **kwargs):
+        calls.append(1)
+        loss = real_step(*args, **kwargs)
+        return torch.full_like(loss, float("nan")) if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train, "train_step", nan_at_3)
+    with pytest.raises(ConfigError, match="loss became nan at step 3; lower the learning rate"):
+        train.run(prepared, tmp_path / "out", dict(TINY, steps=7, checkpoint_every=5, log_every=4))
+    assert not (tmp_path / "out" / "last.ckpt").exists()  # caught at step 4's log, before any checkpoint
+
+
+def test_foreach_ema_equals_diffusers_ema_bitwise():
+    """ForeachEMA runs EMAModel's per-tensor update as foreach kernels: the same averages, bit for bit
+    (EMAModel's own foreach=True agrees only within float rounding)."""
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(0)
+    model = build_unet(16, [8, 16], 1, False, True)
+    frozen = next(model.parameters())
+    frozen.requires_grad_(False)  # copied, not averaged, by both
+    kwargs = dict(decay=0.999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
+    looped, fused = EMAModel(model.parameters(), **kwargs), train.ForeachEMA(model.parameters(), **kwargs)
+    diffusers_foreach = EMAModel(model.parameters(), foreach=True, **kwargs)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        for ema in (looped, fused, diffusers_foreach):
+            ema.step(model.parameters())
+    assert fused.optimization_step == looped.optimization_step == 5
+    assert fused.cur_decay_value == looped.cur_decay_value
+    for a, b, c in zip(looped.shadow_params, fused.shadow_params, diffusers_foreach.shadow_params):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c)
+    assert torch.equal(fused.shadow_params[0], frozen)
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_signal_writes_checkpoint_then_rerun_resumes_exactly(signum, prepared, tmp_path, monkeypatch):
     """SIGTERM/SIGUSR1 (SLURM's notice before a kill or preemption) after step 5: last.ckpt holds step 5,
@@ -484,3 +541,40 @@ def test_min_snr_weights_by_hand():
         got = float(train.diffusion_loss(_Constant(errors), sched, clean, noise, t, snr_gamma=5.0))
         assert got == pytest.approx(expected, rel=1e-5), kind
         assert got != pytest.approx(2.5, rel=1e-3)  # not the unweighted mean
+
+
+def test_generator_fd_probe_logs_ratio_and_degrades_without_wheel(tmp_path, monkeypatch, caplog):
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    from sraseg.generate.probe import FDProbe, read_fd_log
+
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.random((16, 1, 16, 16), dtype=np.float32) * 2 - 1)
+    patients = np.repeat([f"p{i}" for i in range(4)], 4)
+    probe = FDProbe.create(images, np.arange(16), patients, n=6, every=2, total=5, sampler_steps=2,
+                           out_dir=tmp_path, resume_step=0)  # fmt: skip
+    assert probe is not None and probe.floor > 0
+    unet = build_unet(16, [8, 16], 1, False, False)
+    ema = EMAModel(unet.parameters(), decay=0.9)
+    scheduler = DDPMScheduler(num_train_timesteps=20)
+    before = [p.detach().clone() for p in unet.parameters()]
+    assert probe.maybe_log(1, unet, ema, scheduler, torch.device("cpu")) is None  # not due
+    for step in (2, 4, 5):  # every 2 steps and the last one
+        row = probe.maybe_log(step, unet, ema, scheduler, torch.device("cpu"))
+        assert row["fd_ratio"] == pytest.approx(row["fd"] / row["fd_floor"]) and row["fd"] > 0
+    assert unet.training and all(torch.equal(a, b) for a, b in zip(before, unet.parameters()))  # weights restored
+    assert [r["step"] for r in read_fd_log(tmp_path / "fd_log.csv")] == [2, 4, 5]
+    # A resumed run at step 2 drops the later rows it is about to redo.
+    FDProbe.create(images, np.arange(16), patients, 6, 2, 5, 2, tmp_path, resume_step=2)
+    assert [r["step"] for r in read_fd_log(tmp_path / "fd_log.csv")] == [2]
+
+    import importlib.metadata
+
+    def absent(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", absent)
+    with caplog.at_level("WARNING"):
+        assert FDProbe.create(images, np.arange(16), patients, 6, 2, 5, 2, tmp_path / "x", resume_step=0) is None
+    assert "FD probe off" in caplog.text

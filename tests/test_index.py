@@ -12,7 +12,7 @@ from embed_fixtures import make_embed_dir, make_prepared, unit_rows
 
 from sraseg.embed import index as index_stage
 from sraseg.embed.frechet import frechet_distance
-from sraseg.errors import DatasetError
+from sraseg.errors import ConfigError, DatasetError
 
 D = 16
 # 6 labeled + 14 unlabeled train slices (slice ids 0..19), then val/test slices that are never embedded.
@@ -262,3 +262,45 @@ def test_fd_floor_below_fd_of_blurred_or_shifted_real_set():
     blurred = frechet_distance(a, enc.embed_array(ndimage.gaussian_filter(b, sigma=(0, 2, 2))))["fd"]
     shifted = frechet_distance(a, enc.embed_array(np.clip(b + 0.3, 0, 1)))["fd"]
     assert floor < blurred and floor < shifted, (floor, blurred, shifted)
+
+
+def test_faiss_index_choice_falls_back_to_cpu_with_the_same_neighbours(monkeypatch):
+    """The search goes through a FAISS GPU index only with a GPU build that sees a GPU; on the CPU build
+    the chosen index is the CPU one itself, and its neighbours are the brute-force cosine ones."""
+    index = index_stage
+    rng = np.random.default_rng(3)
+    bank, queries = (rng.standard_normal((n, 16)).astype(np.float32) for n in (40, 9))
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    cpu = faiss.IndexFlatIP(16)
+    cpu.add(bank)
+    if not index.faiss_has_gpu():  # this machine: faiss-cpu, or no GPU
+        assert not index.use_gpu_index("auto") and not index.use_gpu_index("cpu")
+        with pytest.raises(ConfigError, match="faiss-gpu"):
+            index.use_gpu_index("cuda")
+        assert index.search_index(cpu, index.use_gpu_index("auto")) is cpu
+    assert index.search_index(cpu, False) is cpu
+    _, ids = index.search_index(cpu, index.use_gpu_index("auto")).search(queries, 5)
+    np.testing.assert_array_equal(ids, np.argsort(-(queries @ bank.T), axis=1, kind="stable")[:, :5])
+    _, found, _ = index.cosine_knn(bank, queries, 5, use_gpu=index.use_gpu_index("auto"))
+    np.testing.assert_array_equal(found, ids)
+    # a faiss without the GPU classes (the CPU wheel) is told apart by hasattr alone
+    monkeypatch.delattr(faiss, "StandardGpuResources", raising=False)
+    assert not index.faiss_has_gpu() and not index.use_gpu_index("auto")
+
+
+def test_pairing_rules_are_shared_and_keep_their_streams():
+    """sraseg.embed.pairing's rules as the blend stage and the index's hubness use them: nearest takes
+    neighbour k mod n in rank order; random draws the same stream as a uniform rng.choice over the bank."""
+    from sraseg.embed.pairing import nearest_partners, random_partners
+
+    table = pd.DataFrame(dict(synthetic_id=[1, 0, 0, 1, 0], rank=[0, 2, 0, 1, 1], real_id=[7, 5, 3, 8, 4],
+                              cosine=np.float32([0.9, 0.5, 0.8, 0.7, 0.6])))  # fmt: skip
+    picks = nearest_partners(table, np.array([1, 0]), 4)
+    assert picks["real_id"].tolist() == [7, 8, 7, 8, 3, 4, 5, 3]
+    with pytest.raises(ValueError, match=r"\[2\]"):
+        nearest_partners(table, np.array([2]), 1)
+    bank = np.array([11, 12, 13, 14, 15])
+    rows = random_partners(len(bank), 6, 3, np.random.default_rng(9))
+    assert rows.shape == (6, 3)
+    np.testing.assert_array_equal(bank[rows].ravel(), np.random.default_rng(9).choice(bank, size=18, replace=True))

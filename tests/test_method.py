@@ -645,13 +645,12 @@ def test_bcp_soft_loss_mirror_weighs_the_unlabeled_region_by_pseudo_weight(input
     assert {"loss_true", "loss_pseudo", "pl_frac_rv"} <= terms.keys()
 
 
-@pytest.mark.parametrize("method", ["bcp_real", "sraseg"])
-def test_mean_reduction_is_half_the_sum(method, inputs):
-    """selftrain_reduction mean: every loss term exactly half the sum's (same draws; SA off here, it is
-    added after the reduction); the pseudo-label fractions do not change."""
+def test_mean_reduction_is_half_the_sum(inputs):
+    """selftrain_reduction mean (sraseg's default): every loss term exactly half the sum's (same draws;
+    SA off here, it is added after the reduction); the pseudo-label fractions do not change."""
     out = {}
     for reduction in ("sum", "mean"):
-        ctx = make_ctx(inputs, method, selftrain_reduction=reduction)
+        ctx = make_ctx(inputs, "sraseg", selftrain_reduction=reduction)
         torch.manual_seed(0)
         ctx.student = UNet(**SMALL_NET)
         out[reduction] = {k: v.detach() for k, v in loop.training_phases(ctx.cfg)[-1][2](ctx).items()}
@@ -863,7 +862,7 @@ def test_held_out_slices_never_train(method, poisoned, tmp_path, monkeypatch):
     assert scored and set(scored) == {6}  # patient004: 2 frames x 3 slices
     # and the check itself can fail: a val slice in the labeled pool gives a NaN loss
     if method == "labeled_only":
-        real = loop.load_prepared
+        real = train_data.load_prepared
 
         def leaky(*args, **kwargs):
             prepared = real(*args, **kwargs)
@@ -871,7 +870,7 @@ def test_held_out_slices_never_train(method, poisoned, tmp_path, monkeypatch):
             prepared.labeled_labels = torch.cat([prepared.labeled_labels, prepared.val_labels])
             return prepared
 
-        monkeypatch.setattr(loop, "load_prepared", leaky)
+        monkeypatch.setattr(train_data, "load_prepared", leaky)
         with pytest.raises(SrasegError, match="nan"):
             loop.run(out_dir=tmp_path / "leaky", settings=dict(settings, labeled_batch=40), seed=1, **poisoned)
 
@@ -917,12 +916,12 @@ def test_interrupted_semi_supervised_run_resumes_exactly(method, inputs, tmp_pat
 
 @pytest.mark.parametrize("method", ["labeled_only", "bcp_real", "bcp_synthetic"])
 def test_sraseg_settings_leave_the_other_methods_untouched(method, inputs):
-    """sraseg_loss, pseudo_weight and pair_augment are sraseg's alone (bcp_loss keeps the region loss): the
-    other methods' steps give the same terms whatever they are, so their runs stand when sraseg's defaults
-    move."""
+    """sraseg_loss, pseudo_weight, pair_augment and selftrain_reduction are sraseg's alone (bcp_loss keeps
+    the region loss, BCP sums its two terms): the other methods' steps give the same terms whatever they
+    are, so their runs stand when sraseg's defaults move."""
     out = []
-    for settings in ({"sraseg_loss": "soft", "pseudo_weight": 1.0, "pair_augment": "shared"},
-                     {"sraseg_loss": "region", "pseudo_weight": 0.5, "pair_augment": "separate"}):
+    for settings in ({"sraseg_loss": "soft", "pseudo_weight": 1.0, "pair_augment": "shared", "selftrain_reduction": "sum"},
+                     {"sraseg_loss": "region", "pseudo_weight": 0.5, "pair_augment": "separate", "selftrain_reduction": "mean"}):
         ctx = make_ctx(inputs, method, **settings)
         torch.manual_seed(0)
         ctx.student = UNet(**SMALL_NET)

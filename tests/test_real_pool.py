@@ -41,8 +41,9 @@ def test_sraseg_trains_on_the_pool_in_place_of_synthetic_images(tmp_path):
     prepared = make_prepared(tmp_path)
     pool = tmp_path / "pool"
     real_pool.run(prepared, pool)
-    out = loop.run(prepared_dir=prepared, synthetic_dir=pool, embed_dir=make_embed(tmp_path, prepared, pool),
-                   blend_dir=make_blend(tmp_path, prepared, pool), out_dir=tmp_path / "run",
+    embed = make_embed(tmp_path, prepared, pool)
+    out = loop.run(prepared_dir=prepared, synthetic_dir=pool, embed_dir=embed,
+                   blend_dir=make_blend(tmp_path, prepared, pool, embed=embed), out_dir=tmp_path / "run",
                    settings=dict(TINY, method="sraseg", unlabeled="real"), seed=5)
     log = pd.read_csv(out / "train_log.csv")
     selftrain = log[log["phase"] == "selftrain"]

@@ -262,3 +262,26 @@ def test_nan_loss_aborts(inputs, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "soft_dice_ce", nan_loss)
     with pytest.raises(SrasegError, match="nan"):
         loop.run(out_dir=tmp_path, settings=TINY, seed=0, **inputs)
+
+
+def test_fp16_grad_scaler_state_is_checkpointed_and_resumed(inputs, tmp_path, monkeypatch):
+    """last.ckpt carries the gradient scaler (on a CUDA card without bf16 it is the fp16 loss scale), and a
+    resume goes on with it: here a CPU scaler, enabled on purpose, doubles its scale at every step."""
+    from sraseg.train.checkpoint import load_checkpoint
+
+    scalers = []
+
+    def doubling_scaler(device):
+        scalers.append(torch.amp.GradScaler("cpu", init_scale=1.0, growth_factor=2.0, growth_interval=1))
+        return scalers[-1]
+
+    monkeypatch.setattr(loop, "grad_scaler", doubling_scaler)
+    settings = dict(TINY, method="labeled_only", **SMALL_NET)
+    run = lambda: loop.run(out_dir=tmp_path, settings=settings, seed=5, **inputs)  # noqa: E731
+    real_save, saved = loop.save_checkpoint, {}
+    monkeypatch.setattr(loop, "save_checkpoint", lambda path, state: saved.update(state) or real_save(path, state))
+    interrupt_after(monkeypatch, 3, run)
+    assert load_checkpoint(tmp_path / "last.ckpt")["scaler"]["scale"] == 8.0  # three steps, three doublings
+    run()
+    assert scalers[-1].get_scale() == 16.0  # went on from 8, not from a fresh 1
+    assert saved["scaler"]["scale"] == 16.0

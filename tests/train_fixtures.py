@@ -106,8 +106,10 @@ def make_embed(root: Path, prepared: Path, synthetic: Path, seed: int = 2) -> Pa
     return out
 
 
-def make_blend(root: Path, prepared: Path, synthetic: Path, kind: str = "gaussian", seed: int = 3) -> Path:
-    """Two maps per synthetic image, each paired with a random labeled train slice."""
+def make_blend(root: Path, prepared: Path, synthetic: Path, kind: str = "gaussian", seed: int = 3,
+               embed: Path | None = None) -> Path:  # fmt: skip
+    """Two maps per synthetic image, each paired with a random labeled train slice; with `embed`, each entry's
+    SA target is its image's rank-0 neighbour there (sa_real_id, as the blend stage writes it)."""
     rng = np.random.default_rng(seed)
     table = pd.read_parquet(prepared / "slices.parquet")
     labeled = table.loc[table["labeled"], "slice_id"].to_numpy()
@@ -119,6 +121,12 @@ def make_blend(root: Path, prepared: Path, synthetic: Path, kind: str = "gaussia
     pd.DataFrame(dict(blend_id=np.arange(2 * count), synthetic_id=np.repeat(np.arange(count), 2),
                       real_id=rng.choice(labeled, 2 * count), map_index=np.tile([0, 1], count),
                       rank=np.zeros(2 * count, int), cosine=np.full(2 * count, np.nan))).to_parquet(out / "pairs.parquet")
+    if embed is not None:
+        pairs = pd.read_parquet(out / "pairs.parquet")
+        neighbours = pd.read_parquet(embed / "neighbours.parquet")
+        nearest = neighbours[neighbours["rank"] == 0].set_index("synthetic_id")["real_id"]
+        pairs["sa_real_id"] = nearest.loc[pairs["synthetic_id"]].to_numpy(dtype=np.int64)
+        pairs.to_parquet(out / "pairs.parquet")
     return out
 
 
@@ -128,8 +136,9 @@ def make_fresh_blend(root: Path, inputs: dict[str, Path], draws: int, **settings
     from sraseg.blend import run as blend
 
     out = root / "blend_fresh"
-    blend.run(inputs["synthetic_dir"], inputs["prepared_dir"], root / "no_neighbours.parquet", out,
-              dict(dict(maps="fresh", pairing="random", maps_per_image=2), **settings), draws=draws)
+    blend.run(inputs["synthetic_dir"], inputs["prepared_dir"], inputs["embed_dir"] / "neighbours.parquet", out,
+              dict(dict(maps="fresh", pairing="random", maps_per_image=2), **settings), draws=draws,
+              embed_dir=inputs["embed_dir"])
     return out
 
 
@@ -137,8 +146,9 @@ def make_all(root: Path, size: int = SIZE) -> dict[str, Path]:
     """Every input of every method, keyed by `run` keyword."""
     prepared = make_prepared(root, size=size)
     synthetic = make_synthetic(root, size=size)
-    return dict(prepared_dir=prepared, synthetic_dir=synthetic, embed_dir=make_embed(root, prepared, synthetic),
-                blend_dir=make_blend(root, prepared, synthetic))
+    embed = make_embed(root, prepared, synthetic)
+    return dict(prepared_dir=prepared, synthetic_dir=synthetic, embed_dir=embed,
+                blend_dir=make_blend(root, prepared, synthetic, embed=embed))
 
 
 def student_weights(out_dir: Path) -> dict[str, torch.Tensor]:

@@ -83,6 +83,13 @@ def _settings_epilog(section: str) -> str | None:
     )
 
 
+def _devices() -> list[str]:
+    """The device choices, as the schema gives every stage's `device` (auto, cpu, cuda)."""
+    from sraseg.settings import choices
+
+    return list(choices("train", "device"))
+
+
 def _parser(sub, name: str, help: str, section: str | None = None, description: str | None = None):
     p = sub.add_parser(
         name,
@@ -118,7 +125,7 @@ def _add_config(p, experiment: bool = False):
 
 def section_settings(args) -> dict:
     """The stage's settings: --config's section (with --experiment's overrides), then --settings."""
-    from sraseg.settings import ConfigProblems, config_problems, section_schema
+    from sraseg.settings import ConfigProblems, config_problems, experiment_section, section_schema
 
     merged: dict = {}
     config = getattr(args, "config", None)
@@ -126,15 +133,7 @@ def section_settings(args) -> dict:
         problems = config_problems(config, check_paths=False)
         if problems:
             raise ConfigProblems(problems)
-        merged = dict(config.get(args.section) or {})
-        name = getattr(args, "experiment", None)
-        if name is not None:
-            experiments = config.get("experiments") or {}
-            if name not in experiments:
-                raise ConfigError(f"--experiment {name!r} is not in the config's experiments ({', '.join(experiments)})")
-            merged.update(experiments[name].get(args.section) or {})
-            if args.section == "train":
-                merged["method"] = experiments[name]["method"]
+        merged = experiment_section(config, args.section, getattr(args, "experiment", None))
     elif getattr(args, "experiment", None) is not None:
         raise ConfigError("--experiment needs --config FILE (the experiments are read from it)")
     own_keys = set((section_schema(args.section) or {}).get("properties") or {})
@@ -291,15 +290,12 @@ def selftrain_draws(args) -> int:
     """Self-training draws the train stage will take from `maps: fresh`: --draws, else
     selftrain_iterations x unlabeled_batch of --config's train section (with --experiment's overrides),
     the schema defaults filling what it leaves out."""
-    from sraseg.settings import section_schema
+    from sraseg.settings import experiment_section, section_schema
 
     if args.draws is not None:
         return args.draws
     train = {k: v.get("default") for k, v in ((section_schema("train") or {}).get("properties") or {}).items()}
-    config = args.config or {}
-    train.update(config.get("train") or {})
-    if args.experiment is not None:
-        train.update(((config.get("experiments") or {}).get(args.experiment) or {}).get("train") or {})
+    train.update(experiment_section(args.config or {}, "train", args.experiment))
     return int(train["selftrain_iterations"]) * int(train["unlabeled_batch"])
 
 
@@ -308,6 +304,7 @@ def _add_blend(sub):
     _path(p, "--synthetic-dir", "--synthetic", required=True, help="sample stage output folder")
     _path(p, "--prepared-dir", "--prepared", required=True, help="prepare output folder")
     _path(p, "--neighbours", required=True, help="neighbours.parquet from the index stage")
+    _path(p, "--embed-dir", help="embed stage folder (real/synthetic embeddings; needed by pairing: balanced)")
     _path(p, "--out-dir", required=True, help="blend bank folder")
     p.add_argument("--draws", type=int, default=None, metavar="N",
                    help="self-training draws for `maps: fresh` (train.selftrain_iterations x train.unlabeled_batch; "
@@ -322,6 +319,7 @@ def _add_blend(sub):
             out_dir=a.out_dir,
             settings=section_settings(a),
             draws=selftrain_draws(a),
+            embed_dir=a.embed_dir,
         ),
     )
 
@@ -365,7 +363,7 @@ def _add_predict(sub):
     p.add_argument("-m", "--model", type=Path, required=True,
                    help="train output: results/{ds}/{exp}/seed{N} or its model.safetensors")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (default 16)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+    p.add_argument("--device", default="auto", choices=_devices(),
                    help="auto (default): CUDA when torch sees one; cuda: fail in one line when it does not")
     # the workflow's mode: a split of the prepared volumes.parquet instead of a folder
     _path(p, "--prepared-dir", "--prepared", help="instead of -i: prepare output whose volumes.parquet lists the cases")
@@ -434,7 +432,7 @@ def _add_content(sub):
     _path(p, "--synthetic-dir", "--synthetic", required=True, help="sample stage output folder")
     _path(p, "--prepared-dir", "--prepared", required=True, help="prepare output folder")
     _path(p, "--out-dir", required=True, help="content folder (content.json, content.parquet, content.png)")
-    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
+    p.add_argument("--device", default=None, choices=_devices(),
                    help="overrides the settings' device (auto: CUDA when torch sees one)")  # fmt: skip
     _add_config(p)
     p.set_defaults(

@@ -1,8 +1,10 @@
-"""Typed stage settings. The config schema (workflow/schemas/config.schema.yaml) is the one
-declaration of every setting's default, choices and bounds; each stage's dataclass names its fields
-(and keeps the same defaults for direct construction, checked by a test). `parse_settings` fills a
-config section's missing keys from the schema, validates it with jsonschema (one line per problem,
-did-you-mean for unknown keys) and builds the dataclass."""
+"""Typed stage settings. The config schema (config.schema.yaml beside this module, shipped in the
+package; the workflow validates its config with the same file) is the one declaration of every
+setting's default, choices and bounds; each stage's dataclass names its fields (and keeps the same
+defaults for direct construction, checked by a test). `parse_settings` fills a config section's
+missing keys from the schema, validates it with jsonschema (one line per problem, did-you-mean for
+unknown keys), builds the dataclass and runs its `cross_checks()`: the rules across several fields
+that the schema cannot say, written once per stage."""
 
 from __future__ import annotations
 
@@ -20,18 +22,18 @@ from sraseg.errors import ConfigError
 __all__ = [
     "parse_settings",
     "settings_dict",
-    "check_choice",
-    "check_positive",
     "SCHEMA_PATH",
     "load_schema",
     "config_problems",
     "did_you_mean",
     "ConfigProblems",
     "section_schema",
+    "choices",
+    "experiment_section",
 ]
 
 # The one declaration of every workflow setting (defaults, choices, bounds, one-line meanings).
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = Path(__file__).resolve().with_name("config.schema.yaml")
 
 T = TypeVar("T")
 
@@ -65,6 +67,35 @@ def section_schema(section: str) -> dict | None:
         return None
 
 
+def choices(section: str, key: str) -> tuple:
+    """The values setting `section.key` allows, as the schema's enum lists them: code that needs the
+    list (a CLI's choices, a dispatch table's test) reads it here instead of spelling it again.
+    `experiments` names a key of one experiment, e.g. `choices("experiments", "method")`."""
+    spec = load_schema()["properties"][section]
+    properties = spec["properties"] if "properties" in spec else spec["additionalProperties"]["properties"]
+    return tuple(properties[key]["enum"])
+
+
+def experiment_section(config: dict, section: str, experiment: str | None = None) -> dict:
+    """Config section `section` as experiment `experiment` runs it: the section's keys with the
+    experiment's overrides on top and, for `train`, the experiment's method (the workflow's rules and
+    the CLI's `--config/--experiment` both merge here). None: the section as written.
+
+    Raises:
+        ConfigError: `experiment` is not one of the config's experiments.
+    """
+    merged = dict(config.get(section) or {})
+    if experiment is None:
+        return merged
+    experiments = config.get("experiments") or {}
+    if experiment not in experiments:
+        raise ConfigError(f"experiment {experiment!r} is not in the config's experiments ({', '.join(experiments)})")
+    merged.update(experiments[experiment].get(section) or {})
+    if section == "train":
+        merged["method"] = experiments[experiment]["method"]
+    return merged
+
+
 def _plain(value: Any) -> Any:
     """Tuples as lists, so jsonschema's `array` accepts what Python callers pass."""
     if isinstance(value, (list, tuple)):
@@ -78,11 +109,14 @@ def parse_settings(cls: type[T], data: dict | None, section: str) -> T:
     """Build dataclass `cls` from `data`; `section` names the config section (and its schema).
 
     Keys missing from `data` take the schema's default (the dataclass default where the schema has
-    none, e.g. train's `method`); the values are checked against the schema's types, choices and bounds.
+    none, e.g. train's `method`); the values are checked against the schema's types, choices and bounds,
+    then by the dataclass's own `cross_checks()` where it has one (rules across several fields, which
+    the schema cannot say; each raises a ConfigError naming `section.key`).
 
     Raises:
-        ConfigError: an unknown key (with the closest known one) or a value of the wrong type;
-            ConfigProblems (a ConfigError) for every schema violation at once, one line each.
+        ConfigError: an unknown key (with the closest known one), a value of the wrong type, or a
+            broken cross-field rule; ConfigProblems (a ConfigError) for every schema violation at once,
+            one line each.
     """
     data = dict(data or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -107,7 +141,10 @@ def parse_settings(cls: type[T], data: dict | None, section: str) -> T:
             raise ConfigError(f"'{section}.{name}' must be of type {hints[name]}; got {value!r}")
         if hints[name] is float and isinstance(value, int):
             data[name] = float(value)
-    return cls(**data)
+    settings = cls(**data)
+    if hasattr(settings, "cross_checks"):
+        settings.cross_checks()
+    return settings
 
 
 def settings_dict(settings: Any) -> dict:
@@ -115,29 +152,17 @@ def settings_dict(settings: Any) -> dict:
     return dataclasses.asdict(settings)
 
 
-def check_choice(section: str, name: str, value: Any, allowed: typing.Iterable[Any]) -> None:
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise ConfigError(f"'{section}.{name}' must be one of {', '.join(map(str, allowed))}; got {value!r}")
-
-
-def check_positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"'{section}.{name}' must be {bound}; got {value!r}")
-
-
 @functools.lru_cache(maxsize=1)
 def load_schema() -> dict:
-    """The workflow's config schema (workflow/schemas/config.schema.yaml) as a dict.
+    """The config schema (SCHEMA_PATH, shipped in the package) as a dict.
 
     Raises:
-        ConfigError: the schema file is not there (sraseg installed without its workflow folder).
+        ConfigError: the schema file is not there (a broken install: reinstall sraseg).
     """
     import yaml
 
     if not SCHEMA_PATH.is_file():
-        raise ConfigError(f"{SCHEMA_PATH}: config schema not found (run sraseg from its checkout)")
+        raise ConfigError(f"{SCHEMA_PATH}: config schema not found (a broken install: reinstall sraseg)")
     return yaml.safe_load(SCHEMA_PATH.read_text())
 
 
@@ -213,7 +238,7 @@ def config_problems(config: dict, schema: dict | None = None, check_paths: bool 
     return problems
 
 
-README_BEGIN = "<!-- BEGIN generated from workflow/schemas/config.schema.yaml: python -m sraseg.settings --readme -->"
+README_BEGIN = "<!-- BEGIN generated from src/sraseg/config.schema.yaml: python -m sraseg.settings --readme -->"
 README_END = "<!-- END generated -->"
 
 

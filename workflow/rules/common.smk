@@ -6,17 +6,16 @@ import os
 import re
 import sys
 
-import yaml
 from snakemake.utils import validate
 
 sys.path.insert(0, os.path.abspath(os.path.join(workflow.basedir, "..", "src")))
-from sraseg.settings import config_problems
+from sraseg.settings import SCHEMA_PATH, config_problems, experiment_section
 
 
 # Every config mistake as one line (key, value, what is allowed; did-you-mean for unknown keys),
-# and a missing dataset.raw_dir, stop the run before any job starts.
-with open(os.path.join(workflow.basedir, "schemas", "config.schema.yaml")) as _schema_file:
-    _problems = config_problems(config, yaml.safe_load(_schema_file))
+# and a missing dataset.raw_dir, stop the run before any job starts. The schema is the package's
+# (src/sraseg/config.schema.yaml), the one the stages check their settings with.
+_problems = config_problems(config)
 # source fives reads the user's FIVES download: the same raw_dir check as for source acdc (there in
 # sraseg.settings, whose code the ACDC stages hash; this check sits here so their hashes stay as they are)
 _dataset = config.get("dataset") if isinstance(config.get("dataset"), dict) else {}
@@ -36,7 +35,7 @@ if _problems:
 # Experiment overrides are validated against the same keys as `train`/`blend`, but filling them
 # with defaults would override the user's section values: keep the overrides as written.
 _experiments_as_written = copy.deepcopy(config.get("experiments"))
-validate(config, schema="../schemas/config.schema.yaml")
+validate(config, schema=str(SCHEMA_PATH))
 if _experiments_as_written is not None:
     config["experiments"] = _experiments_as_written
 
@@ -91,7 +90,7 @@ def method_of(exp):
 
 def unlabeled_of(exp):
     """The experiment's `train.unlabeled`: synthetic (the generator's images) or real (the real pool)."""
-    return {**config["train"], **EXPERIMENTS[exp].get("train", {})}.get("unlabeled", "synthetic")
+    return experiment_section(config, "train", exp).get("unlabeled", "synthetic")
 
 
 def needs(exp, what):
@@ -121,18 +120,17 @@ def gpu_settings(section):
 
 def train_settings(wildcards):
     """The experiment's training settings: config `train`, its overrides, and its method."""
-    exp = EXPERIMENTS[wildcards.exp]
-    settings = {**config["train"], **exp.get("train", {}), "method": exp["method"]}
+    settings = experiment_section(config, "train", wildcards.exp)
     return as_json({**settings, "device": gpu_device(settings)})
 
 
 def blend_settings(wildcards):
-    return as_json({**config["blend"], **EXPERIMENTS[wildcards.exp].get("blend", {})})
+    return as_json(experiment_section(config, "blend", wildcards.exp))
 
 
 def blend_maps(exp):
     """The experiment's `blend.maps`: bank (maps.npy, rule blend) or fresh (draws.parquet, rule blend_fresh)."""
-    return {**config["blend"], **EXPERIMENTS[exp].get("blend", {})}.get("maps", "bank")
+    return experiment_section(config, "blend", exp).get("maps", "bank")
 
 
 def blend_experiments(mode):
@@ -146,7 +144,7 @@ def blend_draws(wildcards):
     training takes (so only a fresh blend folder depends on, and reruns with, these train settings)."""
     if blend_maps(wildcards.exp) != "fresh":
         return ""
-    train = {**config["train"], **EXPERIMENTS[wildcards.exp].get("train", {})}
+    train = experiment_section(config, "train", wildcards.exp)
     return f"--draws {int(train['selftrain_iterations']) * int(train['unlabeled_batch'])}"
 
 
@@ -174,7 +172,7 @@ def blend_inputs(wildcards):
         "synthetic": f"{images}/images.npy",
         "neighbours": f"{embed}/neighbours.parquet",
         "prepared": f"{PREPARED}/slices.parquet",
-        # balanced pairing reads the embeddings beside neighbours.parquet
+        # the embed folder (--embed-dir): balanced pairing reads the embeddings
         "real_embeddings": f"{embed}/real.npy",
         "synthetic_embeddings": f"{embed}/synthetic.npy",
     }

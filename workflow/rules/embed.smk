@@ -113,6 +113,7 @@ rule blend:
         draws=blend_draws,
         synthetic=input_dir("synthetic"),
         prepared=input_dir("prepared"),
+        embed_dir=input_dir("real_embeddings"),
         out_dir=output_dir("pairs"),
     log:
         f"{LOGS}/blend_{{exp}}.log",
@@ -124,7 +125,8 @@ rule blend:
         "../../envs/cpu.yaml"
     shell:
         "python -m sraseg blend --synthetic-dir {params.synthetic} --prepared-dir {params.prepared}"
-        " --neighbours {input.neighbours} --out-dir {params.out_dir} {params.draws} --settings {params.settings:q}"
+        " --neighbours {input.neighbours} --embed-dir {params.embed_dir} --out-dir {params.out_dir} {params.draws}"
+        " --settings {params.settings:q}"
         " > {log} 2>&1"
 
 

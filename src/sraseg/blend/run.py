@@ -6,11 +6,14 @@ train slice to pair it with (pairs.parquet, blend_id = s * K + k):
   train slice, in rank order; entry k takes neighbour k mod (number of such neighbours), so with K
   entries and n >= K neighbours the K nearest are each used once;
 - "random": uniform over all labeled train slices (seeded), cosine NaN and rank -1;
-- "balanced": the embeddings beside neighbours.parquet, each domain centred on its own mean and
+- "balanced": the embed folder's embeddings (--embed-dir), each domain centred on its own mean and
   renormalised, then the assignment of the M*K entries to labeled slices that maximises the total
   centred cosine with no slice used more than ceil(M*K / labeled slices) times (no hub can form).
-  `cosine` is the plain (uncentred) cosine, `rank` its rank among the image's neighbours (-1: not
-  among them), and `sa_real_id` the partner: the SA loss pulls the synthetic image toward it.
+  `cosine` is the plain (uncentred) cosine and `rank` its rank among the image's neighbours (-1: not
+  among them).
+The rules themselves live in sraseg.embed.pairing (the index stage reports their hubness). Every entry
+also names its SA target, `sa_real_id`, the real slice the SA loss pulls the synthetic image toward:
+the partner for "balanced", the image's rank-0 neighbour (any bank slice) for "nearest" and "random".
 At training time x = a * synthetic + (1 - a) * real and y = a * Y(synthetic) + (1 - a) * Y(real):
 `a` = 1 keeps the synthetic image, the hole shows the real one.
 
@@ -51,39 +54,39 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from sraseg.blend.maps import KERNELS, hole_size, make_blend_maps, mix, render_blend_maps
-from sraseg.embed.pairing import balanced_partners, partner_stats
+from sraseg.blend.maps import hole_size, make_blend_maps, mix, render_blend_maps
+from sraseg.embed.embeddings import load_embeddings
+from sraseg.embed.pairing import (
+    PAIRING_RULES,
+    balanced_partners,
+    nearest_partners,
+    partner_stats,
+    random_partners,
+)
 from sraseg.errors import ConfigError, DatasetError
 from sraseg.io import load_array, read_table, staged_outputs, write_json
-from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
+from sraseg.settings import parse_settings, settings_dict
 
 __all__ = [
     "BlendSettings",
-    "MAP_MODES",
-    "PAIRINGS",
     "LABEL_COLOURS",
     "blend_labels",
     "draw_table",
     "pair_balanced",
     "pair_nearest",
     "pair_random",
+    "pair_entries",
+    "nearest_sa_targets",
     "run",
 ]
 
 log = logging.getLogger(__name__)
 
-PAIRINGS = ("nearest", "random", "balanced")
-MAP_MODES = ("bank", "fresh")
 # draws.parquet (maps: fresh): one row per self-training draw, row d = draw d; narrow types keep it small
 DRAW_COLUMNS = {"blend_id": np.int32, "synthetic_id": np.int32, "real_id": np.int32, "top": np.int16,
                 "left": np.int16}
 # Background black, RV red, MYO green, LV blue (preview only).
 LABEL_COLOURS = np.array([[0, 0, 0], [1, 0.2, 0.2], [0.2, 0.9, 0.2], [0.3, 0.5, 1.0]], dtype=np.float32)
-_RULES = {
-    "nearest": "map k uses labeled neighbour k mod n in rank order",
-    "random": "uniform over labeled train slices",
-    "balanced": "per-domain centred cosine, assignment with each labeled slice used at most cap times",
-}
 _CHUNK = 256  # maps generated per call: bounds memory at S=256 (part of the seeded sequence)
 _PREVIEW_ROWS = 4
 
@@ -114,16 +117,10 @@ class BlendSettings:
     pairing: str = "random"
     seed: int = 0
 
-    def __post_init__(self):
-        check_choice("blend", "maps", self.maps, MAP_MODES)
-        check_positive("blend", "maps_per_image", self.maps_per_image)
-        check_choice("blend", "kernel", self.kernel, KERNELS)
-        check_choice("blend", "pairing", self.pairing, PAIRINGS)
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ConfigError(f"'blend.kernel_size' must be a positive odd integer; got {self.kernel_size!r}")
-        check_positive("blend", "sigma", self.sigma)
-        if not 0.0 < self.ratio < 1.0:
-            raise ConfigError(f"'blend.ratio' must lie in (0, 1); got {self.ratio!r}")
+    def cross_checks(self) -> None:
+        """What the schema cannot say (parse_settings runs it): the kernel needs a centre pixel."""
+        if self.kernel_size % 2 == 0:
+            raise ConfigError(f"'blend.kernel_size' is {self.kernel_size!r}; must be odd")
 
 
 def blend_labels(blend: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -165,8 +162,7 @@ def _read_prepared(prepared_dir: Path, size: int) -> tuple[pd.DataFrame, np.ndar
 
 
 def _read_neighbours(path: Path, synthetic_ids: np.ndarray, slices: pd.DataFrame) -> pd.DataFrame:
-    """neighbours.parquet checked against the synthetic set and the prepared table, restricted to
-    labeled real ids, sorted by (synthetic_id, rank)."""
+    """neighbours.parquet checked against the synthetic set and the prepared table (all its rows)."""
     table = read_table(path, ("synthetic_id", "rank", "real_id", "cosine"), "run the index stage first")
     unknown = np.setdiff1d(table["synthetic_id"].to_numpy(), synthetic_ids)
     if len(unknown):
@@ -178,10 +174,17 @@ def _read_neighbours(path: Path, synthetic_ids: np.ndarray, slices: pd.DataFrame
     not_train = np.setdiff1d(table["real_id"].to_numpy(), train_ids)
     if len(not_train):
         raise DatasetError(f"{path}: real id(s) {not_train[:5].tolist()} are not train slices of the prepared data")
+    return table
+
+
+def _labeled_neighbours(table: pd.DataFrame, path: Path, synthetic_ids: np.ndarray, slices: pd.DataFrame,
+                        every_image: bool) -> pd.DataFrame:  # fmt: skip
+    """The neighbours restricted to labeled real ids, sorted by (synthetic_id, rank); with `every_image`
+    (nearest pairing: its partners), every synthetic image must keep one."""
     labeled = slices["slice_id"].to_numpy()[slices["labeled"].to_numpy(dtype=bool)]
     kept = table[table["real_id"].isin(labeled)].sort_values(["synthetic_id", "rank"], kind="stable")
     without = np.setdiff1d(synthetic_ids, kept["synthetic_id"].to_numpy())
-    if len(without):
+    if every_image and len(without):
         raise DatasetError(
             f"{path}: synthetic id(s) {without[:5].tolist()} have no labeled train slice among their neighbours "
             "(index with bank 'labeled' or more neighbours)"
@@ -196,15 +199,12 @@ def pair_nearest(neighbours: pd.DataFrame, synthetic_ids: np.ndarray, maps_per_i
         neighbours: rows (synthetic_id, rank, real_id, cosine) restricted to labeled real ids.
 
     Returns:
-        pairs (blend_id, synthetic_id, real_id, map_index, rank, cosine), blend_id = s * K + k.
+        pairs (blend_id, synthetic_id, real_id, map_index, rank, cosine, sa_real_id -1), blend_id = s * K + k.
     """
-    groups = {sid: g for sid, g in neighbours.groupby("synthetic_id", sort=True)}
-    rows = []
-    for sid in synthetic_ids:
-        group = groups[int(sid)]
-        for k in range(maps_per_image):
-            pick = group.iloc[k % len(group)]
-            rows.append((int(sid), int(pick["real_id"]), k, int(pick["rank"]), float(pick["cosine"])))
+    picks = nearest_partners(neighbours, synthetic_ids, maps_per_image)
+    entries = [(int(sid), k) for sid in synthetic_ids for k in range(maps_per_image)]
+    rows = [(sid, int(real_id), k, int(rank), float(cosine)) for (sid, k), real_id, rank, cosine
+            in zip(entries, picks["real_id"], picks["rank"], picks["cosine"])]  # fmt: skip
     return _pairs_table(rows)
 
 
@@ -212,9 +212,9 @@ def pair_random(
     labeled_ids: np.ndarray, synthetic_ids: np.ndarray, maps_per_image: int, rng: np.random.Generator
 ) -> pd.DataFrame:
     """Uniform labeled partners; rank -1 and cosine NaN mark them as unranked."""
-    picks = rng.choice(labeled_ids, size=len(synthetic_ids) * maps_per_image, replace=True)
+    picks = labeled_ids[random_partners(len(labeled_ids), len(synthetic_ids), maps_per_image, rng)]
     rows = [
-        (int(sid), int(picks[i * maps_per_image + k]), k, -1, float("nan"))
+        (int(sid), int(picks[i, k]), k, -1, float("nan"))
         for i, sid in enumerate(synthetic_ids)
         for k in range(maps_per_image)
     ]
@@ -237,8 +237,6 @@ def pair_balanced(
     Raises:
         DatasetError: embeddings missing, or a labeled slice / synthetic image without an embedding.
     """
-    from sraseg.embed.index import load_embeddings
-
     real, real_table, syn, syn_table = load_embeddings(embed_dir)
     real_row = pd.Series(np.arange(len(real_table)), index=real_table["slice_id"].to_numpy(dtype=np.int64))
     syn_row = pd.Series(np.arange(len(syn_table)), index=syn_table["synthetic_id"].to_numpy(dtype=np.int64))
@@ -264,8 +262,24 @@ def pair_balanced(
     return table, cap
 
 
+def nearest_sa_targets(pairs: pd.DataFrame, neighbours: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """pairs with sa_real_id set to each synthetic image's rank-0 neighbour (the paper's SA target; used by
+    nearest and random pairing, whatever the bank: an unlabeled slice is a valid target).
+
+    Raises:
+        DatasetError: an image of `pairs` without a rank-0 row in `neighbours`.
+    """
+    nearest = neighbours[neighbours["rank"] == 0]
+    first = dict(zip(nearest["synthetic_id"].to_numpy(dtype=np.int64), nearest["real_id"].to_numpy(dtype=np.int64)))
+    synthetic_ids = pairs["synthetic_id"].to_numpy(dtype=np.int64)
+    missing = np.unique([s for s in synthetic_ids if s not in first])
+    if len(missing):
+        raise DatasetError(f"{path}: no rank-0 neighbour (the SA target) for synthetic id(s) {missing[:5].tolist()}")
+    return pairs.assign(sa_real_id=np.array([first[s] for s in synthetic_ids], dtype=np.int64))
+
+
 def _pairs_table(rows: list[tuple]) -> pd.DataFrame:
-    """pairs with sa_real_id -1: the SA loss targets the synthetic image's nearest neighbour (the paper)."""
+    """pairs with sa_real_id -1 (set by the caller: the partner for balanced, else the rank-0 neighbour)."""
     table = pd.DataFrame(rows, columns=["synthetic_id", "real_id", "map_index", "rank", "cosine"])
     table.insert(0, "blend_id", np.arange(len(table), dtype=np.int64))
     table["sa_real_id"] = -1
@@ -352,105 +366,167 @@ def run(
     out_dir: Path | str,
     settings: dict | None = None,
     draws: int | None = None,
+    embed_dir: Path | str | None = None,
 ) -> None:
     """Write the blend bank: pairs.parquet, preview.png, blend.json and, by `maps`, maps.npy float16
     [M*K,S,S] in [0,1] (bank) or draws.parquet (fresh, one row per self-training draw).
 
     Args:
+        neighbours: the index stage's neighbours.parquet (nearest partners, and every rule's SA target).
         draws: self-training draws (train.selftrain_iterations x train.unlabeled_batch); needed by
             `maps: fresh`, unused by `bank`.
+        embed_dir: the embed stage's folder (real/synthetic embeddings); needed by `pairing: balanced`.
     Raises:
-        ConfigError: bad settings (names the key and the allowed values); `fresh` without `draws`.
+        ConfigError: bad settings (names the key and the allowed values); `fresh` without `draws`; `balanced`
+            without `embed_dir`.
         DatasetError: missing inputs; synthetic ids or shapes that disagree; neighbours.parquet with
-            synthetic ids outside the synthetic set, real ids that are not train slices, or a synthetic
-            image without any labeled neighbour (nearest pairing); no labeled train slices.
+            synthetic ids outside the synthetic set, real ids that are not train slices, a synthetic image
+            without any labeled neighbour or without a rank-0 neighbour; no labeled train slices.
     """
     cfg = parse_settings(BlendSettings, settings, "blend")
     if cfg.maps == "fresh" and (draws is None or int(draws) < 0):
         raise ConfigError("blend.maps 'fresh' needs the number of self-training draws (--draws N, N = "
                           f"train.selftrain_iterations x train.unlabeled_batch); got {draws!r}")
-    synthetic_dir, prepared_dir, neighbours, out_dir = map(Path, (synthetic_dir, prepared_dir, neighbours, out_dir))
+    if cfg.pairing == "balanced" and embed_dir is None:
+        raise ConfigError("blend.pairing 'balanced' reads the embeddings: give the embed folder (--embed-dir)")
+    neighbours, out_dir = Path(neighbours), Path(out_dir)
+    inputs = _read_inputs(Path(synthetic_dir), Path(prepared_dir))
+    # three streams of one seed: maps, pairings, fresh draws (spawn(3)'s first two are spawn(2)'s)
+    map_seq, pair_seq, draw_seq = np.random.SeedSequence(cfg.seed).spawn(3)
+    pairs, cap = pair_entries(cfg, inputs, neighbours, embed_dir, np.random.default_rng(pair_seq))
+    rng = np.random.default_rng(map_seq)
+    with staged_outputs(out_dir) as st:
+        if cfg.maps == "bank":
+            maps = _write_bank_maps(st.path("maps.npy"), pairs, inputs.size, cfg, rng)
+        else:
+            maps = _write_draws(st.path("draws.parquet"), pairs, inputs, cfg, int(draws), rng,
+                                np.random.default_rng(draw_seq))
+        pairs.to_parquet(st.path("pairs.parquet"), index=False)
+        _write_preview(st.path("preview.png"), maps.preview, maps.shown, maps.names, inputs.synthetic, inputs.real,
+                       inputs.labels)
+        write_json(st.path("blend.json"), _blend_record(cfg, inputs, pairs, maps, cap, neighbours))
+    # the other mode's file, left by an earlier run into this folder, is not what training uses
+    (out_dir / ("draws.parquet" if cfg.maps == "bank" else "maps.npy")).unlink(missing_ok=True)
+    stats = partner_stats(pairs["real_id"].to_numpy())
+    log.info("blend %s: %d maps for %d synthetic images (%d entries), %s pairing: %d distinct partners, largest "
+             "share %.1f%%", cfg.maps, maps.count, len(inputs.synthetic_ids), len(pairs), cfg.pairing,
+             stats["distinct"], 100 * stats["top_share"])  # fmt: skip
+
+
+@dataclass
+class _Inputs:
+    """What the blend stage reads besides the neighbours: the synthetic set and the prepared slices."""
+
+    synthetic: np.ndarray  # float32 [M,S,S]
+    synthetic_ids: np.ndarray  # int64 [M], == row
+    slices: pd.DataFrame
+    real: np.ndarray  # prepared images [N,S,S]
+    labels: np.ndarray  # prepared labels [N,S,S]
+    labeled_ids: np.ndarray  # the labeled train slice ids: the partners
+
+    @property
+    def size(self) -> int:
+        return int(self.synthetic.shape[1])
+
+
+def _read_inputs(synthetic_dir: Path, prepared_dir: Path) -> _Inputs:
     synthetic, synthetic_ids = _read_synthetic(synthetic_dir)
     if not len(synthetic_ids):
         raise DatasetError(f"{synthetic_dir / 'images.npy'}: no synthetic images to blend")
-    size = synthetic.shape[1]
-    slices, real, labels = _read_prepared(prepared_dir, size)
+    slices, real, labels = _read_prepared(prepared_dir, synthetic.shape[1])
     labeled_ids = slices["slice_id"].to_numpy()[
         slices["labeled"].to_numpy(dtype=bool) & (slices["split"] == "train").to_numpy()
     ]
     if not len(labeled_ids):
         raise DatasetError(f"{prepared_dir / 'slices.parquet'}: no labeled train slices to pair with")
+    return _Inputs(synthetic, synthetic_ids, slices, real, labels, labeled_ids)
 
-    # three streams of one seed: maps, pairings, fresh draws (spawn(3)'s first two are spawn(2)'s)
-    map_seq, pair_seq, draw_seq = np.random.SeedSequence(cfg.seed).spawn(3)
-    cap = None
+
+def pair_entries(cfg: BlendSettings, inputs: _Inputs, neighbours: Path, embed_dir: Path | str | None,
+                 rng: np.random.Generator) -> tuple[pd.DataFrame, int | None]:  # fmt: skip
+    """The pairs table of `cfg.pairing` with every entry's SA target, and the balanced rule's cap (else None).
+
+    Args:
+        rng: the pairings' stream (random pairing only).
+    """
+    table = _read_neighbours(neighbours, inputs.synthetic_ids, inputs.slices)
+    labeled = _labeled_neighbours(table, neighbours, inputs.synthetic_ids, inputs.slices, cfg.pairing == "nearest")
+    if cfg.pairing == "balanced":
+        return pair_balanced(Path(embed_dir), labeled, inputs.labeled_ids, inputs.synthetic_ids, cfg.maps_per_image)
     if cfg.pairing == "nearest":
-        pairs = pair_nearest(_read_neighbours(neighbours, synthetic_ids, slices), synthetic_ids, cfg.maps_per_image)
-    elif cfg.pairing == "balanced":
-        checked = _read_neighbours(neighbours, synthetic_ids, slices)
-        pairs, cap = pair_balanced(neighbours.parent, checked, labeled_ids, synthetic_ids, cfg.maps_per_image)
+        pairs = pair_nearest(labeled, inputs.synthetic_ids, cfg.maps_per_image)
     else:
-        if neighbours.is_file():
-            _read_neighbours(neighbours, synthetic_ids, slices)  # still refuse an inconsistent file
-        pairs = pair_random(labeled_ids, synthetic_ids, cfg.maps_per_image, np.random.default_rng(pair_seq))
+        pairs = pair_random(inputs.labeled_ids, inputs.synthetic_ids, cfg.maps_per_image, rng)
+    return nearest_sa_targets(pairs, table, neighbours), None
 
+
+@dataclass
+class _Maps:
+    """What a maps mode wrote, for the preview and blend.json."""
+
+    count: int  # maps (bank) or draws (fresh)
+    rule: str  # blend.json's map_rule
+    shown: pd.DataFrame  # the previewed rows (synthetic_id, real_id)
+    preview: np.ndarray  # float [n,S,S], their maps
+    names: list[str]  # their captions
+    extra: dict  # fresh: draw statistics for blend.json
+
+
+def _write_bank_maps(path: Path, pairs: pd.DataFrame, size: int, cfg: BlendSettings, rng: np.random.Generator
+                     ) -> _Maps:  # fmt: skip
+    """maps.npy float16 [entries,S,S]: one fixed map per entry of `pairs`, in chunks of _CHUNK from `rng`."""
     entries = len(pairs)
+    maps = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(entries, size, size))
+    for start in tqdm(range(0, entries, _CHUNK), desc="blend maps", unit="chunk"):
+        n = min(_CHUNK, entries - start)
+        chunk = make_blend_maps(n, size, size, rng, cfg.kernel, cfg.kernel_size, cfg.sigma, cfg.ratio)
+        maps[start : start + n] = chunk[:, 0].numpy().astype(np.float16)
+    maps.flush()
+    chosen = _preview_rows(entries)
+    shown, preview = pairs.iloc[chosen], np.asarray(maps[chosen])
+    del maps
+    names = [f"syn {s} / real {r}" for s, r in zip(shown["synthetic_id"], shown["real_id"])]
+    return _Maps(entries, "one fixed map per entry (maps.npy); self-training draws entries", shown, preview, names, {})
+
+
+def _write_draws(path: Path, pairs: pd.DataFrame, inputs: _Inputs, cfg: BlendSettings, draws: int,
+                 map_rng: np.random.Generator, draw_rng: np.random.Generator) -> _Maps:  # fmt: skip
+    """draws.parquet: one row per self-training draw (`draw_table`); the preview renders a few of its maps."""
+    size = inputs.size
+    table = draw_table(pairs, cfg.maps_per_image, draws, size, cfg.ratio, map_rng, draw_rng)
+    table.to_parquet(path, index=False)
+    chosen = _preview_rows(len(table))
+    shown = table.iloc[chosen]
+    corners = torch.tensor(shown[["top", "left"]].to_numpy(dtype=np.int64))
     hole = hole_size(size, size, cfg.ratio)
-    rng = np.random.default_rng(map_seq)
-    extra: dict = {}
-    with staged_outputs(out_dir) as st:
-        if cfg.maps == "bank":
-            maps = np.lib.format.open_memmap(st.path("maps.npy"), mode="w+", dtype=np.float16,
-                                             shape=(entries, size, size))
-            for start in tqdm(range(0, entries, _CHUNK), desc="blend maps", unit="chunk"):
-                n = min(_CHUNK, entries - start)
-                chunk = make_blend_maps(n, size, size, rng, cfg.kernel, cfg.kernel_size, cfg.sigma, cfg.ratio)
-                maps[start : start + n] = chunk[:, 0].numpy().astype(np.float16)
-            maps.flush()
-            chosen = _preview_rows(entries)
-            shown, preview_maps = pairs.iloc[chosen], np.asarray(maps[chosen])
-            names = [f"syn {s} / real {r}" for s, r in zip(shown["synthetic_id"], shown["real_id"])]
-            n_maps, rule = entries, "one fixed map per entry (maps.npy); self-training draws entries"
-            del maps
-        else:
-            table = draw_table(pairs, cfg.maps_per_image, int(draws), size, cfg.ratio, rng,
-                               np.random.default_rng(draw_seq))
-            table.to_parquet(st.path("draws.parquet"), index=False)
-            chosen = _preview_rows(len(table))
-            shown = table.iloc[chosen]
-            corners = torch.tensor(shown[["top", "left"]].to_numpy(dtype=np.int64))
-            preview_maps = render_blend_maps(corners, size, hole, cfg.kernel, cfg.kernel_size, cfg.sigma)[:, 0].numpy()
-            names = [f"draw {d}: syn {s} / real {r}" for d, s, r in zip(chosen, shown["synthetic_id"], shown["real_id"])]
-            uses = np.bincount(table["synthetic_id"].to_numpy(), minlength=len(synthetic_ids))
-            n_maps, rule = len(table), ("one map per self-training draw (draws.parquet row d = draw d; iteration j "
-                                        "uses rows j*B..j*B+B-1, B = train.unlabeled_batch), rendered in training")
-            extra = dict(n_draws=len(table), draws_per_synthetic=dict(min=int(uses.min()), max=int(uses.max())),
-                         draw_partner_stats=partner_stats(table["real_id"].to_numpy()))
-        pairs.to_parquet(st.path("pairs.parquet"), index=False)
-        _write_preview(st.path("preview.png"), preview_maps, shown, names, synthetic, real, labels)
-        write_json(
-            st.path("blend.json"),
-            dict(
-                settings=settings_dict(cfg),
-                n_synthetic=int(len(synthetic_ids)),
-                n_maps=int(n_maps),
-                n_entries=int(entries),
-                image_size=int(size),
-                hole=list(hole),
-                map_rule=rule,
-                n_labeled_slices=int(len(labeled_ids)),
-                n_distinct_real=int(pairs["real_id"].nunique()),
-                mean_cosine=float(pairs["cosine"].mean()) if cfg.pairing != "random" else None,
-                partner_stats=partner_stats(pairs["real_id"].to_numpy(), pairs["cosine"].to_numpy()),
-                cap=cap,
-                neighbours=str(neighbours) if cfg.pairing != "random" else None,
-                pairing_rule=_RULES[cfg.pairing],
-                **extra,
-            ),
-        )
-    # the other mode's file, left by an earlier run into this folder, is not what training uses
-    (out_dir / ("draws.parquet" if cfg.maps == "bank" else "maps.npy")).unlink(missing_ok=True)
-    stats = partner_stats(pairs["real_id"].to_numpy())
-    log.info("blend %s: %d maps for %d synthetic images (%d entries), %s pairing: %d distinct partners, largest "
-             "share %.1f%%", cfg.maps, n_maps, len(synthetic_ids), entries, cfg.pairing, stats["distinct"],
-             100 * stats["top_share"])  # fmt: skip
+    preview = render_blend_maps(corners, size, hole, cfg.kernel, cfg.kernel_size, cfg.sigma)[:, 0].numpy()
+    names = [f"draw {d}: syn {s} / real {r}" for d, s, r in zip(chosen, shown["synthetic_id"], shown["real_id"])]
+    uses = np.bincount(table["synthetic_id"].to_numpy(), minlength=len(inputs.synthetic_ids))
+    rule = ("one map per self-training draw (draws.parquet row d = draw d; iteration j uses rows j*B..j*B+B-1, "
+            "B = train.unlabeled_batch), rendered in training")
+    extra = dict(n_draws=len(table), draws_per_synthetic=dict(min=int(uses.min()), max=int(uses.max())),
+                 draw_partner_stats=partner_stats(table["real_id"].to_numpy()))
+    return _Maps(len(table), rule, shown, preview, names, extra)
+
+
+def _blend_record(cfg: BlendSettings, inputs: _Inputs, pairs: pd.DataFrame, maps: _Maps, cap: int | None,
+                  neighbours: Path | str) -> dict:  # fmt: skip
+    """blend.json: the settings, the sizes, the rules and how concentrated the pairing is."""
+    size = inputs.size
+    return dict(
+        settings=settings_dict(cfg),
+        n_synthetic=int(len(inputs.synthetic_ids)),
+        n_maps=int(maps.count),
+        n_entries=int(len(pairs)),
+        image_size=int(size),
+        hole=list(hole_size(size, size, cfg.ratio)),
+        map_rule=maps.rule,
+        n_labeled_slices=int(len(inputs.labeled_ids)),
+        n_distinct_real=int(pairs["real_id"].nunique()),
+        mean_cosine=float(pairs["cosine"].mean()) if cfg.pairing != "random" else None,
+        partner_stats=partner_stats(pairs["real_id"].to_numpy(), pairs["cosine"].to_numpy()),
+        cap=cap,
+        neighbours=str(neighbours) if cfg.pairing != "random" else None,
+        pairing_rule=PAIRING_RULES[cfg.pairing],
+        **maps.extra,
+    )

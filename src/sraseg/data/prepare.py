@@ -100,6 +100,91 @@ def _read_splits(splits_dir: Path, labeled_list: Path) -> tuple[dict[str, list[s
     return splits, labeled
 
 
+def _write_slices(records: list, split_of: dict[str, str], labeled: set[str], size: int, images: np.ndarray,
+                  labels: np.ndarray) -> tuple[list[dict], list[dict]]:
+    """Normalise and slice every volume into `images` and `labels` (slice ids in record order).
+
+    Returns:
+        the slices.parquet rows and the volumes.parquet rows.
+    """
+    slice_rows: list[dict] = []
+    volume_rows: list[dict] = []
+    start = 0
+    for rec in tqdm(records, desc="prepare", unit="volume"):
+        image, label, _, spacing = load_case(rec.image_path, rec.gt_path)
+        nz = image.shape[2]
+        images[start : start + nz] = slices_from_volume(normalise(image, rec.image_path), size, "image")
+        labels[start : start + nz] = slices_from_volume(label, size, "label")
+        split = split_of[rec.patient]
+        for z in range(nz):
+            slice_rows.append(
+                dict(
+                    slice_id=start + z,
+                    case=rec.case,
+                    patient=rec.patient,
+                    frame=rec.frame,
+                    phase=rec.phase,
+                    slice=z,
+                    split=split,
+                    labeled=split == "train" and rec.patient in labeled,
+                )
+            )
+        volume_rows.append(
+            dict(
+                case=rec.case,
+                patient=rec.patient,
+                frame=rec.frame,
+                phase=rec.phase,
+                split=split,
+                image_path=str(rec.image_path),
+                gt_path=str(rec.gt_path),
+                nx=image.shape[0],
+                ny=image.shape[1],
+                nz=nz,
+                sx=spacing[0],
+                sy=spacing[1],
+                sz=spacing[2],
+                first_slice_id=start,
+                n_slices=nz,
+            )
+        )
+        start += nz
+    return slice_rows, volume_rows
+
+
+def _tables(slice_rows: list[dict], volume_rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """slices.parquet and volumes.parquet with their column types fixed."""
+    slices = pd.DataFrame(slice_rows).astype(
+        dict(
+            slice_id="int64",
+            frame="int64",
+            slice="int64",
+            labeled="bool",
+            case=str,
+            patient=str,
+            phase=str,
+            split=str,
+        )
+    )
+    volumes = pd.DataFrame(volume_rows).astype(
+        dict(frame="int64", nx="int64", ny="int64", nz="int64", first_slice_id="int64", n_slices="int64")
+    )
+    volumes = volumes.astype(dict(sx="float64", sy="float64", sz="float64"))
+    return slices, volumes
+
+
+def _counts(splits: dict[str, list[str]], labeled: list[str], slices: pd.DataFrame, volumes: pd.DataFrame) -> dict:
+    """prepare.json's counts: patients, cases and slices per split, labeled patients and slices."""
+    return dict(
+        patients={name: len(ids) for name, ids in splits.items()},
+        labeled_patients=len(labeled),
+        cases={name: int((volumes.split == name).sum()) for name in SPLITS},
+        slices={name: int((slices.split == name).sum()) for name in SPLITS},
+        labeled_slices=int(slices.labeled.sum()),
+        total_slices=int(len(slices)),
+    )
+
+
 def run(raw_dir: Path, splits_dir: Path, labeled_list: Path, image_size: int, out_dir: Path) -> None:
     """Check the dataset, normalise and slice every case of every split; all or nothing.
 
@@ -118,12 +203,9 @@ def run(raw_dir: Path, splits_dir: Path, labeled_list: Path, image_size: int, ou
     splits, labeled = _read_splits(splits_dir, labeled_list)
     records = check_dataset(raw_dir, splits)
     split_of = {pid: name for name, ids in splits.items() for pid in ids}
-    labeled_set = set(labeled)
     n_slices = sum(r.shape[2] for r in records)
     size = image_size
 
-    slice_rows: list[dict] = []
-    volume_rows: list[dict] = []
     with staged_outputs(out_dir) as st:
         # Written straight to disk: the full ACDC set at 256 px is about 0.5 GB of float32.
         images = np.lib.format.open_memmap(
@@ -132,77 +214,15 @@ def run(raw_dir: Path, splits_dir: Path, labeled_list: Path, image_size: int, ou
         labels = np.lib.format.open_memmap(
             st.path("labels.npy"), mode="w+", dtype=np.uint8, shape=(n_slices, size, size)
         )
-        start = 0
-        for rec in tqdm(records, desc="prepare", unit="volume"):
-            image, label, _, spacing = load_case(rec.image_path, rec.gt_path)
-            nz = image.shape[2]
-            images[start : start + nz] = slices_from_volume(normalise(image, rec.image_path), size, "image")
-            labels[start : start + nz] = slices_from_volume(label, size, "label")
-            split = split_of[rec.patient]
-            for z in range(nz):
-                slice_rows.append(
-                    dict(
-                        slice_id=start + z,
-                        case=rec.case,
-                        patient=rec.patient,
-                        frame=rec.frame,
-                        phase=rec.phase,
-                        slice=z,
-                        split=split,
-                        labeled=split == "train" and rec.patient in labeled_set,
-                    )
-                )
-            volume_rows.append(
-                dict(
-                    case=rec.case,
-                    patient=rec.patient,
-                    frame=rec.frame,
-                    phase=rec.phase,
-                    split=split,
-                    image_path=str(rec.image_path),
-                    gt_path=str(rec.gt_path),
-                    nx=image.shape[0],
-                    ny=image.shape[1],
-                    nz=nz,
-                    sx=spacing[0],
-                    sy=spacing[1],
-                    sz=spacing[2],
-                    first_slice_id=start,
-                    n_slices=nz,
-                )
-            )
-            start += nz
+        slice_rows, volume_rows = _write_slices(records, split_of, set(labeled), size, images, labels)
         images.flush()
         labels.flush()
         del images, labels
 
-        slices = pd.DataFrame(slice_rows).astype(
-            dict(
-                slice_id="int64",
-                frame="int64",
-                slice="int64",
-                labeled="bool",
-                case=str,
-                patient=str,
-                phase=str,
-                split=str,
-            )
-        )
-        volumes = pd.DataFrame(volume_rows).astype(
-            dict(frame="int64", nx="int64", ny="int64", nz="int64", first_slice_id="int64", n_slices="int64")
-        )
-        volumes = volumes.astype(dict(sx="float64", sy="float64", sz="float64"))
+        slices, volumes = _tables(slice_rows, volume_rows)
         slices.to_parquet(st.path("slices.parquet"), index=False)
         volumes.to_parquet(st.path("volumes.parquet"), index=False)
-
-        counts = dict(
-            patients={name: len(ids) for name, ids in splits.items()},
-            labeled_patients=len(labeled),
-            cases={name: int((volumes.split == name).sum()) for name in SPLITS},
-            slices={name: int((slices.split == name).sum()) for name in SPLITS},
-            labeled_slices=int(slices.labeled.sum()),
-            total_slices=int(len(slices)),
-        )
+        counts = _counts(splits, labeled, slices, volumes)
         # Settings at the top level (later stages read image_size from here), then the counts.
         write_json(
             st.path("prepare.json"),

@@ -12,27 +12,28 @@ import numpy as np
 import pandas as pd
 
 from sraseg.embed.common import describe_encoder
+from sraseg.embed.embeddings import load_embeddings
 from sraseg.embed.frechet import frechet_distance, real_floor
-from sraseg.embed.pairing import balanced_partners, partner_stats
+from sraseg.embed.pairing import pairing_hubness
 from sraseg.errors import ConfigError, DatasetError
-from sraseg.io import load_array, read_json, read_table, staged_outputs, write_json
-from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
+from sraseg.io import read_json, read_table, staged_outputs, write_json
+from sraseg.settings import parse_settings, settings_dict
 
 __all__ = [
     "IndexSettings",
     "run",
     "cosine_knn",
     "faiss_has_gpu",
-    "load_embeddings",
+    "use_gpu_index",
+    "search_index",
+    "neighbour_table",
+    "fd_summary",
     "neighbour_hubness",
-    "pairing_hubness",
     "plot_projection",
 ]
 
 log = logging.getLogger(__name__)
 
-BANKS = ("labeled", "all_train")
-_EMBED_HINT = "run the embed stage first"
 
 
 @dataclass
@@ -51,16 +52,35 @@ class IndexSettings:
     k: int = 5
     device: str = "auto"
 
-    def validate(self) -> None:
-        check_choice("index", "bank", self.bank, BANKS)
-        check_choice("index", "device", self.device, ("auto", "cpu", "cuda"))
-        check_positive("index", "k", self.k)
-
 
 def faiss_has_gpu() -> bool:
+    """True when this faiss is a GPU build (faiss-gpu: StandardGpuResources exists) and sees a GPU."""
     import faiss
 
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def use_gpu_index(device: str) -> bool:
+    """Whether the search runs on a FAISS GPU index: "auto" when faiss_has_gpu(), "cuda" always, "cpu" never.
+
+    Raises:
+        ConfigError: "cuda" without a GPU build of faiss or without a GPU.
+    """
+    gpu = faiss_has_gpu()
+    if device == "cuda" and not gpu:
+        raise ConfigError(
+            "'index.device' is 'cuda' but this faiss has no GPU support or sees no GPU (install faiss-gpu)"
+        )
+    return gpu and device != "cpu"
+
+
+def search_index(index, use_gpu: bool):
+    """The index the queries go through: a copy on GPU 0 (faiss-gpu), else `index` itself (the CPU one)."""
+    if not use_gpu:
+        return index
+    import faiss
+
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
 
 
 def cosine_knn(bank: np.ndarray, queries: np.ndarray, k: int, use_gpu: bool = False):
@@ -70,7 +90,7 @@ def cosine_knn(bank: np.ndarray, queries: np.ndarray, k: int, use_gpu: bool = Fa
         bank: float32 [R,D], unit rows.
         queries: float32 [M,D], unit rows.
         k: neighbours per query, 1 <= k <= R.
-        use_gpu: search on GPU 0 (needs a GPU build of faiss).
+        use_gpu: search on GPU 0 (needs a GPU build of faiss; see use_gpu_index).
 
     Returns:
         (cpu_index, ids int64 [M,k] rows of `bank`, cosines float32 [M,k]); rank 0 is the nearest.
@@ -81,50 +101,8 @@ def cosine_knn(bank: np.ndarray, queries: np.ndarray, k: int, use_gpu: bool = Fa
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     index = faiss.IndexFlatIP(bank.shape[1])
     index.add(bank)
-    searcher = index
-    if use_gpu:
-        resources = faiss.StandardGpuResources()
-        searcher = faiss.index_cpu_to_gpu(resources, 0, index)
-    cosines, ids = searcher.search(queries, k)
+    cosines, ids = search_index(index, use_gpu).search(queries, k)
     return index, ids.astype(np.int64), cosines.astype(np.float32)
-
-
-def _unit_rows(x: np.ndarray, path: Path) -> np.ndarray:
-    """Check finite, non-empty, 2-D; re-normalise rows (defensive: the embed stage already did)."""
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise DatasetError(f"{path}: expected a non-empty float array [N,D]; got shape {x.shape}")
-    x = x.astype(np.float32, copy=False)
-    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
-    if bad.size:
-        raise DatasetError(f"{path}: {bad.size} row(s) hold NaN/inf embeddings (first row {bad[0]})")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise DatasetError(f"{path}: {int((norms == 0).sum())} all-zero embedding row(s)")
-    return x / norms
-
-
-def load_embeddings(embed_dir: Path) -> tuple[np.ndarray, pd.DataFrame, np.ndarray, pd.DataFrame]:
-    """real [R,D] unit rows, real table (row, slice_id, labeled), synthetic [M,D] unit rows, synthetic table.
-
-    Raises:
-        DatasetError: missing files, row counts that disagree, dimension mismatch, NaN rows.
-    """
-    embed_dir = Path(embed_dir)
-    arrays, tables = [], []
-    for name, id_col in (("real", "slice_id"), ("synthetic", "synthetic_id")):
-        npy, table_path = embed_dir / f"{name}.npy", embed_dir / f"{name}.parquet"
-        x = _unit_rows(load_array(npy, _EMBED_HINT, mmap=False), npy)
-        table = read_table(table_path, ("row", id_col), _EMBED_HINT)
-        if len(table) != len(x) or not np.array_equal(table["row"].to_numpy(), np.arange(len(x))):
-            raise DatasetError(f"{table_path}: {len(table)} rows do not match the {len(x)} rows of {npy.name}")
-        arrays.append(x)
-        tables.append(table)
-    if arrays[0].shape[1] != arrays[1].shape[1]:
-        raise DatasetError(
-            f"{embed_dir / 'synthetic.npy'}: embedding dim {arrays[1].shape[1]} differs from real.npy's "
-            f"{arrays[0].shape[1]} (embedded with different encoders? rerun embed)"
-        )
-    return arrays[0], tables[0], arrays[1], tables[1]
 
 
 def _train_labeled(prepared_dir: Path, slice_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -136,29 +114,6 @@ def _train_labeled(prepared_dir: Path, slice_ids: np.ndarray) -> tuple[np.ndarra
     if known["split"].isna().any() or (known["split"] != "train").any():
         raise DatasetError(f"{path}: the embeddings name slices that are not train slices here (stale embed? rerun it)")
     return known["labeled"].to_numpy(dtype=bool), known["patient"].astype(str).to_numpy()
-
-
-RANDOM_RULE_SEED = 0  # the index's hubness figure for "random" pairing is one seeded draw
-
-
-def pairing_hubness(real_bank: np.ndarray, bank_ids: np.ndarray, syn: np.ndarray, nearest_ids: np.ndarray,
-                    nearest_cos: np.ndarray) -> dict:
-    """partner_stats of each pairing rule with one partner per synthetic image (cosines uncentred)."""
-    rng = np.random.default_rng(RANDOM_RULE_SEED)
-    random_rows = rng.integers(0, len(bank_ids), size=len(syn))
-    balanced_rows, cap = balanced_partners(real_bank, syn, 1)
-    balanced_rows = balanced_rows[:, 0]
-
-    def cos(rows):
-        return np.einsum("ij,ij->i", syn.astype(np.float64), real_bank[rows].astype(np.float64))
-
-    out = {
-        "nearest": partner_stats(nearest_ids, nearest_cos),
-        "random": partner_stats(bank_ids[random_rows], cos(random_rows)),
-        "balanced": partner_stats(bank_ids[balanced_rows], cos(balanced_rows)),
-    }
-    out["balanced"]["cap"] = cap
-    return out
 
 
 def plot_projection(real: np.ndarray, synthetic: np.ndarray, bank_mask: np.ndarray, path: Path, title: str) -> None:
@@ -223,63 +178,112 @@ def run(embed_dir: Path, prepared_dir: Path, out_dir: Path, settings: dict | Non
     import faiss
 
     cfg = parse_settings(IndexSettings, settings, "index")
-    cfg.validate()
     embed_dir = Path(embed_dir)
     real, real_table, syn, syn_table = load_embeddings(embed_dir)
+    bank = _real_bank(cfg, real_table, prepared_dir)
+    use_gpu = use_gpu_index(cfg.device)
+    index, rows, cosines = cosine_knn(real[bank.mask], syn, bank.k, use_gpu=use_gpu)
+    synthetic_ids = syn_table["synthetic_id"].to_numpy(dtype=np.int64)
+    neighbours = neighbour_table(synthetic_ids, bank.ids, rows, cosines)
+    encoder_path = embed_dir / "encoder.json"
+    encoder = read_json(encoder_path) if encoder_path.is_file() else {}
+    fd_report = fd_summary(real, syn, bank.patients, encoder)
+    hubness = neighbour_hubness(neighbours)
+    rules = pairing_hubness(real[bank.mask], bank.ids, syn, synthetic_ids, neighbours)
+    _log_hubness(hubness, rules, len(bank.ids), encoder)
+
+    with staged_outputs(out_dir) as st:
+        faiss.write_index(index, str(st.path("real.faiss")))
+        neighbours.to_parquet(st.path("neighbours.parquet"), index=False)
+        write_json(st.path("fd_dinov2.json"), fd_report)
+        plot_projection(real, syn, bank.mask, st.path("projection.png"), _projection_title(encoder, fd_report))
+        write_json(
+            st.path("index.json"),
+            {
+                "settings": settings_dict(cfg),
+                "k_used": bank.k,
+                "bank_size": int(len(bank.ids)),
+                "n_real": int(len(real)),
+                "n_synthetic": int(len(syn)),
+                "dim": int(real.shape[1]),
+                "faiss_device": "cuda" if use_gpu else "cpu",
+                "faiss_version": faiss.__version__,
+                "metric": "cosine (inner product of L2-normalised vectors)",
+                "embed_dir": str(embed_dir.resolve()),
+                "neighbour_hubness": hubness,
+                "pairing_hubness": rules,
+                "bank_slice_ids": bank.ids,
+            },
+        )
+    floor, ratio = fd_report["fd_floor"], fd_report["fd_ratio"]
+    log.info("bank %d slices, k=%d, mean top-1 cosine %.4f, FD %.4f, real floor %s, ratio %s", len(bank.ids), bank.k,
+             float(cosines[:, 0].mean()), fd_report["fd_dinov2"], f"{floor:.4f}" if floor is not None else "n/a",
+             f"{ratio:.2f}" if ratio is not None else "n/a")  # fmt: skip
+
+
+@dataclass
+class _Bank:
+    """The real slices that can be neighbours."""
+
+    mask: np.ndarray  # bool [R] over the rows of real.npy
+    ids: np.ndarray  # int64 [L] their slice ids (row i of the FAISS index)
+    patients: np.ndarray  # str [R] patient of every real row (the FD floor's halves)
+    k: int  # neighbours per synthetic image, capped at L
+
+
+def _real_bank(cfg: IndexSettings, real_table: pd.DataFrame, prepared_dir: Path) -> _Bank:
+    """The bank of `cfg.bank` ("labeled" train slices or "all_train") and k capped at its size.
+
+    Raises:
+        DatasetError: slices that are not train slices here, or an empty bank.
+    """
     labeled, patients = _train_labeled(prepared_dir, real_table["slice_id"].to_numpy())
-    bank_mask = labeled if cfg.bank == "labeled" else np.ones(len(real), dtype=bool)
-    if not bank_mask.any():
+    mask = labeled if cfg.bank == "labeled" else np.ones(len(real_table), dtype=bool)
+    if not mask.any():
         raise DatasetError(
             f"{Path(prepared_dir) / 'slices.parquet'}: no labeled train slices, the '{cfg.bank}' bank is empty"
         )
-    bank_ids = real_table["slice_id"].to_numpy(dtype=np.int64)[bank_mask]
-    k = min(cfg.k, len(bank_ids))
+    ids = real_table["slice_id"].to_numpy(dtype=np.int64)[mask]
+    k = min(cfg.k, len(ids))
     if k < cfg.k:
-        log.warning("index.k=%d is larger than the bank (%d slices); using k=%d", cfg.k, len(bank_ids), k)
+        log.warning("index.k=%d is larger than the bank (%d slices); using k=%d", cfg.k, len(ids), k)
+    return _Bank(mask, ids, patients, k)
 
-    gpu = faiss_has_gpu()
-    if cfg.device == "cuda" and not gpu:
-        raise ConfigError(
-            "'index.device' is 'cuda' but this faiss has no GPU support or sees no GPU (install faiss-gpu)"
-        )
-    use_gpu = gpu and cfg.device != "cpu"
-    index, rows, cosines = cosine_knn(real[bank_mask], syn, k, use_gpu=use_gpu)
-    neighbours = pd.DataFrame(
+
+def neighbour_table(synthetic_ids: np.ndarray, bank_ids: np.ndarray, rows: np.ndarray, cosines: np.ndarray
+                    ) -> pd.DataFrame:  # fmt: skip
+    """neighbours.parquet: (synthetic_id, rank, real_id, cosine), k rows per synthetic image in rank order.
+
+    Args:
+        rows: int64 [M,k] bank rows found for each synthetic image; cosines: float32 [M,k].
+    """
+    k = rows.shape[1]
+    return pd.DataFrame(
         {
-            "synthetic_id": np.repeat(syn_table["synthetic_id"].to_numpy(dtype=np.int64), k),
-            "rank": np.tile(np.arange(k, dtype=np.int64), len(syn)),
+            "synthetic_id": np.repeat(synthetic_ids, k),
+            "rank": np.tile(np.arange(k, dtype=np.int64), len(synthetic_ids)),
             "real_id": bank_ids[rows.ravel()],
             "cosine": cosines.ravel(),
         }
     )
-    # FD uses every train embedding (labeled and unlabeled): the real distribution, not just the bank.
+
+
+def fd_summary(real: np.ndarray, syn: np.ndarray, patients: np.ndarray, encoder: dict) -> dict:
+    """fd_dinov2.json: FD-DINOv2 between every real train embedding (the real distribution, not just the
+    bank) and the synthetic set, against the floor of two patient-disjoint real halves (null with one patient)."""
     fd = frechet_distance(real, syn)
     try:
         floor = real_floor(real, patients)
     except ValueError:
         floor = None
         log.warning("fewer than two train patients: no FD floor, fd_ratio is null")
-    fd_ratio = fd["fd"] / floor["fd"] if floor is not None and floor["fd"] > 0 else None
-    encoder_path = embed_dir / "encoder.json"
-    encoder = read_json(encoder_path) if encoder_path.is_file() else {}
-    hubness = neighbour_hubness(neighbours)
-    rules = pairing_hubness(real[bank_mask], bank_ids, syn, bank_ids[rows[:, 0]], cosines[:, 0])
-    for rule, stats in rules.items():
-        log.info("pairing %-8s: %d distinct partners, largest share %.1f%%, mean cosine %.4f",
-                 rule, stats["distinct"], 100 * stats["top_share"], stats["mean_cosine"])
-    if hubness["top_share"] > HUB_WARNING_SHARE:
-        log.warning(
-            "%.0f%% of the synthetic images have the same nearest real slice (%d distinct nearest slices in a "
-            "bank of %d): nearest-neighbour pairing will show the segmenter very few real slices%s",
-            100 * hubness["top_share"],
-            hubness["distinct_nearest"],
-            len(bank_ids),
-            " (the encoder is UNTRAINED)" if encoder.get("untrained") else "",
-        )
-    fd_report = {
+    if fd["n_a"] <= fd["dim"] or fd["n_b"] <= fd["dim"]:
+        log.warning("FD-DINOv2 from %d real / %d synthetic vectors in %d dims: covariances are singular, "
+                    "the value is only comparable at equal set sizes", fd["n_a"], fd["n_b"], fd["dim"])  # fmt: skip
+    return {
         "fd_dinov2": fd["fd"],
         "fd_floor": floor["fd"] if floor is not None else None,
-        "fd_ratio": fd_ratio,
+        "fd_ratio": fd["fd"] / floor["fd"] if floor is not None and floor["fd"] > 0 else None,
         "floor_set": "two patient-disjoint halves of the real train slices" if floor is not None else None,
         "floor_sizes": [floor["n_a"], floor["n_b"]] if floor is not None else None,
         "mean_term": fd["mean_term"],
@@ -294,49 +298,28 @@ def run(embed_dir: Path, prepared_dir: Path, out_dir: Path, settings: dict | Non
         "pooling": encoder.get("pooling"),
         "untrained_encoder": encoder.get("untrained"),
     }
-    if fd["n_a"] <= fd["dim"] or fd["n_b"] <= fd["dim"]:
+
+
+def _log_hubness(hubness: dict, rules: dict, bank_size: int, encoder: dict) -> None:
+    """One line per pairing rule; a warning when nearest-neighbour pairing collapses onto a few slices."""
+    for rule, stats in rules.items():
+        log.info("pairing %-8s: %d distinct partners, largest share %.1f%%, mean cosine %.4f",
+                 rule, stats["distinct"], 100 * stats["top_share"], stats["mean_cosine"])  # fmt: skip
+    if hubness["top_share"] > HUB_WARNING_SHARE:
         log.warning(
-            "FD-DINOv2 from %d real / %d synthetic vectors in %d dims: covariances are singular, "
-            "the value is only comparable at equal set sizes",
-            fd["n_a"],
-            fd["n_b"],
-            fd["dim"],
+            "%.0f%% of the synthetic images have the same nearest real slice (%d distinct nearest slices in a "
+            "bank of %d): nearest-neighbour pairing will show the segmenter very few real slices%s",
+            100 * hubness["top_share"],
+            hubness["distinct_nearest"],
+            bank_size,
+            " (the encoder is UNTRAINED)" if encoder.get("untrained") else "",
         )
-    title = f"{encoder.get('model', 'encoder')} ({encoder.get('pooling', '?')}), FD = {fd['fd']:.4f}"
-    if fd_ratio is not None:
-        title += f" = {fd_ratio:.2f} x real floor"
+
+
+def _projection_title(encoder: dict, fd_report: dict) -> str:
+    title = f"{encoder.get('model', 'encoder')} ({encoder.get('pooling', '?')}), FD = {fd_report['fd_dinov2']:.4f}"
+    if fd_report["fd_ratio"] is not None:
+        title += f" = {fd_report['fd_ratio']:.2f} x real floor"
     if encoder.get("untrained"):
         title += "  [UNTRAINED ENCODER]"
-
-    with staged_outputs(out_dir) as st:
-        faiss.write_index(index, str(st.path("real.faiss")))
-        neighbours.to_parquet(st.path("neighbours.parquet"), index=False)
-        write_json(st.path("fd_dinov2.json"), fd_report)
-        plot_projection(real, syn, bank_mask, st.path("projection.png"), title)
-        write_json(
-            st.path("index.json"),
-            {
-                "settings": settings_dict(cfg),
-                "k_used": k,
-                "bank_size": int(len(bank_ids)),
-                "n_real": int(len(real)),
-                "n_synthetic": int(len(syn)),
-                "dim": int(real.shape[1]),
-                "faiss_device": "cuda" if use_gpu else "cpu",
-                "faiss_version": faiss.__version__,
-                "metric": "cosine (inner product of L2-normalised vectors)",
-                "embed_dir": str(embed_dir.resolve()),
-                "neighbour_hubness": hubness,
-                "pairing_hubness": rules,
-                "bank_slice_ids": bank_ids,
-            },
-        )
-    log.info(
-        "bank %d slices, k=%d, mean top-1 cosine %.4f, FD %.4f, real floor %s, ratio %s",
-        len(bank_ids),
-        k,
-        float(cosines[:, 0].mean()),
-        fd["fd"],
-        f"{floor['fd']:.4f}" if floor is not None else "n/a",
-        f"{fd_ratio:.2f}" if fd_ratio is not None else "n/a",
-    )
+    return title

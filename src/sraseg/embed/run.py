@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sraseg.embed.common import POOLINGS, describe_encoder, fetch_hint
+from sraseg.embed.common import describe_encoder, fetch_hint
 from sraseg.errors import DatasetError, WeightsError
 from sraseg.io import load_array, read_table, staged_outputs, write_json
-from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
+from sraseg.settings import parse_settings, settings_dict
 
 __all__ = ["EmbedSettings", "run", "load_prepared_train", "load_synthetic"]
 
@@ -49,12 +49,6 @@ class EmbedSettings:
     batch_size: int = 32
     device: str = "auto"
     seed: int = 0
-
-    def validate(self) -> None:
-        check_choice("embed", "pooling", self.pooling, POOLINGS)
-        check_choice("embed", "device", self.device, ("auto", "cpu", "cuda"))
-        check_positive("embed", "img_size", self.img_size)
-        check_positive("embed", "batch_size", self.batch_size)
 
 
 def _images(path: Path) -> np.ndarray:
@@ -122,7 +116,6 @@ def run(prepared_dir: Path, synthetic_dir: Path, out_dir: Path, settings: dict |
         ConfigError: bad settings.
     """
     cfg = parse_settings(EmbedSettings, settings, "embed")
-    cfg.validate()
     if cfg.weights not in ("auto", "random") and not Path(cfg.weights).is_file():
         # Fail before reading any data (and before importing torch): a missing file is the common case.
         raise WeightsError(f"{Path(cfg.weights).resolve()}: weights file not found; {fetch_hint(cfg.model)}")

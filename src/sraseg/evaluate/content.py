@@ -34,7 +34,7 @@ import torch
 from sraseg.errors import DatasetError
 from sraseg.evaluate.metrics import CLASS_NAMES
 from sraseg.io import load_array, read_table, staged_outputs, write_json
-from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
+from sraseg.settings import parse_settings, settings_dict
 
 __all__ = [
     "ContentSettings",
@@ -79,12 +79,6 @@ class ContentSettings:
     seed: int = 0
     batch_size: int = 32
     device: str = "auto"
-
-    def validate(self) -> None:
-        check_choice("content", "device", self.device, ("auto", "cpu", "cuda"))
-        check_positive("content", "batch_size", self.batch_size)
-        if self.n_images is not None:
-            check_positive("content", "n_images", self.n_images)
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -302,6 +296,54 @@ def plot_content(stats: dict, real: np.ndarray, synthetic: np.ndarray, names: li
     plt.close(fig)
 
 
+def _check_sizes(size: int, weights: Path, *sets: tuple[Path, np.ndarray]) -> None:
+    """DatasetError when a (path, images) set is not at the model's training size."""
+    for path, images in sets:
+        if images.shape[1:] != (size, size):
+            raise DatasetError(f"{path}: images of {images.shape[1]} x {images.shape[2]} px, but the model "
+                               f"{weights} was trained at {size} px")  # fmt: skip
+
+
+def _add_floor(stats: dict, floor: dict | None, names: list[str]) -> None:
+    """Put the floor's presence gap and area W1 beside each class's (None without a floor) and log them."""
+    for name in names:
+        s = stats[name]
+        s["presence_gap_floor"] = floor["per_class"][name]["presence_gap"] if floor else None
+        s["area_w1_floor"] = floor["per_class"][name]["area_w1"] if floor else None
+        log.info("%-5s present in %5.1f%% of real, %5.1f%% of synthetic images (gap %+.1f points, floor %s); "
+                 "area W1 %.4f (floor %s)", name, 100 * s["presence_real"], 100 * s["presence_synthetic"],
+                 100 * s["presence_gap"], "n/a" if floor is None else f"{100 * s['presence_gap_floor']:.1f}",
+                 s["area_w1"], "n/a" if floor is None else f"{s['area_w1_floor']:.4f}")  # fmt: skip
+
+
+def _intensity_check(synthetic: np.ndarray, real: np.ndarray) -> dict:
+    """Both sets' intensity statistics and whether the synthetic background is grey (warned about)."""
+    intensity = {"synthetic": intensity_stats(synthetic), "real": intensity_stats(real)}
+    intensity["grey_background"] = intensity["synthetic"]["mean_min"] - intensity["real"]["mean_min"] > GREY_MARGIN
+    if intensity["grey_background"]:
+        log.warning("synthetic images have a mean per-slice minimum of %.3f against %.3f for real slices: "
+                    "grey background, the generator does not make the black background of MRI",
+                    intensity["synthetic"]["mean_min"], intensity["real"]["mean_min"])  # fmt: skip
+    return intensity
+
+
+def _image_table(synthetic: np.ndarray, real: np.ndarray, picked: pd.DataFrame, syn_areas: np.ndarray,
+                 real_areas: np.ndarray, names: list[str]) -> pd.DataFrame:
+    """content.parquet: one row per image, the synthetic ones first."""
+    syn_rows = pd.DataFrame({"source": "synthetic", "image_id": np.arange(len(synthetic), dtype=np.int64),
+                             "patient": None})  # fmt: skip
+    real_rows = pd.DataFrame({"source": "real", "image_id": picked["slice_id"].to_numpy(dtype=np.int64),
+                              "patient": picked["patient"].astype(str).to_numpy()})  # fmt: skip
+    table = pd.concat([syn_rows, real_rows], ignore_index=True)
+    areas = np.concatenate([syn_areas, real_areas])
+    for k, name in enumerate(names):
+        table[f"area_{name}"] = areas[:, k]
+    both = np.concatenate([synthetic, real])
+    table["mean_intensity"] = both.mean(axis=(1, 2)).astype(np.float64)
+    table["min_intensity"] = both.min(axis=(1, 2)).astype(np.float64)
+    return table
+
+
 def run(model: Path | str, synthetic_dir: Path | str, prepared_dir: Path | str, out_dir: Path | str,
         settings: dict | None = None) -> dict:  # fmt: skip
     """Segment the synthetic images and as many held-out real slices with `model`; compare what they contain.
@@ -331,8 +373,8 @@ def run(model: Path | str, synthetic_dir: Path | str, prepared_dir: Path | str, 
     from sraseg.evaluate.predict import model_weights
     from sraseg.train.unet import load_model
 
+    # inputs: the images of both sets and the model
     cfg = parse_settings(ContentSettings, settings, "content")
-    cfg.validate()
     weights = model_weights(model)
     synthetic_dir, prepared_dir = Path(synthetic_dir), Path(prepared_dir)
     synthetic = _synthetic_images(synthetic_dir, cfg.n_images)
@@ -340,36 +382,22 @@ def run(model: Path | str, synthetic_dir: Path | str, prepared_dir: Path | str, 
     device = pick_device(cfg.device)
     net, meta = load_model(weights, device=device)
     size = int(meta.get("image_size", real.shape[1]))
-    for path, images in ((synthetic_dir / "images.npy", synthetic), (prepared_dir / "images.npy", real)):
-        if images.shape[1:] != (size, size):
-            raise DatasetError(f"{path}: images of {images.shape[1]} x {images.shape[2]} px, but the model "
-                               f"{weights} was trained at {size} px")  # fmt: skip
+    _check_sizes(size, weights, (synthetic_dir / "images.npy", synthetic), (prepared_dir / "images.npy", real))
     num_classes = int(meta["num_classes"])
     names = class_names(num_classes)
     log.info("segmenting %d synthetic and %d held-out real (%s) images at %d px with %s on %s",
              len(synthetic), len(real), real_source, size, weights, device)  # fmt: skip
 
+    # segment both sets, compare their areas, and the real set's two halves (the floor)
     syn_areas = area_fractions(segment_images(net, synthetic, device, cfg.batch_size), num_classes)
     real_areas = area_fractions(segment_images(net, real, device, cfg.batch_size), num_classes)
     stats = compare_areas(real_areas, syn_areas, names)
     floor = floor_stats(real_areas, picked["patient"].to_numpy(), names, cfg.seed)
     if floor is None:
         log.warning("the held-out real set holds fewer than two patients: no floor")
-    for name in names:
-        s = stats[name]
-        s["presence_gap_floor"] = floor["per_class"][name]["presence_gap"] if floor else None
-        s["area_w1_floor"] = floor["per_class"][name]["area_w1"] if floor else None
-        log.info("%-5s present in %5.1f%% of real, %5.1f%% of synthetic images (gap %+.1f points, floor %s); "
-                 "area W1 %.4f (floor %s)", name, 100 * s["presence_real"], 100 * s["presence_synthetic"],
-                 100 * s["presence_gap"], "n/a" if floor is None else f"{100 * s['presence_gap_floor']:.1f}",
-                 s["area_w1"], "n/a" if floor is None else f"{s['area_w1_floor']:.4f}")  # fmt: skip
-    intensity = {"synthetic": intensity_stats(synthetic), "real": intensity_stats(real)}
-    intensity["grey_background"] = intensity["synthetic"]["mean_min"] - intensity["real"]["mean_min"] > GREY_MARGIN
-    if intensity["grey_background"]:
-        log.warning("synthetic images have a mean per-slice minimum of %.3f against %.3f for real slices: "
-                    "grey background, the generator does not make the black background of MRI",
-                    intensity["synthetic"]["mean_min"], intensity["real"]["mean_min"])  # fmt: skip
+    _add_floor(stats, floor, names)
 
+    # publish content.json, content.parquet and content.png
     record = {
         "model": str(weights.resolve()),
         "model_method": meta.get("method"),
@@ -389,26 +417,15 @@ def run(model: Path | str, synthetic_dir: Path | str, prepared_dir: Path | str, 
             "patients": floor["patients"],
             "note": "presence_gap_floor is |presence(A) - presence(B)|, a magnitude: compare it with |presence_gap|",
         },
-        "intensity": intensity,
+        "intensity": _intensity_check(synthetic, real),
         "grey_margin": GREY_MARGIN,
         "settings": settings_dict(cfg),
         "synthetic_dir": str(synthetic_dir.resolve()),
         "prepared_dir": str(prepared_dir.resolve()),
     }
-    syn_rows = pd.DataFrame({"source": "synthetic", "image_id": np.arange(len(synthetic), dtype=np.int64),
-                             "patient": None})  # fmt: skip
-    real_rows = pd.DataFrame({"source": "real", "image_id": picked["slice_id"].to_numpy(dtype=np.int64),
-                              "patient": picked["patient"].astype(str).to_numpy()})  # fmt: skip
-    table = pd.concat([syn_rows, real_rows], ignore_index=True)
-    areas = np.concatenate([syn_areas, real_areas])
-    for k, name in enumerate(names):
-        table[f"area_{name}"] = areas[:, k]
-    both = np.concatenate([synthetic, real])
-    table["mean_intensity"] = both.mean(axis=(1, 2)).astype(np.float64)
-    table["min_intensity"] = both.min(axis=(1, 2)).astype(np.float64)
+    table = _image_table(synthetic, real, picked, syn_areas, real_areas, names)
     title = (f"segmented by {meta.get('method', 'the')} model: {len(synthetic)} synthetic vs {len(real)} held-out "
              f"real slices")  # fmt: skip
-
     with staged_outputs(out_dir) as st:
         write_json(st.path("content.json"), record)
         table.to_parquet(st.path("content.parquet"), index=False)

@@ -31,7 +31,7 @@ from sraseg.io import read_table, staged_outputs, write_csv, write_json
 from sraseg.preempt import stop_on_signals
 from sraseg.progress import Progress
 from sraseg.resume import job_key
-from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
+from sraseg.settings import parse_settings, settings_dict
 
 __all__ = [
     "GeneratorSettings",
@@ -40,6 +40,7 @@ __all__ = [
     "load_training_images",
     "make_scheduler",
     "diffusion_loss",
+    "ForeachEMA",
     "train_step",
     "run",
 ]
@@ -47,9 +48,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SECTION = "generator"
-SOURCES = ("all_train", "labeled")
-LR_SCHEDULES = ("cosine", "constant_with_warmup", "linear")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 MAX_GRAD_NORM = 1.0  # as diffusers' train_unconditional example; keeps early steps stable
 # Settings that do not change the trained weights; a resume may differ in these.
 RESUME_FREE_KEYS = ("device",)
@@ -88,7 +86,7 @@ class GeneratorSettings:
         seed (`int`, 0): seeds model init, batch order, noise and timesteps.
         device (`str`, "auto"): "auto", "cpu" or "cuda".
         fd_every (`int`, 0): steps between FD-ratio probes written to fd_log.csv (0: off; needs the
-            stand-in encoder's wheel, else a warning and no probe). See sraseg.embed.probe.
+            stand-in encoder's wheel, else a warning and no probe). See sraseg.generate.probe.
         fd_samples (`int`, 48): synthetic images (and real per half) in each probe.
         fd_sampler_steps (`int`, 20): DDIM steps of the probe's samples.
     """
@@ -121,38 +119,31 @@ class GeneratorSettings:
     fd_samples: int = 48
     fd_sampler_steps: int = 20
 
+    def cross_checks(self) -> None:
+        """The rules across fields that the schema cannot say (parse_settings runs them).
+
+        Raises:
+            ConfigError: a resolution the UNet's levels cannot halve, or zero_terminal_snr without v_prediction.
+        """
+        check_resolution(self.resolution, self.block_out_channels, f"'{SECTION}.resolution'")
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            # at the pure-noise level the noise says nothing about the image: epsilon cannot be turned into x0
+            raise ConfigError(
+                f"'{SECTION}.zero_terminal_snr' needs prediction_type 'v_prediction'; got '{self.prediction_type}'"
+            )
+
 
 def validate_settings(settings: dict | GeneratorSettings | None) -> GeneratorSettings:
-    """Parse and check the generator settings.
+    """Parse and check the generator settings against the schema's `generator` section (defaults,
+    choices and bounds are declared there, not restated here) and `GeneratorSettings.cross_checks`.
 
     Raises:
         ConfigError: an unknown key, a wrong type, or a value outside its range (key and allowed values named).
     """
-    s = settings if isinstance(settings, GeneratorSettings) else parse_settings(GeneratorSettings, settings, SECTION)
+    if isinstance(settings, GeneratorSettings):
+        settings = settings_dict(settings)  # an instance is held to the same bounds as a config
+    s = parse_settings(GeneratorSettings, settings, SECTION)
     s.block_out_channels = list(s.block_out_channels)
-    check_choice(SECTION, "source", s.source, SOURCES)
-    check_choice(SECTION, "lr_schedule", s.lr_schedule, LR_SCHEDULES)
-    check_choice(SECTION, "beta_schedule", s.beta_schedule, BETA_SCHEDULES)
-    check_choice(SECTION, "device", s.device, ("auto", "cpu", "cuda"))
-    if not s.block_out_channels or not all(isinstance(c, int) and c > 0 for c in s.block_out_channels):
-        raise ConfigError(
-            f"'{SECTION}.block_out_channels' must be a non-empty list of positive ints; got {s.block_out_channels!r}"
-        )
-    check_resolution(s.resolution, s.block_out_channels, f"'{SECTION}.resolution'")
-    for name in ("layers_per_block", "steps", "batch_size", "num_train_timesteps", "checkpoint_every", "log_every"):
-        check_positive(SECTION, name, getattr(s, name))
-    check_positive(SECTION, "lr", s.lr)
-    check_positive(SECTION, "warmup_steps", s.warmup_steps, allow_zero=True)
-    check_positive(SECTION, "fd_every", s.fd_every, allow_zero=True)
-    check_positive(SECTION, "fd_samples", s.fd_samples)
-    check_positive(SECTION, "fd_sampler_steps", s.fd_sampler_steps)
-    if not 0.0 <= s.ema_decay < 1.0:
-        raise ConfigError(f"'{SECTION}.ema_decay' must be in [0, 1); got {s.ema_decay!r}")
-    if s.zero_terminal_snr and s.prediction_type != "v_prediction":
-        # at the pure-noise level the noise says nothing about the image: epsilon cannot be turned into x0
-        raise ConfigError(
-            f"'{SECTION}.zero_terminal_snr' needs prediction_type 'v_prediction'; got '{s.prediction_type}'"
-        )
     return s
 
 
@@ -249,8 +240,34 @@ def diffusion_loss(
     return (per_sample * weight).mean()
 
 
-def train_step(unet, scheduler, optimizer, lr_scheduler, ema, batch, noise, timesteps, device, snr_gamma=0.0) -> float:
-    """One optimisation step (autocast on CUDA); returns the loss. Module-level so tests can interrupt it."""
+class ForeachEMA(EMAModel):
+    """diffusers' EMAModel with its update done by foreach kernels over all parameters at once.
+
+    The operations are EMAModel's own per-tensor ones, s -= (1 - decay) * (s - p) (a difference, a
+    scaling, a difference), so the averages are bitwise the same; EMAModel's `foreach=True` fuses the
+    scaling into the last difference, which rounds differently.
+    """
+
+    @torch.no_grad()
+    def step(self, parameters) -> None:
+        parameters = list(parameters)
+        self.optimization_step += 1
+        decay = self.get_decay(self.optimization_step)
+        self.cur_decay_value = decay
+        trained = [(s, p) for s, p in zip(self.shadow_params, parameters) if p.requires_grad]
+        frozen = [(s, p) for s, p in zip(self.shadow_params, parameters) if not p.requires_grad]
+        if frozen:
+            torch._foreach_copy_([s for s, _ in frozen], [p for _, p in frozen])
+        shadow = [s for s, _ in trained]
+        difference = torch._foreach_sub(shadow, [p for _, p in trained])
+        torch._foreach_mul_(difference, 1 - decay)
+        torch._foreach_sub_(shadow, difference)
+
+
+def train_step(unet, scheduler, optimizer, lr_scheduler, ema, batch, noise, timesteps, device,
+               snr_gamma=0.0) -> torch.Tensor:
+    """One optimisation step (autocast on CUDA); returns the loss, detached and still on the device (the
+    loop reads losses back at log steps only). Module-level so tests can interrupt it."""
     with autocast(device):
         loss = diffusion_loss(unet, scheduler, batch, noise, timesteps, snr_gamma)
     optimizer.zero_grad(set_to_none=True)
@@ -259,9 +276,7 @@ def train_step(unet, scheduler, optimizer, lr_scheduler, ema, batch, noise, time
     optimizer.step()
     lr_scheduler.step()
     ema.step(unet.parameters())
-    return float(loss.detach())
-
-
+    return loss.detach()
 def _draw_batch(images: torch.Tensor, s: GeneratorSettings, gen: torch.Generator):
     """Batch indices, flips, noise and timesteps, all from the sampler's own generator (CPU)."""
     idx = torch.randint(0, images.shape[0], (s.batch_size,), generator=gen)
@@ -313,6 +328,180 @@ def _load_checkpoint(path: Path, key: str) -> dict | None:
 
 
 
+@dataclass
+class _Training:
+    """The generator's training run: the models, the optimizer and its schedule, the batch sampler's
+    generator, and the loop's counters. last.ckpt holds all of it (with the global RNGs)."""
+
+    unet: UNet2DModel
+    noise_scheduler: DDPMScheduler
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    ema: ForeachEMA
+    gen: torch.Generator
+    step: int = 0
+    elapsed: float = 0.0
+    log_rows: list = field(default_factory=list)
+    loss_sum: float = 0.0  # losses of the log row in progress, summed in float64 as they are read back
+    loss_count: int = 0
+    pending: list = field(default_factory=list)  # the last steps' losses, on the device, not yet read back
+
+    def read_back(self) -> None:
+        """Add the pending losses to the row's sum (one host sync); a non-finite loss stops training."""
+        first = self.step - len(self.pending)
+        values = torch.stack(self.pending).tolist() if self.pending else []
+        self.pending = []
+        for i, loss in enumerate(values):
+            if not np.isfinite(loss):
+                raise ConfigError(f"'{SECTION}.lr': loss became {loss} at step {first + i + 1}; lower the learning rate")
+            self.loss_sum, self.loss_count = self.loss_sum + loss, self.loss_count + 1
+
+    def state(self, job: dict) -> dict:
+        """last.ckpt's content: the run with every RNG, and `job` (settings, data_sha256, key)."""
+        py_state = random.getstate()
+        return {
+            "model": self.unet.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_numpy": _numpy_state(),
+            "rng_python": [py_state[0], list(py_state[1]), py_state[2]],
+            "rng_sampler": self.gen.get_state(),
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "log_rows": self.log_rows,
+            "loss_sum": self.loss_sum,
+            "loss_count": self.loss_count,
+            **job,
+        }
+
+    def restore(self, state: dict, device: torch.device) -> None:
+        """Go on from a last.ckpt `state`: weights, optimizer, schedule, RNGs and counters."""
+        self.unet.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.ema.to(device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        torch.set_rng_state(state["rng_torch"])
+        _set_numpy_state(state["rng_numpy"])
+        version, internal, gauss_next = state["rng_python"]
+        random.setstate((version, tuple(internal), gauss_next))
+        self.gen.set_state(state["rng_sampler"])
+        self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
+        self.log_rows, self.loss_sum, self.loss_count = (list(state["log_rows"]), float(state["loss_sum"]),
+                                                         int(state["loss_count"]))
+
+
+def _build_training(s: GeneratorSettings, device: torch.device) -> _Training:
+    """Everything built from the seed (a resume then overwrites it from the checkpoint)."""
+    seed_everything(s.seed)
+    unet = build_unet(s.resolution, s.block_out_channels, s.layers_per_block, s.attention, s.mid_attention).to(device)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=s.lr)
+    return _Training(
+        unet=unet,
+        noise_scheduler=make_scheduler(s),
+        optimizer=optimizer,
+        lr_scheduler=get_scheduler(s.lr_schedule, optimizer, num_warmup_steps=s.warmup_steps, num_training_steps=s.steps),
+        ema=ForeachEMA(unet.parameters(), decay=s.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=0.75),
+        gen=torch.Generator().manual_seed(s.seed),
+    )
+
+
+def _fd_probe(s: GeneratorSettings, prepared_dir: Path, images: torch.Tensor, rows: np.ndarray, out_dir: Path,
+              step: int):
+    """The FD-ratio probe of a fixed small sample at checkpoints, or None when fd_every is 0."""
+    if not s.fd_every:
+        return None
+    from sraseg.generate.probe import FDProbe
+
+    patients = read_table(prepared_dir / "slices.parquet", ("slice_id", "patient")).set_index("slice_id")
+    return FDProbe.create(images, rows, patients.loc[rows, "patient"].astype(str).to_numpy(), s.fd_samples,
+                          s.fd_every, s.steps, s.fd_sampler_steps, out_dir, step, s.seed)  # fmt: skip
+
+
+def _train(t: _Training, s: GeneratorSettings, images: torch.Tensor, device: torch.device, out_dir: Path,
+           job: dict, fd_probe) -> None:
+    """Train from `t.step` to `s.steps`: a train_log.csv row every log_every steps, last.ckpt every
+    checkpoint_every steps, at the end and when SIGTERM/SIGUSR1 arrives (then raises Preempted). Losses
+    are read back only at log, probe and checkpoint steps."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    ckpt_path = out_dir / "last.ckpt"
+    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=t.step if t.step else None)
+    t.unet.train()
+    started = time.perf_counter()
+    progress = Progress(s.steps, "train generator", initial=t.step, logger=log)
+    with stop_on_signals() as stop, contextlib.ExitStack() as cleanup:
+        cleanup.callback(writer.close)
+        cleanup.callback(progress.close)
+        while t.step < s.steps:
+            # draw the batch and noise on the CPU from the sampler's generator (same on every device)
+            batch, noise, timesteps = _draw_batch(images, s, t.gen)
+            t.pending.append(train_step(
+                t.unet, t.noise_scheduler, t.optimizer, t.lr_scheduler, t.ema,
+                batch.to(device), noise.to(device), timesteps.to(device), device, s.snr_gamma,
+            ))  # fmt: skip
+            t.step += 1
+            progress.update()
+            logging_step = t.step % s.log_every == 0 or t.step == s.steps
+            if logging_step or (fd_probe is not None and fd_probe.due(t.step)):
+                t.read_back()
+
+            if logging_step:  # one row per log_every steps (and the last step)
+                now = time.perf_counter()
+                t.elapsed, started = t.elapsed + now - started, now
+                row = {"step": t.step, "loss": t.loss_sum / t.loss_count, "lr": t.optimizer.param_groups[0]["lr"],
+                       "seconds": t.elapsed}
+                t.log_rows.append(row)
+                t.loss_sum, t.loss_count = 0.0, 0
+                writer.add_scalar("loss", row["loss"], t.step)
+                writer.add_scalar("lr", row["lr"], t.step)
+                write_csv(out_dir / "train_log.csv", t.log_rows, LOG_COLUMNS)  # watchable while training
+            if progress.due():
+                progress.report(loss=f"{t.log_rows[-1]['loss']:.4f}" if t.log_rows else "-")
+
+            if fd_probe is not None and (row := fd_probe.maybe_log(t.step, t.unet, t.ema, t.noise_scheduler, device)):
+                writer.add_scalar("fd_ratio", row["fd_ratio"], t.step)
+
+            # checkpointing: atomic last.ckpt every checkpoint_every steps, at the end, and on SIGTERM/SIGUSR1
+            # (a preemption: this step is complete, so the checkpoint holds it and the job stops here)
+            stopping = stop.signum is not None
+            if t.step % s.checkpoint_every == 0 or t.step == s.steps or stopping:
+                t.read_back()
+                now = time.perf_counter()
+                t.elapsed, started = t.elapsed + now - started, now
+                _save_checkpoint(ckpt_path, t.state(job))
+            if stopping:
+                raise stop.stop(f"step {t.step} of {s.steps}", ckpt_path)
+
+
+def _publish(t: _Training, s: GeneratorSettings, out_dir: Path, device: torch.device, info: dict) -> float:
+    """The EMA weights into the model, then all final files at once; last.ckpt goes (the job is done: a
+    rerun, e.g. --forcerun, trains anew). Returns the final logged loss."""
+    t.ema.copy_to(t.unet.parameters())
+    unet = t.unet.to("cpu").eval()
+    final_loss = t.log_rows[-1]["loss"] if t.log_rows else float("nan")
+    with staged_outputs(out_dir) as staged:
+        # a diffusers pipeline folder (model_index.json, unet/, scheduler/): DiffusionPipeline.from_pretrained loads it
+        DDPMPipeline(unet=unet, scheduler=t.noise_scheduler).save_pretrained(staged.tmp_dir, safe_serialization=True)
+        write_csv(staged.path("train_log.csv"), t.log_rows, LOG_COLUMNS)
+        write_json(
+            staged.path("generator.json"),
+            {
+                "settings": settings_dict(s),
+                **info,
+                "n_parameters": int(sum(p.numel() for p in unet.parameters())),
+                "final_loss": final_loss,
+                "train_seconds": t.elapsed,
+                "device": str(device),
+                "weights": "ema",
+            },
+        )
+    (out_dir / "last.ckpt").unlink(missing_ok=True)
+    return final_loss
+
+
 def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | GeneratorSettings | None = None) -> Path:
     """Train the generator and write the pipeline `out_dir/{model_index.json,unet/,scheduler/}`, `train_log.csv`, `generator.json`.
 
@@ -332,6 +521,7 @@ def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | Generato
         DatasetError: missing/bad prepared files, no train slices for the source, unreadable checkpoint.
         Preempted: SIGTERM or SIGUSR1 arrived; last.ckpt holds the step reached and a rerun resumes from it.
     """
+    # inputs
     s = validate_settings(settings)
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
     device = pick_device(s.device)
@@ -339,145 +529,23 @@ def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | Generato
     data_sha = hashlib.sha256(images.numpy().tobytes()).hexdigest()
     log.info("generator: %d %s slices at %dx%d, device %s", len(rows), s.source, s.resolution, s.resolution, device)
 
-    # build everything from the seed, then overwrite from the checkpoint when resuming
-    seed_everything(s.seed)
-    unet = build_unet(s.resolution, s.block_out_channels, s.layers_per_block, s.attention, s.mid_attention).to(device)
-    noise_scheduler = make_scheduler(s)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=s.lr)
-    lr_scheduler = get_scheduler(s.lr_schedule, optimizer, num_warmup_steps=s.warmup_steps, num_training_steps=s.steps)
-    ema = EMAModel(unet.parameters(), decay=s.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
-    gen = torch.Generator().manual_seed(s.seed)
-    step, elapsed, log_rows, loss_sum, loss_count = 0, 0.0, [], 0.0, 0
-
+    # models, then resume: the checkpoint belongs to one job, these settings (the seed among them) and these images
+    t = _build_training(s, device)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "last.ckpt"
-    # the checkpoint belongs to one job: these settings (the seed among them) and these images
     key = job_key(_resume_key(s), [data_sha], format=CHECKPOINT_FORMAT)
     state = _load_checkpoint(ckpt_path, key) if ckpt_path.is_file() else None
     if state is None:
         shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)  # another job's curves
     else:
-        unet.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        ema.to(device)
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        torch.set_rng_state(state["rng_torch"])
-        _set_numpy_state(state["rng_numpy"])
-        version, internal, gauss_next = state["rng_python"]
-        random.setstate((version, tuple(internal), gauss_next))
-        gen.set_state(state["rng_sampler"])
-        step, elapsed = int(state["step"]), float(state["elapsed"])
-        log_rows, loss_sum, loss_count = list(state["log_rows"]), float(state["loss_sum"]), int(state["loss_count"])
-        log.info("generator: resuming from %s at step %d/%d", ckpt_path, step, s.steps)
+        t.restore(state, device)
+        log.info("generator: resuming from %s at step %d/%d", ckpt_path, t.step, s.steps)
+        del state
 
-    def checkpoint() -> None:
-        py_state = random.getstate()
-        _save_checkpoint(
-            ckpt_path,
-            {
-                "model": unet.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
-                "rng_torch": torch.get_rng_state(),
-                "rng_numpy": _numpy_state(),
-                "rng_python": [py_state[0], list(py_state[1]), py_state[2]],
-                "rng_sampler": gen.get_state(),
-                "step": step,
-                "elapsed": elapsed,
-                "log_rows": log_rows,
-                "loss_sum": loss_sum,
-                "loss_count": loss_count,
-                "settings": _resume_key(s),
-                "data_sha256": data_sha,
-                "key": key,
-            },
-        )
-
-    fd_probe = None  # FD ratio of a fixed small sample at checkpoints (sraseg.embed.probe)
-    if s.fd_every:
-        from sraseg.embed.probe import FDProbe
-
-        patients = read_table(prepared_dir / "slices.parquet", ("slice_id", "patient")).set_index("slice_id")
-        fd_probe = FDProbe.create(images, rows, patients.loc[rows, "patient"].astype(str).to_numpy(), s.fd_samples,
-                                  s.fd_every, s.steps, s.fd_sampler_steps, out_dir, step, s.seed)  # fmt: skip
-
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=step if step else None)
-    unet.train()
-    started = time.perf_counter()
-    progress = Progress(s.steps, "train generator", initial=step, logger=log)
-    with stop_on_signals() as stop, contextlib.ExitStack() as cleanup:
-        cleanup.callback(writer.close)
-        cleanup.callback(progress.close)
-        while step < s.steps:
-            # draw the batch and noise on the CPU from the sampler's generator (same on every device)
-            batch, noise, timesteps = _draw_batch(images, s, gen)
-            loss = train_step(
-                unet, noise_scheduler, optimizer, lr_scheduler, ema,
-                batch.to(device), noise.to(device), timesteps.to(device), device, s.snr_gamma,
-            )  # fmt: skip
-            if not np.isfinite(loss):
-                raise ConfigError(f"'{SECTION}.lr': loss became {loss} at step {step + 1}; lower the learning rate")
-            step += 1
-            loss_sum, loss_count = loss_sum + loss, loss_count + 1
-            progress.update()
-
-            # logging: one row per log_every steps (and the last step)
-            if step % s.log_every == 0 or step == s.steps:
-                now = time.perf_counter()
-                elapsed, started = elapsed + now - started, now
-                row = {
-                    "step": step,
-                    "loss": loss_sum / loss_count,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "seconds": elapsed,
-                }
-                log_rows.append(row)
-                loss_sum, loss_count = 0.0, 0
-                writer.add_scalar("loss", row["loss"], step)
-                writer.add_scalar("lr", row["lr"], step)
-                write_csv(out_dir / "train_log.csv", log_rows, LOG_COLUMNS)  # watchable while training
-            if progress.due():
-                progress.report(loss=f"{log_rows[-1]['loss']:.4f}" if log_rows else "-")
-
-            if fd_probe is not None and (row := fd_probe.maybe_log(step, unet, ema, noise_scheduler, device)):
-                writer.add_scalar("fd_ratio", row["fd_ratio"], step)
-
-            # checkpointing: atomic last.ckpt every checkpoint_every steps, at the end, and on SIGTERM/SIGUSR1
-            # (a preemption: this step is complete, so the checkpoint holds it and the job stops here)
-            stopping = stop.signum is not None
-            if step % s.checkpoint_every == 0 or step == s.steps or stopping:
-                now = time.perf_counter()
-                elapsed, started = elapsed + now - started, now
-                checkpoint()
-            if stopping:
-                raise stop.stop(f"step {step} of {s.steps}", ckpt_path)
-
-    # publish: EMA weights into the model, then all final files at once
-    ema.copy_to(unet.parameters())
-    unet = unet.to("cpu").eval()
-    final_loss = log_rows[-1]["loss"] if log_rows else float("nan")
-    with staged_outputs(out_dir) as staged:
-        # a diffusers pipeline folder (model_index.json, unet/, scheduler/): DiffusionPipeline.from_pretrained loads it
-        DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(staged.tmp_dir, safe_serialization=True)
-        write_csv(staged.path("train_log.csv"), log_rows, LOG_COLUMNS)
-        write_json(
-            staged.path("generator.json"),
-            {
-                "settings": settings_dict(s),
-                "prepared_dir": str(prepared_dir.resolve()),
-                "n_images": int(rows.size),
-                "data_sha256": data_sha,
-                "n_parameters": int(sum(p.numel() for p in unet.parameters())),
-                "final_loss": final_loss,
-                "train_seconds": elapsed,
-                "device": str(device),
-                "weights": "ema",
-            },
-        )
-    ckpt_path.unlink(missing_ok=True)  # the job is done: a rerun (e.g. --forcerun) trains anew
+    # the loop, then publish
+    job = {"settings": _resume_key(s), "data_sha256": data_sha, "key": key}
+    _train(t, s, images, device, out_dir, job, _fd_probe(s, prepared_dir, images, rows, out_dir, t.step))
+    final_loss = _publish(t, s, out_dir, device, {"prepared_dir": str(prepared_dir.resolve()), "n_images": int(rows.size),
+                                                   "data_sha256": data_sha})
     log.info("generator: done, final loss %.4f, written to %s", final_loss, out_dir)
     return out_dir

@@ -165,7 +165,7 @@ def generator_fd_curve(fd_log: Path, path: Path) -> None:
     """The generator's FD ratio (fixed small sample vs real, over the real-vs-real floor) against steps."""
     from matplotlib.figure import Figure
 
-    from sraseg.embed.probe import read_fd_log
+    from sraseg.generate.probe import read_fd_log
 
     rows = read_fd_log(fd_log)
     if not rows:

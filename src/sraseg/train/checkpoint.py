@@ -6,6 +6,7 @@ read it; numpy and Python RNG states are converted to those types here.
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 from pathlib import Path
@@ -16,7 +17,8 @@ import torch
 
 from sraseg.errors import WeightsError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "restore_rng_state", "cpu_state"]
+__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "restore_rng_state", "cpu_state", "fresh_state",
+           "training_checkpoint", "restore_training"]
 
 
 def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -67,3 +69,43 @@ def restore_rng_state(state: dict[str, Any], generator: torch.Generator) -> None
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     generator.set_state(state["generator"])
+
+
+def fresh_state() -> dict[str, Any]:
+    """The loop's own state at step 0 (last.ckpt carries it): the phase reached, the best validation so
+    far and its weights, the log table, the loss sums of the unfinished row and the training time."""
+    return dict(step=0, phase="", best_dice=-1.0, best_iteration=0, best_state={}, log_rows=[], running={},
+                running_count=0, seconds=0.0)
+
+
+def training_checkpoint(ctx, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, state: dict[str, Any],
+                        **job: Any) -> dict[str, Any]:
+    """What last.ckpt holds: `job` (format, key, method, seed, settings), the loop state, the student,
+    teacher and head weights, the optimizer, the fp16 gradient scaler ({} when disabled) and every RNG."""
+    return dict(
+        **job, **state, student=cpu_state(ctx.student), teacher=cpu_state(ctx.teacher) if ctx.teacher is not None else {},
+        head=cpu_state(ctx.head) if ctx.head is not None else {}, optimizer=optimizer.state_dict(),
+        scaler=scaler.state_dict(), rng=rng_state(ctx.generator),
+    )  # fmt: skip
+
+
+def restore_training(ckpt: dict[str, Any], ctx, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler) -> dict[str, Any]:
+    """Go on from a `training_checkpoint`: the student, teacher, head, optimizer, gradient scaler and RNGs
+    are loaded in place.
+
+    Returns:
+        the loop state it holds.
+    """
+    state = {k: ckpt[k] for k in fresh_state()}
+    ctx.student.load_state_dict(ckpt["student"])
+    if ckpt["teacher"]:
+        ctx.teacher = copy.deepcopy(ctx.student).eval()
+        ctx.teacher.load_state_dict(ckpt["teacher"])
+    if ctx.head is not None:
+        ctx.head.load_state_dict(ckpt["head"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):  # {} from a disabled (fp32, bf16) scaler or a checkpoint written before it was saved
+        scaler.load_state_dict(ckpt["scaler"])
+    restore_rng_state(ckpt["rng"], ctx.generator)
+    return state

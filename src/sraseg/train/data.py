@@ -20,10 +20,12 @@ import torch.nn.functional as F
 
 from sraseg.blend.maps import render_blend_maps
 from sraseg.device import full_precision
-from sraseg.errors import DatasetError
+from sraseg.errors import ConfigError, DatasetError
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from sraseg.train.loop import TrainSettings
 
 __all__ = [
     "AUGMENTATIONS",
@@ -34,6 +36,12 @@ __all__ = [
     "load_synthetic",
     "load_embed",
     "load_blend",
+    "dataset_classes",
+    "needed_inputs",
+    "check_inputs",
+    "TrainInputs",
+    "load_inputs",
+    "sa_target_rows",
     "sample_indices",
     "augment",
     "PAIR_AUGMENTS",
@@ -170,13 +178,11 @@ def load_embed(embed_dir: Path | str, synthetic_count: int) -> EmbedTargets:
     """Read real.npy/real.parquet and neighbours.parquet (rank 0 = nearest real slice)."""
     import pandas as pd
 
-    from sraseg.io import load_array, read_table
+    from sraseg.embed.embeddings import read_embeddings
+    from sraseg.io import read_table
 
     embed_dir = Path(embed_dir)
-    real = load_array(embed_dir / "real.npy", mmap=False)
-    table = read_table(embed_dir / "real.parquet", ("row", "slice_id"))
-    if real.ndim != 2 or len(table) != len(real):
-        raise DatasetError(f"{embed_dir / 'real.npy'}: shape {real.shape} does not match {len(table)} rows of real.parquet")
+    real, table = read_embeddings(embed_dir, "real")
     real_row = pd.Series(table["row"].to_numpy(dtype=np.int64), index=table["slice_id"].to_numpy(dtype=np.int64))
     neighbours_path = embed_dir / "neighbours.parquet"
     neighbours = read_table(neighbours_path, ("synthetic_id", "rank", "real_id"))
@@ -204,6 +210,8 @@ class BlendBank:
             training device with the bank and the maps are rendered there.
         hole: fresh: (rows, columns) of the hole; kernel, kernel_size, sigma: fresh: the edge softening;
         maps_size: fresh: the image side S the maps are rendered at.
+        sa_real_ids: int64 [B], each entry's SA target (pairs.parquet sa_real_id, which the blend stage
+            always writes); None when the table has no such column (written by hand or an older blend stage).
     """
 
     maps: torch.Tensor | None
@@ -216,6 +224,7 @@ class BlendBank:
     kernel_size: int = 5
     sigma: float = 1.0
     maps_size: int = 0
+    sa_real_ids: np.ndarray | None = None
 
     @property
     def fresh(self) -> bool:
@@ -229,6 +238,19 @@ class BlendBank:
                              "self-training draws of draws.parquet")
         return render_blend_maps(self.draw_corners[start : start + count], self.maps_size, self.hole, self.kernel,
                                  self.kernel_size, self.sigma)
+
+
+def sa_target_rows(bank: BlendBank, embed: EmbedTargets, pairs_path: Path) -> np.ndarray:
+    """Row of `embed.real` holding each bank entry's SA target: pairs.parquet's sa_real_id, as the blend stage
+    wrote it (the partner for balanced pairing, the rank-0 neighbour otherwise).
+
+    Raises:
+        DatasetError: no sa_real_id column or an entry without a target (a blend folder from before the stage
+            wrote them: rerun it), or a target without an embedding.
+    """
+    if bank.sa_real_ids is None or (bank.sa_real_ids < 0).any():
+        raise DatasetError(f"{pairs_path}: entries without an SA target (sa_real_id); rerun the blend stage")
+    return embed.rows_of(bank.sa_real_ids, pairs_path)
 
 
 def load_blend(blend_dir: Path | str, image_size: int, synthetic_count: int) -> BlendBank:
@@ -253,10 +275,11 @@ def load_blend(blend_dir: Path | str, image_size: int, synthetic_count: int) -> 
         raise DatasetError(f"{pairs_path}: blend_id must be 0..{entries - 1}, {what}")
     synthetic_ids = pairs["synthetic_id"].to_numpy(dtype=np.int64)
     real_ids = pairs["real_id"].to_numpy(dtype=np.int64)
+    sa_real_ids = pairs["sa_real_id"].to_numpy(dtype=np.int64) if "sa_real_id" in pairs else None
     if synthetic_ids.min() < 0 or synthetic_ids.max() >= synthetic_count:
         raise DatasetError(f"{pairs_path}: synthetic ids outside [0, {synthetic_count}) of the synthetic set")
     if maps is not None:
-        return BlendBank(torch.from_numpy(maps.astype(np.float16)), synthetic_ids, real_ids)
+        return BlendBank(torch.from_numpy(maps.astype(np.float16)), synthetic_ids, real_ids, sa_real_ids=sa_real_ids)
 
     draws_path = blend_dir / "draws.parquet"
     draws = read_table(draws_path, ("blend_id", "synthetic_id", "real_id", "top", "left"), "run the blend stage")
@@ -276,7 +299,101 @@ def load_blend(blend_dir: Path | str, image_size: int, synthetic_count: int) -> 
     return BlendBank(None, synthetic_ids, real_ids, draw_entries=entry, draw_corners=torch.tensor(corners),
                      hole=hole, kernel=str(settings.get("kernel", "gaussian")),
                      kernel_size=int(settings.get("kernel_size", 5)), sigma=float(settings.get("sigma", 1.0)),
-                     maps_size=image_size)
+                     maps_size=image_size, sa_real_ids=sa_real_ids)
+
+
+def dataset_classes(prepared_dir: Path | str) -> int:
+    """The prepared dataset's class count: prepare.json's num_classes (FIVES: 2), else 4 (ACDC's
+    prepare.json predates the key and ACDC has 4)."""
+    from sraseg.io import read_json
+
+    meta_path = Path(prepared_dir) / "prepare.json"
+    meta = read_json(meta_path) if meta_path.is_file() else {}
+    return int(meta.get("num_classes", 4))
+
+
+_INPUT_FLAGS = {"synthetic_dir": "--synthetic", "embed_dir": "--embed-dir", "blend_dir": "--blend-dir"}
+
+
+def needed_inputs(cfg: TrainSettings) -> dict[str, bool]:
+    """Which of the optional input folders the method reads."""
+    return {"synthetic_dir": cfg.method in ("bcp_synthetic", "sraseg"), "blend_dir": cfg.method == "sraseg",
+            "embed_dir": cfg.method == "sraseg" and cfg.sa}
+
+
+def check_inputs(cfg: TrainSettings, **given: Path | str | None) -> None:
+    """ConfigError when the method needs an input folder (synthetic_dir, embed_dir, blend_dir) not given."""
+    missing = [name for name, needed in needed_inputs(cfg).items() if needed and given[name] is None]
+    if missing:
+        raise ConfigError(f"method {cfg.method} needs input(s) {', '.join(missing)} (command line "
+                          f"{', '.join(_INPUT_FLAGS[m] for m in missing)})")
+
+
+@dataclass
+class TrainInputs:
+    """Everything a training run reads, on the CPU; None where the method reads no such input.
+
+    Attributes:
+        prepared: the prepared slices.
+        unlabeled: the self-training pool of BCP (bcp_real: the unlabeled train slices; else the synthetic set).
+        synthetic: float32 [M,S,S] (bcp_synthetic, sraseg).
+        bank: the blend bank (sraseg); bank_real_pos: row in the labeled arrays of each entry's real slice.
+        embed: the embedding targets (sraseg with sa); bank_sa_rows: row in real.npy of each entry's SA
+            target; bank_real_embed_rows: row in real.npy of each entry's real slice.
+    """
+
+    prepared: Prepared
+    unlabeled: torch.Tensor | None = None
+    synthetic: torch.Tensor | None = None
+    bank: BlendBank | None = None
+    bank_real_pos: np.ndarray | None = None
+    embed: EmbedTargets | None = None
+    bank_sa_rows: np.ndarray | None = None
+    bank_real_embed_rows: np.ndarray | None = None
+
+
+def load_inputs(cfg: TrainSettings, prepared_dir: Path | str, synthetic_dir: Path | str | None = None,
+                embed_dir: Path | str | None = None, blend_dir: Path | str | None = None) -> TrainInputs:
+    """Load what `cfg.method` trains on (`check_inputs` has checked the folders it needs are given).
+
+    Raises:
+        ConfigError: the prepared dataset's class count is not train.num_classes.
+        DatasetError: missing or inconsistent input files, no labeled slices, too few blend draws.
+    """
+    if dataset_classes(prepared_dir) != cfg.num_classes:
+        raise ConfigError(f"'train.num_classes' is {cfg.num_classes} but the prepared dataset in {prepared_dir} has "
+                          f"{dataset_classes(prepared_dir)} classes (prepare.json num_classes; 4 when absent)")
+    prepared = load_prepared(prepared_dir, cfg.num_classes)
+    inputs = TrainInputs(prepared)
+    if cfg.method == "bcp_real":
+        if len(prepared.unlabeled_images) == 0:
+            raise DatasetError(f"{Path(prepared_dir) / 'slices.parquet'}: no unlabeled train slices for bcp_real")
+        inputs.unlabeled = prepared.unlabeled_images
+    if needed_inputs(cfg)["synthetic_dir"]:
+        inputs.synthetic = inputs.unlabeled = load_synthetic(synthetic_dir, prepared.image_size)
+    if cfg.method == "sraseg":
+        _load_bank(inputs, cfg, blend_dir)
+        if cfg.sa:
+            _load_sa_targets(inputs, embed_dir, blend_dir)
+    return inputs
+
+
+def _load_bank(inputs: TrainInputs, cfg: TrainSettings, blend_dir: Path | str) -> None:
+    """sraseg's blend bank and the labeled row of each entry's real slice."""
+    inputs.bank = load_blend(blend_dir, inputs.prepared.image_size, len(inputs.synthetic))
+    needed = cfg.selftrain_iterations * cfg.unlabeled_batch
+    if inputs.bank.fresh and len(inputs.bank.draw_entries) < needed:
+        raise DatasetError(
+            f"{Path(blend_dir) / 'draws.parquet'}: {len(inputs.bank.draw_entries)} self-training draws, training needs "
+            f"{needed} (selftrain_iterations x unlabeled_batch); rerun the blend stage with --draws set to that")
+    inputs.bank_real_pos = inputs.prepared.labeled_position(inputs.bank.real_ids, Path(blend_dir) / "pairs.parquet")
+
+
+def _load_sa_targets(inputs: TrainInputs, embed_dir: Path | str, blend_dir: Path | str) -> None:
+    """The embeddings and, per bank entry, the real.npy rows of its SA target and of its real slice."""
+    inputs.embed = load_embed(embed_dir, len(inputs.synthetic))
+    inputs.bank_sa_rows = sa_target_rows(inputs.bank, inputs.embed, Path(blend_dir) / "pairs.parquet")
+    inputs.bank_real_embed_rows = inputs.embed.rows_of(inputs.bank.real_ids, Path(embed_dir) / "real.parquet")
 
 
 def sample_indices(population: int, count: int, generator: torch.Generator) -> torch.Tensor:

@@ -14,8 +14,8 @@ best self-training checkpoint); the pre-train best only initialises self-trainin
 
 Self-training's switches (defaults: what the ablations found best; README, "Why SRA-Seg fell behind BCP"):
 `sraseg_loss` and `sraseg_pretrain_loss` pick sraseg's loss form, `pseudo_weight` and `unlabeled_rampup`
-weigh the pseudo-labelled part, `selftrain_reduction` sums or
-averages the two mixed images' losses, `teacher_mode` runs the teacher in eval or train mode while it
+weigh the pseudo-labelled part, `selftrain_reduction` averages (the default) or sums sraseg's two
+mixed images' losses (BCP always sums, as its paper), `teacher_mode` runs the teacher in eval or train mode while it
 labels, `pair_augment` augments SRA-Seg's synthetic/real pair with one transform or two. Instruments in
 train_log.csv: the teacher's validation Dice beside the student's, the loss split into its true-label and
 pseudo-label parts, the pseudo-labels' class fractions (the labeled slices' own are in train.json), and
@@ -38,23 +38,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sraseg.blend.maps import KERNELS, make_blend_maps, mix
+from sraseg.blend.maps import make_blend_maps, mix
 from sraseg.device import autocast, grad_scaler, pick_device, seed_everything
-from sraseg.errors import ConfigError, DatasetError, SrasegError
+from sraseg.errors import ConfigError, SrasegError
 from sraseg.preempt import stop_on_signals
 from sraseg.resume import input_identity, job_key
-from sraseg.settings import check_choice, check_positive, parse_settings, settings_dict
+from sraseg.settings import parse_settings, settings_dict
 from sraseg.train.alignment import ProjectionHead, sa_loss
-from sraseg.train.checkpoint import cpu_state, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from sraseg.train.checkpoint import (
+    cpu_state,
+    fresh_state,
+    load_checkpoint,
+    restore_training,
+    save_checkpoint,
+    training_checkpoint,
+)
 from sraseg.train.data import (
-    AUGMENTATIONS,
-    PAIR_AUGMENTS,
     augment,
     augment_pair,
-    load_blend,
-    load_embed,
-    load_prepared,
-    load_synthetic,
+    check_inputs,
+    dataset_classes,
+    load_inputs,
     sample_indices,
 )
 from sraseg.train.losses import (
@@ -65,14 +69,16 @@ from sraseg.train.losses import (
     soft_dice_ce,
     soft_dice_ce_split,
 )
-from sraseg.train.teacher import TEACHER_MODES, pseudo_labels, update_ema
+from sraseg.train.teacher import pseudo_labels, update_ema
 from sraseg.train.unet import UNet, save_model
 
-__all__ = ["METHODS", "TrainSettings", "TrainContext", "check_settings", "make_optimizer", "training_phases", "train_iteration", "run", "validate",
+__all__ = ["METHODS", "TrainSettings", "TrainContext", "make_optimizer", "training_phases", "train_iteration", "run", "validate",
            "class_names", "log_columns", "dataset_classes"]
 
 log = logging.getLogger(__name__)
 
+# the methods training_phases dispatches on (tests/test_config.py checks it equals the schema's enum); a
+# literal, so importing the train stage needs no schema (benchmarks/gpu_check.py imports only torch)
 METHODS = ("labeled_only", "bcp_real", "bcp_synthetic", "sraseg")
 CLASS_NAMES = ("rv", "myo", "lv")  # ACDC's foreground classes (num_classes 4), as the log names them
 
@@ -105,10 +111,6 @@ def log_columns(names: tuple[str, ...] = CLASS_NAMES) -> tuple[str, ...]:
 
 LOG_COLUMNS = log_columns(CLASS_NAMES)
 TERM_COLUMNS = term_columns(CLASS_NAMES)
-SELFTRAIN_REDUCTIONS = ("sum", "mean")
-BCP_LOSSES = ("region", "soft")
-SRASEG_LOSSES = ("soft", "batch_soft", "region")
-SRASEG_PRETRAIN_LOSSES = ("soft", "same")
 CHECKPOINT_FORMAT = 1
 
 
@@ -138,8 +140,9 @@ class TrainSettings:
             1: the reference). Pixels weigh 1 - (1 - w)*m, m the pixel's pseudo-labelled share.
         unlabeled_rampup: iterations of the sigmoid ramp-up exp(-5 (1 - t)^2) that multiplies the pseudo
             part's weight (sraseg's pseudo_weight, BCP's 0.5) from self-training's first iteration; 0: none.
-        selftrain_reduction: sum (the reference: L(x1,y1) + L(x2,y2)) or mean of the two mixed images'
-            losses in self-training.
+        selftrain_reduction: mean (the default) or sum (the reference: L(x1,y1) + L(x2,y2)) of sraseg's
+            two mixed images' losses in self-training. Pre-training has one mixed term, so the sum doubles
+            the step at the switch; with soft maps the student then fell (README, issue 22). BCP sums.
         pair_augment: separate (one transform each for sraseg's synthetic image and its real partner, the
             reference's) or shared.
         sraseg_loss: region (BCP's region loss over the blend's shares, the pseudo-labelled share weighted by
@@ -179,7 +182,7 @@ class TrainSettings:
     largest_component: bool = True
     pseudo_weight: float = 0.5
     unlabeled_rampup: int = 0
-    selftrain_reduction: str = "sum"
+    selftrain_reduction: str = "mean"
     pair_augment: str = "separate"
     sraseg_loss: str = "region"
     sraseg_pretrain_loss: str = "soft"
@@ -202,49 +205,22 @@ class TrainSettings:
     num_classes: int = 4
     val_batch: int = 32
 
+    def cross_checks(self) -> None:
+        """What the schema cannot say (parse_settings runs it): the method (an experiment's key, not a
+        `train` one), rules across fields, and odd kernel sides.
 
-def check_settings(cfg: TrainSettings) -> None:
-    check_choice("train", "method", cfg.method, METHODS)
-    check_choice("train", "blend_kernel", cfg.blend_kernel, KERNELS)
-    check_choice("train", "augment", cfg.augment, AUGMENTATIONS)
-    check_choice("train", "device", cfg.device, ("auto", "cpu", "cuda"))
-    check_choice("train", "teacher_mode", cfg.teacher_mode, TEACHER_MODES)
-    check_choice("train", "selftrain_reduction", cfg.selftrain_reduction, SELFTRAIN_REDUCTIONS)
-    check_choice("train", "pair_augment", cfg.pair_augment, PAIR_AUGMENTS)
-    check_choice("train", "unlabeled", cfg.unlabeled, ("synthetic", "real"))
-    check_choice("train", "sraseg_loss", cfg.sraseg_loss, SRASEG_LOSSES)
-    check_choice("train", "sraseg_pretrain_loss", cfg.sraseg_pretrain_loss, SRASEG_PRETRAIN_LOSSES)
-    check_choice("train", "bcp_loss", cfg.bcp_loss, BCP_LOSSES)
-    for name in ("pretrain_iterations", "selftrain_iterations", "sa_weight", "weight_decay", "momentum",
-                 "pseudo_weight", "unlabeled_rampup", "dense_val_every", "dense_val_iterations"):
-        check_positive("train", name, getattr(cfg, name), allow_zero=True)
-    for name in ("labeled_batch", "unlabeled_batch", "lr", "val_every", "checkpoint_every", "sa_batch", "val_batch"):
-        check_positive("train", name, getattr(cfg, name))
-    if cfg.method != "labeled_only" and (cfg.labeled_batch < 2 or cfg.unlabeled_batch < 2):
-        raise ConfigError(f"'train.labeled_batch' and 'train.unlabeled_batch' must be >= 2 for {cfg.method}")
-    if not 0.0 <= cfg.ema_decay <= 1.0:
-        raise ConfigError(f"'train.ema_decay' must lie in [0, 1]; got {cfg.ema_decay}")
-    if cfg.pretrain_iterations + cfg.selftrain_iterations == 0:
-        raise ConfigError("'train.pretrain_iterations' + 'train.selftrain_iterations' must be > 0")
-    if len(cfg.channels) != len(cfg.dropout) or len(cfg.channels) < 2:
-        raise ConfigError(f"'train.channels' and 'train.dropout' need the same length >= 2; got {cfg.channels}, "
-                          f"{cfg.dropout}")
-    if cfg.blend_kernel_size < 1 or cfg.blend_kernel_size % 2 == 0:
-        raise ConfigError(f"'train.blend_kernel_size' must be a positive odd number; got {cfg.blend_kernel_size}")
-    if not 0.0 < cfg.blend_ratio < 1.0:
-        raise ConfigError(f"'train.blend_ratio' must lie in (0, 1); got {cfg.blend_ratio}")
-    if isinstance(cfg.num_classes, bool) or not isinstance(cfg.num_classes, int) or cfg.num_classes < 2:
-        raise ConfigError(f"'train.num_classes' must be an integer >= 2 (background included); got {cfg.num_classes}")
-
-
-def dataset_classes(prepared_dir: Path | str) -> int:
-    """The prepared dataset's class count: prepare.json's num_classes (FIVES: 2), else 4 (ACDC's
-    prepare.json predates the key and ACDC has 4)."""
-    from sraseg.io import read_json
-
-    meta_path = Path(prepared_dir) / "prepare.json"
-    meta = read_json(meta_path) if meta_path.is_file() else {}
-    return int(meta.get("num_classes", 4))
+        Raises:
+            ConfigError: naming the key and the problem.
+        """
+        if self.method not in METHODS:
+            raise ConfigError(f"'train.method' is {self.method!r}; allowed: {', '.join(METHODS)}")
+        if self.pretrain_iterations + self.selftrain_iterations == 0:
+            raise ConfigError("'train.pretrain_iterations' + 'train.selftrain_iterations' must be > 0")
+        if len(self.channels) != len(self.dropout):
+            raise ConfigError(f"'train.channels' and 'train.dropout' need the same length; got {self.channels}, "
+                              f"{self.dropout}")
+        if self.blend_kernel_size % 2 == 0:
+            raise ConfigError(f"'train.blend_kernel_size' is {self.blend_kernel_size!r}; must be odd")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -305,7 +281,8 @@ class TrainContext:
         super().__setattr__(name, value)
 
     def __post_init__(self) -> None:
-        self.prepared = self.prepared  # _moved exists only now: place what __init__ assigned
+        for name in _INPUT_FIELDS:  # _moved exists only now: place what __init__ assigned
+            setattr(self, name, getattr(self, name))
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         """Move (non-blocking: a small host tensor is staged without waiting for the device) and use
@@ -410,12 +387,12 @@ def _unlabeled_rampup(ctx: TrainContext) -> float:
 
 
 def _selftrain_terms(cfg: TrainSettings, per_image: list[dict[str, torch.Tensor]],
-                     pseudo: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The terms of a self-train step: the mixed images' terms summed (the reference) or averaged
-    (`selftrain_reduction: mean`), and pl_frac_<class>, each class's share of the pseudo-labels' pixels
+                     pseudo: torch.Tensor, average: bool = False) -> dict[str, torch.Tensor]:
+    """The terms of a self-train step: the mixed images' terms summed (BCP, the reference) or averaged
+    (`average`), and pl_frac_<class>, each class's share of the pseudo-labels' pixels
     (`pseudo`: one-hot float [B,C,H,W]), kept on the device like the losses."""
     terms = _sum_terms(*per_image)
-    if cfg.selftrain_reduction == "mean":
+    if average:
         terms = {k: v / len(per_image) for k, v in terms.items()}
     fractions = pseudo.detach().float().mean(dim=(0, 2, 3))
     terms.update({f"pl_frac_{name}": fractions[c] for c, name in enumerate(class_names(cfg.num_classes), start=1)})
@@ -449,7 +426,7 @@ def _pretrain_step(ctx: TrainContext, kind: str) -> dict[str, torch.Tensor]:
 def _bcp_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
     """BCP self-train, bidirectional hard copy-paste with teacher pseudo-labels of the unlabeled images:
     x1 = a*u_a + (1-a)*l_a, x2 = a*l_b + (1-a)*u_b (one fresh hard map per mixed image).
-    Loss: BCP's region loss on x1 and on x2, summed (or averaged); the unlabeled (pseudo-labelled) region
+    Loss: BCP's region loss on x1 and on x2, summed (BCP's; `selftrain_reduction` is sraseg's); the unlabeled (pseudo-labelled) region
     weighs 0.5 (times the ramp-up factor when `unlabeled_rampup` is set). `bcp_loss: soft` puts sraseg's
     soft loss (pseudo-labelled share weighted by pseudo_weight) in its place."""
     cfg = ctx.cfg
@@ -499,10 +476,11 @@ def _sraseg_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
        draws one for each);
     2. Y(s) = teacher argmax + largest component on the un-mixed s, Y(r) = true label;
     3. a-half: x1 = a*s + (1-a)*r, y1 = a*Y(s) + (1-a)*Y(r); b-half: x2 = a*r + (1-a)*s, y2 likewise;
-    4. loss = L_soft(x1,y1) + L_soft(x2,y2) + sa_weight * L_SA, L_SA on the un-augmented images (their
+    4. loss = (L_soft(x1,y1) + L_soft(x2,y2)) / 2 + sa_weight * L_SA (`selftrain_reduction: sum`, the
+       reference, drops the / 2), L_SA on the un-augmented images (their
        DINOv2 embeddings were computed without augmentation). L_soft weighs the pseudo-labelled share
        (a in x1, 1-a in x2) by pseudo_weight times the ramp-up factor (1 and 1 in the reference),
-       `sraseg_loss` picks its form (`_soft_terms`), and `selftrain_reduction: mean` halves the two terms' sum."""
+       `sraseg_loss` picks its form (`_soft_terms`)."""
     cfg, bank, prepared = ctx.cfg, ctx.bank, ctx.prepared
     idx, a = _sraseg_draws(ctx)
     syn_ids, real_pos = bank.synthetic_ids[idx], ctx.bank_real_pos[idx]  # host-side bookkeeping
@@ -521,7 +499,8 @@ def _sraseg_selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
     logits = ctx.student(torch.cat([x1, x2]))
     weight = cfg.pseudo_weight * _unlabeled_rampup(ctx)
     terms = _selftrain_terms(cfg, [_soft_terms(logits[:half], y1, a[:half], weight, cfg.sraseg_loss),
-                                   _soft_terms(logits[half:], y2, 1.0 - a[half:], weight, cfg.sraseg_loss)], y_s)
+                                   _soft_terms(logits[half:], y2, 1.0 - a[half:], weight, cfg.sraseg_loss)], y_s,
+                             average=cfg.selftrain_reduction == "mean")
     if cfg.sa:
         k = min(cfg.sa_batch, len(idx))
         features = ctx.student.encode(torch.cat([s_raw[:k], r_raw[:k]]))
@@ -696,6 +675,185 @@ def make_optimizer(cfg: TrainSettings, student: UNet, head: ProjectionHead | Non
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def _build_context(cfg: TrainSettings, seed: int, device: torch.device, inputs) -> TrainContext:
+    """The run's context: its inputs (moved to `device`) and the student, with the projection head when
+    SA trains (its inputs carry embeddings); the models are drawn from the global RNG, seeded before."""
+    ctx = TrainContext(cfg=cfg, seed=seed, device=device, generator=torch.Generator().manual_seed(seed), student=None,
+                       **{f.name: getattr(inputs, f.name) for f in dataclasses.fields(inputs)})
+    student = UNet(1, cfg.num_classes, cfg.channels, cfg.dropout).to(device)
+    head = ProjectionHead(student.feature_dim, ctx.embed.dim).to(device) if ctx.embed is not None else None
+    if device.type == "cuda":
+        student = student.to(memory_format=torch.channels_last)
+    ctx.student, ctx.head = student, head
+    return ctx
+
+
+def _resume(ckpt_path: Path, key: str, ctx: TrainContext, optimizer: torch.optim.Optimizer, scaler) -> dict | None:
+    """The loop state of this job's last.ckpt, with models, optimizer, scaler and RNGs restored; None when
+    there is none or it was written for another job (`key`: settings, seed and input files)."""
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
+    if ckpt is not None and ckpt.get("key") != key:
+        log.info("%s: written for other settings or inputs; starting %s fresh", ckpt_path, ctx.cfg.method)
+        return None
+    return restore_training(ckpt, ctx, optimizer, scaler) if ckpt is not None else None
+
+
+class _LossSums:
+    """The step terms summed on the device (no host sync per step): `running` since the last log-table
+    row, `window` since the last read-back (log, validation and checkpoint steps only)."""
+
+    def __init__(self, running: dict[str, float], device: torch.device, step: int):
+        self.running = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in running.items()}
+        self.window: dict[str, torch.Tensor] = {}
+        self.window_start = step
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        for k, v in terms.items():
+            v = v.detach().float()
+            self.running[k] = self.running[k] + v if k in self.running else v
+            self.window[k] = self.window[k] + v if k in self.window else v
+
+    def read_back(self, step: int) -> dict[str, float]:
+        """Mean terms of the window as floats (one host sync for all terms); starts the next window."""
+        count = step - self.window_start
+        sums = torch.stack(list(self.window.values())).tolist() if count else []
+        values = {k: s / count for k, s in zip(self.window, sums)}
+        self.window = {}
+        return values
+
+
+def _enter_phase(ctx: TrainContext, state: dict, phase: str) -> None:
+    """On entering self-training, restart from the best pre-train weights with a fresh EMA teacher and
+    keep the optimizer (its momentum buffers carry on, as in BCP; last.ckpt holds them for a resume)."""
+    if phase != state["phase"] and phase == "selftrain":
+        if state["best_state"]:
+            ctx.student.load_state_dict(state["best_state"])
+            log.info("%s: self-training from the best %s weights", ctx.cfg.method, state["phase"])
+        ctx.teacher = copy.deepcopy(ctx.student).eval()
+        state.update(best_dice=-1.0, best_iteration=0, best_state={})
+    state["phase"] = phase
+
+
+def _validate_and_log(ctx: TrainContext, state: dict, sums: _LossSums, writer, log_path: Path, phase: str,
+                      iteration: int, lr: float, seconds: float) -> None:
+    """Validate the student (and the teacher in self-training), keep the student if it is the best so
+    far, and append the train_log.csv row (the file is rewritten: watchable while training)."""
+    from sraseg.io import write_csv
+
+    names = class_names(ctx.cfg.num_classes)
+    # the student picks the kept model; the teacher's Dice beside it shows who leads after the switch
+    dice, teacher_dice = _validate_models(ctx.prepared, ctx.device, ctx.cfg.val_batch, ctx.student,
+                                          ctx.teacher if phase == "selftrain" else None)
+    mean_dice = float(dice.mean())
+    if mean_dice > state["best_dice"]:
+        state.update(best_dice=mean_dice, best_iteration=iteration, best_state=cpu_state(ctx.student))
+    row = _log_row(sums.running, state["running_count"], dice, teacher_dice, names, phase=phase, iteration=iteration,
+                   step=state["step"], lr=lr, seconds=seconds)
+    state["log_rows"].append(row)
+    sums.running.clear()
+    state["running_count"] = 0
+    _write_val_scalars(writer, row, state["step"], names)
+    write_csv(log_path, state["log_rows"], log_columns(names))
+    log.info("%s %s iteration %d: loss %.4f, val Dice %.4f (teacher %.4f; best %.4f at %d)", ctx.cfg.method,
+             phase, iteration, row["loss"], mean_dice, row["teacher_val_dice_mean"], state["best_dice"],
+             state["best_iteration"])
+
+
+def _train(ctx: TrainContext, optimizer: torch.optim.Optimizer, scaler, state: dict, out_dir: Path,
+           job: dict, resumed: bool) -> None:
+    """Train from `state["step"]` to the end of the last phase; `state` holds the result.
+
+    Reads values back only at validation, progress-report and checkpoint steps; writes last.ckpt every
+    checkpoint_every steps, at the end and when SIGTERM/SIGUSR1 arrives (then raises Preempted).
+    """
+    from torch.utils.tensorboard import SummaryWriter  # slow import, only when training
+
+    from sraseg.progress import Progress
+
+    cfg = ctx.cfg
+    phases = training_phases(cfg)
+    total = sum(n for _, n, _ in phases)
+    ckpt_path = out_dir / "last.ckpt"
+    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=state["step"] if resumed else None)
+    sums = _LossSums(state["running"], ctx.device, state["step"])
+    progress = Progress(total, f"train {cfg.method}", initial=state["step"], logger=log)
+    started = time.perf_counter() - state["seconds"]
+    with stop_on_signals() as stop, contextlib.ExitStack() as cleanup:
+        cleanup.callback(writer.close)
+        cleanup.callback(progress.close)
+        while state["step"] < total:
+            phase, offset, length, step_fn = _phase_at(phases, state["step"])
+            _enter_phase(ctx, state, phase)
+
+            # one optimisation step of the student, then the teacher's EMA update
+            ctx.step = state["step"]
+            terms = train_iteration(ctx, step_fn, optimizer, scaler)
+
+            # bookkeeping on the device; a non-finite loss is caught at the next read-back
+            state["step"] += 1
+            iteration = state["step"] - offset
+            sums.add(terms)
+            state["running_count"] += 1
+            progress.update()
+
+            # validation, progress line and checkpoint: the only steps that read values back
+            validating = _validation_due(cfg, phase, iteration, length)
+            checkpointing = state["step"] % cfg.checkpoint_every == 0 or state["step"] == total
+            # SIGTERM/SIGUSR1 (a preemption): finish this step's validation, then checkpoint and stop
+            stopping = stop.signum is not None
+            reporting = progress.due()
+            if not (validating or checkpointing or reporting or stopping):
+                continue
+            first = sums.window_start
+            values = sums.read_back(state["step"])
+            if not all(np.isfinite(v) for v in values.values()):
+                bad = ", ".join(f"{k} {v}" for k, v in values.items() if not np.isfinite(v))
+                raise SrasegError(f"{out_dir}: the loss became non-finite ({bad}) in {phase} iterations "
+                                  f"{first - offset + 1}-{state['step'] - offset}; {ckpt_path.name} holds the "
+                                  "last good state")
+            for k, v in values.items():
+                writer.add_scalar(f"train/{k}", v, state["step"])
+            sums.window_start = state["step"]
+            if validating:
+                _validate_and_log(ctx, state, sums, writer, out_dir / "train_log.csv", phase, iteration,
+                                  optimizer.param_groups[0]["lr"], time.perf_counter() - started)
+            if reporting:
+                progress.report(phase=phase, loss=f"{values.get('loss', float('nan')):.4f}",
+                                best=f"{state['best_dice']:.3f}")  # fmt: skip
+            if checkpointing or stopping:
+                state["seconds"] = time.perf_counter() - started
+                running = {k: float(v) for k, v in sums.running.items()}
+                save_checkpoint(ckpt_path, training_checkpoint(ctx, optimizer, scaler, dict(state, running=running),
+                                                               **job))
+            if stopping:
+                raise stop.stop(f"step {state['step']} of {total}", ckpt_path)
+
+
+def _publish(ctx: TrainContext, state: dict, out_dir: Path, resolved: dict, inputs: dict) -> None:
+    """model.safetensors (the best student of the last phase), train_log.csv and train.json, all at once;
+    then last.ckpt goes: the job is done and a rerun (e.g. --forcerun) trains anew."""
+    from sraseg.io import staged_outputs, write_csv, write_json
+
+    cfg = ctx.cfg
+    final = UNet(1, cfg.num_classes, cfg.channels, cfg.dropout)
+    final.load_state_dict(state["best_state"] or cpu_state(ctx.student))
+    meta = dict(image_size=ctx.prepared.image_size, method=cfg.method, seed=ctx.seed, phase=state["phase"],
+                iteration=state["best_iteration"], val_dice_mean=state["best_dice"])
+    with staged_outputs(out_dir) as staged:
+        save_model(staged.path("model.safetensors"), final, meta)
+        write_csv(staged.path("train_log.csv"), state["log_rows"], log_columns(class_names(cfg.num_classes)))
+        write_json(staged.path("train.json"), dict(
+            settings=resolved, seed=ctx.seed, device=str(ctx.device), iterations=state["step"],
+            labeled_fraction=_labeled_fraction(ctx.prepared.labeled_labels, cfg.num_classes),
+            inputs={k: v and str(v) for k, v in inputs.items()},
+            best=dict(phase=state["phase"], iteration=state["best_iteration"], val_dice_mean=state["best_dice"]),
+            seconds=state["seconds"],
+        ))  # fmt: skip
+    (out_dir / "last.ckpt").unlink(missing_ok=True)
+    log.info("%s: best val Dice %.4f (%s iteration %d); wrote %s", cfg.method, state["best_dice"], state["phase"],
+             state["best_iteration"], out_dir)
+
+
 def run(
     prepared_dir: Path | str,
     out_dir: Path | str,
@@ -727,226 +885,39 @@ def run(
         SrasegError: the loss became NaN or infinite (checked at each log, validation and checkpoint step).
         Preempted: SIGTERM or SIGUSR1 arrived; last.ckpt holds the step reached and a rerun resumes from it.
     """
-    # run()'s tools, imported here: the steps need only torch (benchmarks/gpu_check.py)
-    from sraseg.io import read_table, staged_outputs, write_csv, write_json
-    from sraseg.progress import Progress
-
-    # --- settings and inputs -------------------------------------------------------------------
+    # inputs: settings checked, the method's input folders given, then read (after seeding, as always)
     cfg = parse_settings(TrainSettings, settings, "train")
-    check_settings(cfg)
     out_dir = Path(out_dir)
-    needs = {"synthetic_dir": cfg.method in ("bcp_synthetic", "sraseg"), "blend_dir": cfg.method == "sraseg",
-             "embed_dir": cfg.method == "sraseg" and cfg.sa}
-    given = {"synthetic_dir": synthetic_dir, "embed_dir": embed_dir, "blend_dir": blend_dir}
-    missing = [name for name, needed in needs.items() if needed and given[name] is None]
-    if missing:
-        flags = {"synthetic_dir": "--synthetic", "embed_dir": "--embed-dir", "blend_dir": "--blend-dir"}
-        raise ConfigError(f"method {cfg.method} needs input(s) {', '.join(missing)} (command line "
-                          f"{', '.join(flags[m] for m in missing)})")
+    inputs = dict(prepared_dir=prepared_dir, synthetic_dir=synthetic_dir, embed_dir=embed_dir, blend_dir=blend_dir)
+    check_inputs(cfg, **inputs)
     device = pick_device(cfg.device)
     seed_everything(seed)
-    generator = torch.Generator().manual_seed(seed)
-    if dataset_classes(prepared_dir) != cfg.num_classes:
-        raise ConfigError(f"'train.num_classes' is {cfg.num_classes} but the prepared dataset in {prepared_dir} has "
-                          f"{dataset_classes(prepared_dir)} classes (prepare.json num_classes; 4 when absent)")
-    prepared = load_prepared(prepared_dir, cfg.num_classes)
-    names = class_names(cfg.num_classes)
-    labeled_fraction = _labeled_fraction(prepared.labeled_labels, cfg.num_classes)
+    loaded = load_inputs(cfg, **inputs)
+    labeled_fraction = _labeled_fraction(loaded.prepared.labeled_labels, cfg.num_classes)
     log.info("labeled slices: class share of the pixels %s (pl_frac_* in train_log.csv: the pseudo-labels')",
              ", ".join(f"{n} {f:.4f}" for n, f in labeled_fraction.items()))
-    ctx = TrainContext(cfg=cfg, seed=seed, device=device, generator=generator, prepared=prepared, student=None)
-    if cfg.method == "bcp_real":
-        if len(prepared.unlabeled_images) == 0:
-            raise DatasetError(f"{Path(prepared_dir) / 'slices.parquet'}: no unlabeled train slices for bcp_real")
-        ctx.unlabeled = prepared.unlabeled_images
-    if needs["synthetic_dir"]:
-        ctx.synthetic = load_synthetic(synthetic_dir, prepared.image_size)
-        ctx.unlabeled = ctx.synthetic
-    if cfg.method == "sraseg":
-        ctx.bank = load_blend(blend_dir, prepared.image_size, len(ctx.synthetic))
-        if ctx.bank.fresh and len(ctx.bank.draw_entries) < cfg.selftrain_iterations * cfg.unlabeled_batch:
-            raise DatasetError(
-                f"{Path(blend_dir) / 'draws.parquet'}: {len(ctx.bank.draw_entries)} self-training draws, training needs "
-                f"{cfg.selftrain_iterations * cfg.unlabeled_batch} (selftrain_iterations x unlabeled_batch); rerun "
-                "the blend stage with --draws set to that")
-        ctx.bank_real_pos = prepared.labeled_position(ctx.bank.real_ids, Path(blend_dir) / "pairs.parquet")
-        if cfg.sa:
-            ctx.embed = load_embed(embed_dir, len(ctx.synthetic))
-            # SA target of each entry: its pairs.parquet sa_real_id (balanced: the partner), else rank-0 neighbour
-            ctx.bank_sa_rows = ctx.embed.neighbour_row[ctx.bank.synthetic_ids]
-            pairs_path = Path(blend_dir) / "pairs.parquet"
-            sa_ids = read_table(pairs_path, ("blend_id",)).sort_values("blend_id").get("sa_real_id")
-            if sa_ids is not None and (sa_ids.to_numpy() >= 0).any():
-                own = sa_ids.to_numpy() >= 0
-                ctx.bank_sa_rows[own] = ctx.embed.rows_of(sa_ids.to_numpy()[own], pairs_path)
-            no_neighbour = np.unique(ctx.bank.synthetic_ids[ctx.bank_sa_rows < 0])
-            if len(no_neighbour):
-                raise DatasetError(f"{Path(embed_dir) / 'neighbours.parquet'}: no rank-0 neighbour for synthetic "
-                                  f"id(s) {no_neighbour[:5].tolist()} used by the blend bank")
-            ctx.bank_real_embed_rows = ctx.embed.rows_of(ctx.bank.real_ids, Path(embed_dir) / "real.parquet")
 
-    # --- models and optimizer ------------------------------------------------------------------
-    student = UNet(1, cfg.num_classes, cfg.channels, cfg.dropout).to(device)
-    head = ProjectionHead(student.feature_dim, ctx.embed.dim).to(device) if ctx.embed is not None else None
-    if device.type == "cuda":
-        student = student.to(memory_format=torch.channels_last)
-    ctx.student, ctx.head = student, head
-    optimizer = make_optimizer(cfg, student, head)
+    # models: the student (and SA's head), the optimizer and the fp16 gradient scaler
+    ctx = _build_context(cfg, seed, device, loaded)
+    optimizer = make_optimizer(cfg, ctx.student, ctx.head)
     scaler = grad_scaler(device)  # active only for fp16 autocast (CUDA cards without bf16)
-    phases = training_phases(cfg)
-    total = sum(n for _, n, _ in phases)
-    resolved = settings_dict(cfg)
 
-    # --- state, or resume from last.ckpt ----------------------------------------------------------
-    # last.ckpt belongs to one job: these settings, this seed and these input files. Any other job
-    # (changed settings or inputs, or a rerun after the outputs were published) starts fresh.
-    key = job_key(_comparable(resolved), input_identity(prepared_dir, synthetic_dir, embed_dir, blend_dir),
-                  seed=seed, format=CHECKPOINT_FORMAT)
-    state = dict(step=0, phase="", best_dice=-1.0, best_iteration=0, best_state={}, log_rows=[],
-                 running={}, running_count=0, seconds=0.0)
-    ckpt_path = out_dir / "last.ckpt"
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
-    if ckpt is not None and ckpt.get("key") != key:
-        log.info("%s: written for other settings or inputs; starting %s fresh", ckpt_path, cfg.method)
-        ckpt = None
-    resumed = ckpt is not None
+    # resume: last.ckpt belongs to one job: these settings, this seed and these input files. Any other
+    # job (changed settings or inputs, or a rerun after the outputs were published) starts fresh.
+    resolved = settings_dict(cfg)
+    key = job_key(_comparable(resolved), input_identity(*inputs.values()), seed=seed, format=CHECKPOINT_FORMAT)
+    state = _resume(out_dir / "last.ckpt", key, ctx, optimizer, scaler)
+    resumed = state is not None
     if resumed:
-        state.update({k: ckpt[k] for k in state})
-        student.load_state_dict(ckpt["student"])
-        if ckpt["teacher"]:
-            ctx.teacher = copy.deepcopy(student).eval()
-            ctx.teacher.load_state_dict(ckpt["teacher"])
-        if head is not None:
-            head.load_state_dict(ckpt["head"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        restore_rng_state(ckpt["rng"], generator)
-        log.info("resuming %s from %s at step %d of %d", cfg.method, ckpt_path, state["step"], total)
-        del ckpt
+        log.info("resuming %s from %s at step %d of %d", cfg.method, out_dir / "last.ckpt", state["step"],
+                 sum(n for _, n, _ in training_phases(cfg)))
     else:
+        state = fresh_state()
         shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)  # another job's curves
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    from torch.utils.tensorboard import SummaryWriter  # slow import, only when training
-
-    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=state["step"] if resumed else None)
-
-    # Loss sums stay on the device (no host sync per step): `running` since the last log-table row,
-    # `window` since the last read-back. They are read at log, validation and checkpoint steps only.
-    running = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in state["running"].items()}
-    window: dict[str, torch.Tensor] = {}
-    window_start = state["step"]
-
-    def read_back() -> dict[str, float]:
-        """Mean loss terms of the window as floats; raises when one became NaN or infinite."""
-        nonlocal window, window_start
-        count = state["step"] - window_start
-        sums = torch.stack(list(window.values())).tolist() if count else []  # one host sync for all terms
-        values = {k: s / count for k, s in zip(window, sums)}
-        if not all(np.isfinite(v) for v in values.values()):
-            bad = ", ".join(f"{k} {v}" for k, v in values.items() if not np.isfinite(v))
-            raise SrasegError(f"{out_dir}: the loss became non-finite ({bad}) in {phase} iterations "
-                              f"{window_start - offset + 1}-{state['step'] - offset}; {ckpt_path.name} holds the "
-                              "last good state")
-        for k, v in values.items():
-            writer.add_scalar(f"train/{k}", v, state["step"])
-        window, window_start = {}, state["step"]
-        return values
-
-    def checkpoint() -> None:
-        save_checkpoint(ckpt_path, dict(
-            format=CHECKPOINT_FORMAT, key=key, method=cfg.method, seed=seed, settings=resolved,
-            **dict(state, running={k: float(v) for k, v in running.items()}),
-            student=cpu_state(student), teacher=cpu_state(ctx.teacher) if ctx.teacher is not None else {},
-            head=cpu_state(head) if head is not None else {}, optimizer=optimizer.state_dict(),
-            rng=rng_state(generator),
-        ))  # fmt: skip
-
-    # --- main loop --------------------------------------------------------------------------------
-    progress = Progress(total, f"train {cfg.method}", initial=state["step"], logger=log)
-    started = time.perf_counter() - state["seconds"]
-    with stop_on_signals() as stop, contextlib.ExitStack() as cleanup:
-        cleanup.callback(writer.close)
-        cleanup.callback(progress.close)
-        while state["step"] < total:
-            # which phase; on entering self-training, restart from the best pre-train weights and keep
-            # the optimizer (its momentum buffers carry on, as in BCP; last.ckpt holds them for a resume)
-            phase, offset, length, step_fn = _phase_at(phases, state["step"])
-            if phase != state["phase"] and phase == "selftrain":
-                if state["best_state"]:
-                    student.load_state_dict(state["best_state"])
-                    log.info("%s: self-training from the best %s weights", cfg.method, state["phase"])
-                ctx.teacher = copy.deepcopy(student).eval()
-                state.update(best_dice=-1.0, best_iteration=0, best_state={})
-            state["phase"] = phase
-
-            # one optimisation step of the student, then the teacher's EMA update
-            ctx.step = state["step"]
-            terms = train_iteration(ctx, step_fn, optimizer, scaler)
-
-            # bookkeeping on the device; a non-finite loss is caught at the next read-back
-            state["step"] += 1
-            iteration = state["step"] - offset
-            for k, v in terms.items():
-                v = v.detach().float()
-                running[k] = running[k] + v if k in running else v
-                window[k] = window[k] + v if k in window else v
-            state["running_count"] += 1
-            progress.update()
-
-            # validation, progress line and checkpoint: the only steps that read values back
-            validating = _validation_due(cfg, phase, iteration, length)
-            checkpointing = state["step"] % cfg.checkpoint_every == 0 or state["step"] == total
-            # SIGTERM/SIGUSR1 (a preemption): finish this step's validation, then checkpoint and stop
-            stopping = stop.signum is not None
-            reporting = progress.due()
-            if not (validating or checkpointing or reporting or stopping):
-                continue
-            values = read_back()
-            if validating:
-                # the student picks the kept model; the teacher's Dice beside it shows who leads after the switch
-                dice, teacher_dice = _validate_models(prepared, device, cfg.val_batch, student,
-                                                      ctx.teacher if phase == "selftrain" else None)
-                mean_dice = float(dice.mean())
-                if mean_dice > state["best_dice"]:
-                    state.update(best_dice=mean_dice, best_iteration=iteration, best_state=cpu_state(student))
-                row = _log_row(running, state["running_count"], dice, teacher_dice, names, phase=phase, iteration=iteration,
-                               step=state["step"], lr=optimizer.param_groups[0]["lr"],
-                               seconds=time.perf_counter() - started)
-                state["log_rows"].append(row)
-                running.clear()
-                state["running_count"] = 0
-                _write_val_scalars(writer, row, state["step"], names)
-                write_csv(out_dir / "train_log.csv", state["log_rows"], log_columns(names))  # watchable while training
-                log.info("%s %s iteration %d: loss %.4f, val Dice %.4f (teacher %.4f; best %.4f at %d)", cfg.method,
-                         phase, iteration, row["loss"], mean_dice, row["teacher_val_dice_mean"], state["best_dice"],
-                         state["best_iteration"])
-            if reporting:
-                progress.report(phase=phase, loss=f"{values.get('loss', float('nan')):.4f}",
-                                best=f"{state['best_dice']:.3f}")  # fmt: skip
-            if checkpointing or stopping:
-                state["seconds"] = time.perf_counter() - started
-                checkpoint()
-            if stopping:
-                raise stop.stop(f"step {state['step']} of {total}", ckpt_path)
-
-    # --- publish ----------------------------------------------------------------------------------
-    final = UNet(1, cfg.num_classes, cfg.channels, cfg.dropout)
-    final.load_state_dict(state["best_state"] or cpu_state(student))
-    meta = dict(image_size=prepared.image_size, method=cfg.method, seed=seed, phase=state["phase"],
-                iteration=state["best_iteration"], val_dice_mean=state["best_dice"])
-    with staged_outputs(out_dir) as staged:
-        save_model(staged.path("model.safetensors"), final, meta)
-        write_csv(staged.path("train_log.csv"), state["log_rows"], log_columns(names))
-        write_json(staged.path("train.json"), dict(
-            settings=resolved, seed=seed, device=str(device), iterations=total, labeled_fraction=labeled_fraction,
-            inputs=dict(prepared_dir=str(prepared_dir), synthetic_dir=synthetic_dir and str(synthetic_dir),
-                        embed_dir=embed_dir and str(embed_dir), blend_dir=blend_dir and str(blend_dir)),
-            best=dict(phase=state["phase"], iteration=state["best_iteration"], val_dice_mean=state["best_dice"]),
-            seconds=state["seconds"],
-        ))  # fmt: skip
-    # The job is done: its resume state must not outlive it (a rerun, e.g. --forcerun, trains anew).
-    ckpt_path.unlink(missing_ok=True)
-    log.info("%s: best val Dice %.4f (%s iteration %d); wrote %s", cfg.method, state["best_dice"], state["phase"],
-             state["best_iteration"], out_dir)
+    # the loop, then publish the best student of the last phase
+    job = dict(format=CHECKPOINT_FORMAT, key=key, method=cfg.method, seed=seed, settings=resolved)
+    _train(ctx, optimizer, scaler, state, out_dir, job, resumed)
+    _publish(ctx, state, out_dir, resolved, inputs)
     return out_dir
-
