@@ -27,7 +27,7 @@ train=$(python -c 'import json, sys; print(json.dumps({**json.loads(sys.argv[1])
 extra=()
 if [[ -n "${EMBED:-}" ]]; then
     python -m sraseg blend --config config/benchmark.yaml --experiment "$experiment" --settings "${BLEND:-{\}}" \
-        --synthetic-dir "$synthetic" --prepared-dir "$ds/prepared" --neighbours "$EMBED/neighbours.parquet" --out-dir "$out/blend"
+        --synthetic-dir "$synthetic" --prepared-dir "$ds/prepared" --neighbours "$EMBED/neighbours.parquet" --embed-dir "$EMBED" --out-dir "$out/blend"
     extra=(--embed-dir "$EMBED" --blend-dir "$out/blend")
 fi
 python -m sraseg train --config config/benchmark.yaml --experiment "$experiment" --settings "$train" \
