@@ -207,6 +207,27 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare_figure(out_dir: Path, names: list[str], path: Path, n: int = 8) -> None:
+    """The first n images of each named set, one row per set: sets sampled from one generator share
+    their per-image seeds (image i starts from the same noise), so a column is one image each way."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(len(names), n, figsize=(1.6 * n, 1.8 * len(names)), squeeze=False)
+    for row, name in enumerate(names):
+        images = np.load(out_dir / name / "synthetic" / "images.npy", mmap_mode="r")
+        for col in range(n):
+            axes[row, col].imshow(np.asarray(images[col]).T, cmap="gray", vmin=0, vmax=1)
+            axes[row, col].axis("off")
+        axes[row, 0].set_title(name, fontsize=9, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, help="workflow config whose generator/sample/embed/index sections are the base")
@@ -221,6 +242,8 @@ def main(argv=None) -> None:
     p.add_argument("--generator-dir", type=Path, help="a trained generator (for --sampler)")
     p.add_argument("--steps", type=int, help="override generator.steps (a shorter screening run)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: one variant per core)")
+    p.add_argument("--compare", nargs="+", metavar="SET", help="a figure of these sets' first images, one row each")
+    p.add_argument("--figure", type=Path, help="where --compare writes its figure")
     p.add_argument("--table", action="store_true", help="print the table of finished variants (and write study.json)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -239,6 +262,8 @@ def main(argv=None) -> None:
         config = yaml.safe_load(args.config.read_text())
         for name in args.reference:
             run_reference(name, config, args.prepared_dir, args.segmenter, args.out_dir)
+    if args.compare:
+        compare_figure(args.out_dir, args.compare, args.figure or args.out_dir / "compare.png")
     if args.table:
         rows = collect(args.out_dir)
         (args.out_dir / "study.json").write_text(json.dumps(rows, indent=1))
