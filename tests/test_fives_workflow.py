@@ -13,19 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 from test_workflow import checkout_copy, job_stats
-from workflow_run import scratch, snakemake_command, snakemake_env
+from workflow_run import run_snakemake, scratch, snakemake_command, snakemake_env
 
 METHODS = ("labeled_only", "bcp_real", "bcp_synthetic", "sraseg")
 
 
 def snakemake(workdir: Path, *args: str, config: str, check: bool = True) -> subprocess.CompletedProcess:
     """The repository's workflow in `workdir` on one core (the FIVES runs are small)."""
-    cmd = snakemake_command(workdir, config, "--cores", "1", *args)
-    result = subprocess.run(cmd, capture_output=True, text=True, env=snakemake_env(), timeout=1200)
-    if check and result.returncode != 0:
-        logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted(workdir.glob("results/*/logs/*.log")))
-        pytest.fail(f"snakemake {' '.join(args)} failed:\n{result.stderr[-5000:]}\n{logs}")
-    return result
+    return run_snakemake(workdir, config, *args, cores=1, check=check)
 
 
 @pytest.fixture()

@@ -11,20 +11,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from workflow_run import REPO, SNAKEMAKE, scratch, snakemake_command, snakemake_env
+from workflow_run import REPO, SNAKEMAKE, run_snakemake, scratch
 
 
 def snakemake(workdir: Path, *args: str, config: str = "tiny.yaml", check: bool = True,
               snakefile: Path | None = None) -> subprocess.CompletedProcess:  # fmt: skip
     """Run the repository's workflow (or the one at `snakefile`) with `workdir` as its working directory."""
-    cmd = snakemake_command(workdir, config, "--cores", "2", *args)
-    if snakefile is not None:
-        cmd[cmd.index("--snakefile") + 1] = str(snakefile)
-    result = subprocess.run(cmd, capture_output=True, text=True, env=snakemake_env(), timeout=1200)
-    if check and result.returncode != 0:
-        logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted(workdir.glob("results/*/logs/*.log")))
-        pytest.fail(f"snakemake {' '.join(args)} failed:\n{result.stderr[-5000:]}\n{logs}")
-    return result
+    return run_snakemake(workdir, config, *args, check=check, snakefile=snakefile)
 
 
 @pytest.fixture()

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -36,3 +39,17 @@ def snakemake_command(workdir: Path, config: str, *args: str) -> list[str]:
         str(workdir / "config" / config),
         *args,
     ]
+
+
+def run_snakemake(workdir: Path, config: str, *args: str, cores: int = 2, check: bool = True,
+                  snakefile: Path | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run the repository's workflow (or the one at `snakefile`) in `workdir`; with `check`, a failure
+    fails the test with Snakemake's stderr and the tail of every job log."""
+    cmd = snakemake_command(workdir, config, "--cores", str(cores), *args)
+    if snakefile is not None:
+        cmd[cmd.index("--snakefile") + 1] = str(snakefile)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=snakemake_env(), timeout=1200)
+    if check and result.returncode != 0:
+        logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted(workdir.glob("results/*/logs/*.log")))
+        pytest.fail(f"snakemake {' '.join(args)} failed:\n{result.stderr[-5000:]}\n{logs}")
+    return result
