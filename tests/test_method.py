@@ -566,24 +566,22 @@ def test_sraseg_separate_pair_augmentation_mixes_each_image_with_its_own_transfo
     torch.testing.assert_close(torch.cat(calls.targets), sraseg_expect(calls, ctx)[0][1])
 
 
-@pytest.mark.parametrize("method", ["bcp_real", "sraseg"])
-@pytest.mark.parametrize("mode", ["eval", "train"])
-def test_selftrain_steps_label_in_the_configured_teacher_mode(method, mode, inputs, monkeypatch):
-    ctx = make_ctx(inputs, method, teacher_mode=mode)
+TEACHER_SETTINGS = [("bcp_real", "teacher_mode", "eval", "modes"), ("bcp_real", "teacher_mode", "train", "modes"),
+                    ("sraseg", "teacher_mode", "eval", "modes"), ("sraseg", "teacher_mode", "train", "modes"),
+                    ("bcp_synthetic", "largest_component", True, "largest_component"),
+                    ("bcp_synthetic", "largest_component", False, "largest_component"),
+                    ("sraseg", "largest_component", True, "largest_component"),
+                    ("sraseg", "largest_component", False, "largest_component")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "setting", "value", "seen"), TEACHER_SETTINGS)
+def test_selftrain_steps_pass_the_teacher_settings(method, setting, value, seen, inputs, monkeypatch):
+    """The teacher labels in the configured mode and with the configured largest-component filter."""
+    ctx = make_ctx(inputs, method, **{setting: value})
     calls = spy(monkeypatch, ctx)
     ctx.student = UNet(**SMALL_NET)
     loop.training_phases(ctx.cfg)[-1][2](ctx)
-    assert calls.modes == [mode]
-
-
-@pytest.mark.parametrize("method", ["bcp_synthetic", "sraseg"])
-@pytest.mark.parametrize("flag", [True, False])
-def test_selftrain_steps_pass_the_largest_component_setting(method, flag, inputs, monkeypatch):
-    ctx = make_ctx(inputs, method, largest_component=flag)
-    calls = spy(monkeypatch, ctx)
-    ctx.student = UNet(**SMALL_NET)
-    loop.training_phases(ctx.cfg)[-1][2](ctx)
-    assert calls.largest_component == [flag]
+    assert getattr(calls, seen) == [value]
 
 
 @pytest.mark.parametrize("rampup", [0, 4])
