@@ -66,6 +66,14 @@ VARIANTS = {
     "minsnr_64px": ("zero_snr_minsnr at native 64 px", {**NEW_SCHEDULE, "snr_gamma": 5.0, "resolution": 64}),
     "minsnr_64px_cosine": ("minsnr_64px with the cosine beta schedule",
                            {**NEW_SCHEDULE, "snr_gamma": 5.0, "resolution": 64, "beta_schedule": "squaredcos_cap_v2"}),
+    # The benchmark's generator (config/benchmark.yaml as it is) and one change each, for the
+    # architecture and optimiser levers; screened at equal steps, so compare the CPU minutes too.
+    "bench64": ("the benchmark's generator (64 px, cosine, min-SNR-5, 32-64-64, lr 5e-4)", {}),
+    "bench64_attention": ("bench64 with attention at the coarsest level", {"attention": True}),
+    "bench64_wide": ("bench64 with a wider first level (64-64-128)", {"block_out_channels": [64, 64, 128]}),
+    "bench64_lr1e-3": ("bench64 with learning rate 1e-3", {"lr": 0.001}),
+    "bench64_constant_lr": ("bench64 with a constant learning rate after warm-up (no cosine decay)",
+                            {"lr_schedule": "constant_with_warmup"}),
 }
 
 
@@ -127,8 +135,10 @@ def _score(root: Path, config: dict, prepared_dir: Path, segmenter: Path | None)
         content_stage.run(segmenter, root / "synthetic", prepared_dir, root / "content", {"device": "cpu"})
 
 
-def run_variant(name: str, config: dict, prepared_dir: Path, segmenter: Path | None, out_dir: Path, steps: int | None) -> dict:
-    """Train, sample, embed, index and (with a segmenter) measure one variant; returns its row."""
+def run_variant(name: str, config: dict, prepared_dir: Path, segmenter: Path | None, out_dir: Path, steps: int | None,
+                sampling: str | None = None) -> dict:  # fmt: skip
+    """Train, sample (the config's sampler, or SAMPLERS[sampling]'s), embed, index and (with a
+    segmenter) measure one variant; returns its row."""
     what, overrides = VARIANTS[name]
     root = out_dir / name
     settings = {**config["generator"], **overrides, "device": "cpu"}
@@ -139,9 +149,11 @@ def run_variant(name: str, config: dict, prepared_dir: Path, segmenter: Path | N
     # wall time depends on what else runs; CPU time of this one-thread process is its cost on one core
     train_minutes = (time.perf_counter() - started) / 60
     train_cpu_minutes = (time.process_time() - cpu_started) / 60
-    sample_stage.run(root / "generator", prepared_dir, root / "synthetic", {**config["sample"], "device": "cpu"})
+    sample_settings = {**config["sample"], **(SAMPLERS[sampling][1] if sampling else {}), "device": "cpu"}
+    sample_stage.run(root / "generator", prepared_dir, root / "synthetic", sample_settings)
     _score(root, config, prepared_dir, segmenter)
     row = {"variant": name, "change": what, "overrides": overrides, "steps": settings["steps"],
+           "sampling": {k: sample_settings[k] for k in ("sampler", "inference_steps") if k in sample_settings},
            "train_minutes": train_minutes, "train_cpu_minutes": train_cpu_minutes}  # fmt: skip
     write_json(root / "row.json", row)
     return row
@@ -241,6 +253,8 @@ def main(argv=None) -> None:
                    help="sample --generator-dir's generator with other sampling settings")
     p.add_argument("--generator-dir", type=Path, help="a trained generator (for --sampler)")
     p.add_argument("--steps", type=int, help="override generator.steps (a shorter screening run)")
+    p.add_argument("--sampling", choices=sorted(SAMPLERS),
+                   help="sample the --variant runs with this sampler's settings instead of the config's")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: one variant per core)")
     p.add_argument("--compare", nargs="+", metavar="SET", help="a figure of these sets' first images, one row each")
     p.add_argument("--figure", type=Path, help="where --compare writes its figure")
@@ -251,7 +265,7 @@ def main(argv=None) -> None:
     if args.variant:
         config = yaml.safe_load(args.config.read_text())
         for name in args.variant:
-            run_variant(name, config, args.prepared_dir, args.segmenter, args.out_dir, args.steps)
+            run_variant(name, config, args.prepared_dir, args.segmenter, args.out_dir, args.steps, args.sampling)
     if args.sampler:
         if args.generator_dir is None:
             p.error("--sampler needs --generator-dir")
