@@ -9,6 +9,7 @@ import sys
 from snakemake.utils import validate
 
 sys.path.insert(0, os.path.abspath(os.path.join(workflow.basedir, "..", "src")))
+from sraseg.method_settings import settings_read_by
 from sraseg.settings import SCHEMA_PATH, config_problems, experiment_section
 
 
@@ -119,8 +120,9 @@ def gpu_settings(section):
 
 
 def train_settings(wildcards):
-    """The experiment's training settings: config `train`, its overrides, and its method."""
-    settings = experiment_section(config, "train", wildcards.exp)
+    """The experiment's training settings: config `train`, its overrides, and its method; only the keys
+    its method reads (the schema's x-methods marks), so a setting of another method does not rerun it."""
+    settings = settings_read_by(method_of(wildcards.exp), experiment_section(config, "train", wildcards.exp))
     return as_json({**settings, "device": gpu_device(settings)})
 
 
