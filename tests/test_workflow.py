@@ -197,9 +197,20 @@ def _reruns(workdir: Path, snakefile: Path, results: Path) -> None:
     dry = snakemake(workdir, "-n", snakefile=snakefile)
     assert "Nothing to be done" in dry.stdout + dry.stderr
 
-    # 2. A changed train setting (one experiment's labeled_batch 2 -> 3): exit 0, only that train and
-    # its dependents ran, new weights; nothing upstream was touched.
+    # 2. A train setting only sraseg reads (x-methods in the schema), changed for every experiment in
+    # `train`: only sraseg's training and what follows it rerun; labeled_only's params hold no such key.
     config = yaml.safe_load((workdir / "config" / "tiny.yaml").read_text())
+    config["train"]["sa_weight"] = 0.2
+    (workdir / "config" / "changed.yaml").write_text(yaml.safe_dump(config))
+    sraseg_model = results / "sraseg" / "seed1" / "model.safetensors"
+    before, sraseg_before = model.stat().st_mtime_ns, sraseg_model.read_bytes()
+    ran = snakemake(workdir, config="changed.yaml", snakefile=snakefile)
+    assert job_stats(ran.stdout + ran.stderr) == {"train": 1, "predict": 1, "evaluate": 1, "report": 1, "all": 1}
+    assert model.stat().st_mtime_ns == before and sraseg_model.read_bytes() != sraseg_before
+    assert json.loads((results / "sraseg" / "seed1" / "train.json").read_text())["settings"]["sa_weight"] == 0.2
+
+    # 3. A changed train setting (one experiment's labeled_batch 2 -> 3): exit 0, only that train and
+    # its dependents ran, new weights; nothing upstream was touched.
     config["experiments"]["labeled_only"]["train"] = {"labeled_batch": 3}
     (workdir / "config" / "changed.yaml").write_text(yaml.safe_dump(config))
     before = model.read_bytes()
@@ -213,7 +224,7 @@ def _reruns(workdir: Path, snakefile: Path, results: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in upstream_mtimes} == upstream_mtimes
     assert json.loads((results / "labeled_only" / "seed1" / "train.json").read_text())["settings"]["labeled_batch"] == 3
 
-    # 3. Other labeled patients under the same file name: prepare and train rerun, new weights.
+    # 4. Other labeled patients under the same file name: prepare and train rerun, new weights.
     (workdir / "config" / "splits" / "tiny" / "labeled.txt").write_text("patient003\npatient004\n")
     before = model.read_bytes()
     ran = snakemake(workdir, str(model.relative_to(workdir)), config="changed.yaml", snakefile=snakefile)
