@@ -701,13 +701,23 @@ def test_teacher_and_model_selection_in_the_loop(inputs, tmp_path, monkeypatch):
     events: list[tuple] = []
 
     def fake_validate(model, images, labels, cases, device, batch=32):
+        if guarding:  # the switch guard's look at the teacher self-training starts from
+            events.append(("switch_val", state_of(model)))
+            return np.full(3, 1.0)
         if any(e[0] == "self" and e[1] is model for e in events):  # the teacher's Dice, logged beside
             events.append(("teacher_val", state_of(model)))
             return np.full(3, 1.0)  # better than any student: must not be what picks the kept model
         events.append(("val", state_of(model)))
         return np.full(3, dice[sum(e[0] == "val" for e in events) - 1])
 
-    real_pretrain, real_selftrain = loop._pretrain_step, loop._bcp_selftrain_step
+    real_pretrain, real_selftrain, real_guard = loop._pretrain_step, loop._bcp_selftrain_step, loop._guard_switch
+    guarding = False
+
+    def guard_spy(*args, **kwargs):
+        nonlocal guarding
+        guarding = True
+        real_guard(*args, **kwargs)
+        guarding = False
 
     def pretrain_spy(ctx, kind):
         events.append(("pre", ctx.teacher))
@@ -725,10 +735,11 @@ def test_teacher_and_model_selection_in_the_loop(inputs, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "_pretrain_step", pretrain_spy)
     monkeypatch.setattr(loop, "_bcp_selftrain_step", selftrain_spy)
     monkeypatch.setattr(loop, "update_ema", ema_spy)
+    monkeypatch.setattr(loop, "_guard_switch", guard_spy)
     out = loop.run(out_dir=tmp_path / "run", settings=settings, seed=2, **inputs)
 
     kinds = [e[0] for e in events if e[0] not in ("val", "teacher_val")]
-    assert kinds == ["pre"] * 3 + ["self", "ema"] * 3
+    assert kinds == ["pre"] * 3 + ["switch_val"] + ["self", "ema"] * 3
     # the teacher is validated right after the student at each self-training validation, as it is then
     assert [e[0] for e in events if e[0] in ("val", "teacher_val")] == ["val"] * 3 + ["val", "teacher_val"] * 3
     assert all(e[1] is None for e in events if e[0] == "pre")
@@ -738,6 +749,8 @@ def test_teacher_and_model_selection_in_the_loop(inputs, tmp_path, monkeypatch):
     # self-training starts from pre-training iteration 2 (best), not 3 (last)
     assert not same_state(vals[1], vals[2])
     assert same_state(selfs[0][3], vals[1])
+    # the guard validated that teacher, once, before the first self-training step
+    assert same_state(next(e[1] for e in events if e[0] == "switch_val"), vals[1])
     assert same_state({k: v for k, v in vals[1].items() if k in selfs[0][2]}, selfs[0][2])
     # the teacher validated is the one after that iteration's EMA update
     teacher_vals = [e[1] for e in events if e[0] == "teacher_val"]
@@ -772,6 +785,9 @@ def test_a_dense_validation_can_pick_the_kept_model(inputs, tmp_path, monkeypatc
         return real_selftrain(ctx)
 
     def fake_validate(model, images, labels, cases, device, batch=32):
+        if not teachers and not model.training:  # the switch guard's look at the teacher (in eval mode)
+            seen.append("switch")
+            return np.full(3, 1.0)
         if teachers and model is teachers[0]:
             seen.append("teacher")
             return np.full(3, 1.0)
@@ -782,10 +798,11 @@ def test_a_dense_validation_can_pick_the_kept_model(inputs, tmp_path, monkeypatc
     monkeypatch.setattr(loop, "_bcp_selftrain_step", selftrain_spy)
     out = loop.run(out_dir=tmp_path / "run", settings=settings, seed=2, **inputs)
     rows = list(csv.DictReader(open(out / "train_log.csv")))
-    assert [(r["phase"], int(r["iteration"])) for r in rows] == [("pretrain", 1), ("selftrain", 1), ("selftrain", 2),
-                                                                 ("selftrain", 4)]
+    assert [(r["phase"], int(r["iteration"])) for r in rows] == [("pretrain", 1), ("switch", 0), ("selftrain", 1),
+                                                                 ("selftrain", 2), ("selftrain", 4)]
+    assert seen.pop(1) == "switch"
     assert [x == "teacher" for x in seen] == [False] + [False, True] * 3
-    assert [float(r["teacher_val_dice_mean"]) for r in rows[1:]] == [1.0] * 3
+    assert [float(r["teacher_val_dice_mean"]) for r in rows[1:]] == [1.0] * 4  # the switch row, then self-training
     best = json.loads((out / "train.json").read_text())["best"]
     assert (best["phase"], best["iteration"]) == ("selftrain", 1)
     assert same_state(load_file(str(out / "model.safetensors")), seen[1])

@@ -78,3 +78,27 @@ def test_corrupt_encoder_record_is_one_line_and_writes_nothing(results: Path, tm
     assert len(error_lines) == 1 and "encoder.json: not valid JSON" in error_lines[0]
     assert not out_dir.exists()
     assert [p.name for p in results.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_run_whose_teacher_missed_a_class_is_marked(results: Path, monkeypatch):
+    """The train stage's guard record (train.json's `switch`, as `loop.switch_record` writes it) marks the
+    experiment in every table and names the seed, class and Dice under Warnings; a run that passed is not."""
+    from sraseg.report import figures
+    from sraseg.report.run import run as report
+    from sraseg.train.loop import SWITCH_PHASE, TrainSettings, switch_record
+
+    cfg = TrainSettings(method="sraseg")
+    for seed, rv in ((1, 0.006), (2, 0.71)):
+        row = {"phase": SWITCH_PHASE, "teacher_val_dice_rv": rv, "teacher_val_dice_myo": 0.66, "teacher_val_dice_lv": 0.53}
+        write_json(results / "sraseg" / f"seed{seed}" / "train.json", {"switch": switch_record(cfg, [row])})
+    write_json(results / "labeled_only" / "seed1" / "train.json", {"switch": None})
+    monkeypatch.setattr(figures, "overlays", lambda *args: None)  # needs predictions, not this test's point
+    out = results / "report"
+    frame = report(results, out, {"experiments": EXPERIMENTS, "seeds": [1, 2]})
+    assert frame.set_index("experiment")["switch_warning"].to_dict() == {
+        "labeled_only": "", "sraseg": "seed 1: rv 0.006 (threshold 0.2)"}
+    markdown = (out / "results.md").read_text()
+    assert "## Warnings" in markdown and "**sraseg ⚠**" in markdown and "seed 1: rv 0.006" in markdown
+    assert markdown.count("| sraseg ⚠ | sraseg |") == 4 and "| labeled_only ⚠" not in markdown  # 2 modes x 2 tables
+    assert "sraseg ⚠</td>" in (out / "results.html").read_text()
+    assert pd.read_csv(out / "results.csv")["switch_warning"].tolist().count("seed 1: rv 0.006 (threshold 0.2)") == 2

@@ -119,8 +119,9 @@ def test_method_publishes_outputs(method, runs, inputs):
     assert meta["method"] == method and meta["image_size"] == 32 and meta["num_classes"] == 4
     rows = list(csv.DictReader(open(out / "train_log.csv")))
     phases = [r["phase"] for r in rows]
-    assert phases == (["supervised"] * 2 if method == "labeled_only" else ["pretrain", "selftrain"])
-    assert all(0 <= float(r["val_dice_mean"]) <= 1 and float(r["loss"]) > 0 for r in rows)
+    assert phases == (["supervised"] * 2 if method == "labeled_only" else ["pretrain", "switch", "selftrain"])
+    # the switch row is the guard's validation of the teacher, with no loss of its own
+    assert all(0 <= float(r["val_dice_mean"]) <= 1 and (float(r["loss"]) > 0) != (r["phase"] == "switch") for r in rows)
     saved = json.loads((out / "train.json").read_text())
     assert saved["settings"]["method"] == method and saved["seed"] == 5
     # the model loads and segments (that it is the best-val student: tests/test_method.py)
@@ -150,8 +151,8 @@ def test_instruments_at_the_switch(method, inputs, tmp_path):
     out = loop.run(out_dir=tmp_path, settings=settings, seed=5, **inputs)
     table = pd.read_csv(out / "train_log.csv")
     assert list(table.columns) == FIRST_COLUMNS + INSTRUMENTS
-    assert list(zip(table["phase"], table["iteration"])) == [("pretrain", 2), ("selftrain", 1), ("selftrain", 2),
-                                                             ("selftrain", 4)]
+    assert list(zip(table["phase"], table["iteration"])) == [("pretrain", 2), ("switch", 0), ("selftrain", 1),
+                                                             ("selftrain", 2), ("selftrain", 4)]
     pre, self_rows = table[table["phase"] == "pretrain"], table[table["phase"] == "selftrain"]
     assert pre[INSTRUMENTS].isna().all().all() and self_rows[INSTRUMENTS].notna().all().all()
     assert self_rows.filter(like="teacher_val_dice").apply(lambda c: c.between(0, 1)).all().all()
@@ -163,9 +164,10 @@ def test_instruments_at_the_switch(method, inputs, tmp_path):
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     teacher = [(e.step, e.value) for e in events.Scalars("val/teacher_dice_mean")]
-    assert [step for step, _ in teacher] == (self_rows["step"]).tolist()
-    np.testing.assert_allclose([v for _, v in teacher], self_rows["teacher_val_dice_mean"], rtol=1e-6)
-    assert len(events.Scalars("val/dice_mean")) == len(table)
+    with_teacher = table[table["phase"] != "pretrain"]  # the switch row starts the teacher's curve
+    assert [step for step, _ in teacher] == with_teacher["step"].tolist()
+    np.testing.assert_allclose([v for _, v in teacher], with_teacher["teacher_val_dice_mean"], rtol=1e-6)
+    assert len(events.Scalars("val/dice_mean")) == len(table) - 1
     assert {"train/loss_pseudo", "train/pl_frac_rv"} <= set(events.Tags()["scalars"])
     labels = np.load(inputs["prepared_dir"] / "labels.npy")[pd.read_parquet(inputs["prepared_dir"] / "slices.parquet")
                                                           ["labeled"].to_numpy()]
@@ -176,7 +178,59 @@ def test_instruments_at_the_switch(method, inputs, tmp_path):
 def test_default_log_has_the_instrument_columns_and_no_dense_rows(runs):
     table = pd.read_csv(runs["sraseg"] / "train_log.csv")
     assert list(table.columns) == FIRST_COLUMNS + INSTRUMENTS
-    assert table["iteration"].tolist() == [2, 2]  # val_every 2: dense validation is off by default
+    assert table["iteration"].tolist() == [2, 0, 2]  # val_every 2: dense validation is off by default
+
+
+# --- the guard at the switch -----------------------------------------------------------------------
+
+
+def _switch_row(out):
+    table = pd.read_csv(out / "train_log.csv")
+    return table[table["phase"] == "switch"]
+
+
+def test_switch_guard_warns_on_a_class_the_teacher_does_not_know(inputs, tmp_path, caplog):
+    """One pre-training iteration: the teacher at the switch does not segment the classes (Dice under 0.2),
+    so the job names each with its Dice and what to change, self-trains anyway (warn), and records it in
+    train_log.csv's switch row and train.json (which the report marks); the teacher it validated is the
+    model self-training starts from (the switch row's step is pre-training's last)."""
+    settings = dict(TINY, method="bcp_real", pretrain_iterations=1, selftrain_iterations=1)
+    with caplog.at_level("WARNING", logger="sraseg.train.loop"):
+        out = loop.run(out_dir=tmp_path, settings=settings, seed=5, **inputs)
+    record = json.loads((out / "train.json").read_text())["switch"]
+    row = _switch_row(out)
+    assert len(row) == 1 and int(row["step"].iloc[0]) == 1 and row["loss"].isna().all()
+    dice = {n: float(row[f"teacher_val_dice_{n}"].iloc[0]) for n in ("rv", "myo", "lv")}
+    assert record["teacher_val_dice"] == pytest.approx(dice)
+    assert record["below"] == [n for n, d in dice.items() if d < 0.2] and record["below"]
+    assert record["min_dice"] == 0.2 and record["action"] == "warn"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    for name in record["below"]:
+        assert f"{name} {dice[name]:.3f}" in warnings[0]
+    assert "train.pretrain_iterations, now 1" in warnings[0] and "switch_min_dice 0.2" in warnings[0]
+    assert (out / "model.safetensors").is_file()  # warn: self-training went on
+
+
+def test_switch_guard_stop_refuses_to_self_train(inputs, tmp_path):
+    settings = dict(TINY, method="sraseg", pretrain_iterations=1, selftrain_iterations=1, switch_guard="stop")
+    with pytest.raises(SrasegError, match=r"sraseg seed 5: the teacher at the switch .* below train.switch_min_dice"):
+        loop.run(out_dir=tmp_path, settings=settings, seed=5, **inputs)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_switch_guard_off_logs_the_teacher_without_a_warning(inputs, tmp_path, caplog):
+    """The same short pre-training with the threshold off (0): no warning, nothing below, the Dice still logged."""
+    settings = dict(TINY, method="bcp_real", pretrain_iterations=1, selftrain_iterations=1, switch_min_dice=0.0)
+    with caplog.at_level("WARNING", logger="sraseg.train.loop"):
+        out = loop.run(out_dir=tmp_path, settings=settings, seed=5, **inputs)
+    record = json.loads((out / "train.json").read_text())["switch"]
+    assert record["below"] == [] and len(_switch_row(out)) == 1
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_labeled_only_has_no_switch(runs):
+    assert json.loads((runs["labeled_only"] / "train.json").read_text())["switch"] is None
 
 
 # --- resume -----------------------------------------------------------------------------------------

@@ -54,7 +54,8 @@ def curve_data(
                 log.warning("%s: no step, phase, iteration and validation Dice columns; left out of the curves",
                             log_path)
                 continue
-            table = table.dropna(subset=[column]).drop_duplicates("step", keep="last")
+            # the switch guard's row repeats the teacher at the last pre-training step: not a point of the curve
+            table = table[table["phase"] != "switch"].dropna(subset=[column]).drop_duplicates("step", keep="last")
             tables.append(table.assign(dice=table[column], seed=seed))
             for phase, rows in table.groupby("phase"):
                 first, last = int((rows["step"] - rows["iteration"]).min()), int(rows["step"].max())

@@ -19,7 +19,8 @@ import pandas as pd
 
 from sraseg.errors import DatasetError
 from sraseg.io import read_json, staged_outputs
-from sraseg.report.run import ReportSettings
+from sraseg.report.run import WARNINGS_HEADING, ReportSettings
+from sraseg.report.switch import MARK, mark_experiments, switch_warnings, warning_lines
 from sraseg.settings import parse_settings
 
 __all__ = ["MODES", "collect_results", "write_markdown", "run"]
@@ -71,9 +72,12 @@ def _cell(mean: float, std: float) -> str:
     return f"{mean:.2f} ± {std:.2f}" if np.isfinite(std) else f"{mean:.2f}"
 
 
-def write_markdown(frame: pd.DataFrame, path: Path, title: str, seeds: list[int]) -> None:
-    """results.md: one table per mode, experiments as rows, mean ± std over seeds."""
+def write_markdown(frame: pd.DataFrame, path: Path, title: str, seeds: list[int],
+                   warnings: list[str] | None = None) -> None:  # fmt: skip
+    """results.md: the switch guard's warnings, then one table per mode, experiments as rows, mean ± std over seeds."""
     lines = [f"# {title}", "", f"Seeds: {', '.join(str(s) for s in seeds)} (mean ± std over seeds).", ""]
+    if warnings:
+        lines += [f"## {WARNINGS_HEADING}", ""] + warnings + [""]
     headings = {
         "image": "Per image ({n} test images, each scored on its own in 2-D; HD95 and ASD in pixels, an empty "
                  "prediction's distances left out)",
@@ -88,7 +92,8 @@ def write_markdown(frame: pd.DataFrame, path: Path, title: str, seeds: list[int]
                   "| experiment | method | Dice (%) | Jaccard (%) | HD95 (px) | ASD (px) |", "|---|---|---|---|---|---|"]  # fmt: skip
         for _, row in part.iterrows():
             cells = [_cell(row[f"{m}_mean"], row[f"{m}_std"]) for m in METRICS]
-            lines.append(f"| {row['experiment']} | {row['method']} | " + " | ".join(cells) + " |")
+            name = row["experiment"] + (MARK if row.get("switch_warning") else "")
+            lines.append(f"| {name} | {row['method']} | " + " | ".join(cells) + " |")
         lines.append("")
     path.write_text("\n".join(lines))
 
@@ -102,10 +107,12 @@ def run(results_dir: Path | str, out_dir: Path | str, settings: dict) -> pd.Data
     if not config.experiments:
         raise DatasetError(f"{results_dir}: no experiments to report")
     frame = collect_results(results_dir, config.experiments, list(config.seeds))
+    switch = switch_warnings(results_dir, config.experiments, list(config.seeds))
+    frame = mark_experiments(frame, switch)
     with staged_outputs(out_dir) as staged:
         frame.to_csv(staged.path("results.csv"), index=False)
         write_markdown(frame, staged.path("results.md"), f"Results: {results_dir.name} (FIVES layout, vessel)",
-                       list(config.seeds))  # fmt: skip
+                       list(config.seeds), warning_lines(switch))  # fmt: skip
         figures.training_curves(results_dir, config.experiments, config.seeds, staged.path("figures/training_curves.png"))
     log.info("FIVES report for %d experiments written to %s", len(config.experiments), out_dir)
     return frame

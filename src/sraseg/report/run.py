@@ -24,6 +24,7 @@ from sraseg.embed.common import describe_encoder
 from sraseg.embed.index import HUB_WARNING_SHARE
 from sraseg.errors import DatasetError
 from sraseg.io import read_json, staged_outputs
+from sraseg.report.switch import MARK, mark_experiments, switch_warnings, warning_lines
 from sraseg.settings import parse_settings
 
 __all__ = ["ReportSettings", "collect_results", "content_lines", "write_markdown", "write_html", "run"]
@@ -101,8 +102,13 @@ def _markdown_table(frame: pd.DataFrame, columns: list[tuple[str, str, str]]) ->
     lines = [header, "|" + "---|" * (2 + len(columns))]
     for _, row in frame.iterrows():
         cells = [_cell(row[f"{m}_{c}_mean"], row[f"{m}_{c}_std"]) for _, m, c in columns]
-        lines.append(f"| {row['experiment']} | {row['method']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_name(row)} | {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _name(row: pd.Series) -> str:
+    """The experiment's name, marked when the switch guard found a class its teacher did not know."""
+    return row["experiment"] + (MARK if row.get("switch_warning") else "")
 
 
 def _provenance_lines(results_dir: Path) -> list[str]:
@@ -152,6 +158,7 @@ def _provenance_lines(results_dir: Path) -> list[str]:
 
 
 CONTENT_HEADING = "What the synthetic images contain"
+WARNINGS_HEADING = "Warnings"
 
 
 def _points(value: float | None) -> str:
@@ -220,9 +227,11 @@ def _sections(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame, list[tuple[s
 
 
 def write_markdown(frame: pd.DataFrame, path: Path, title: str, provenance: list[str], seeds: list[int],
-                   content: list[str] | None = None) -> None:  # fmt: skip
+                   content: list[str] | None = None, warnings: list[str] | None = None) -> None:  # fmt: skip
     parts = [f"# {title}", ""]
     parts += provenance + [f"- seeds: {', '.join(map(str, seeds))}; values are mean ± std over seeds", ""]
+    if warnings:
+        parts += [f"## {WARNINGS_HEADING}", ""] + warnings + [""]
     if content:
         parts += [f"## {CONTENT_HEADING}", ""] + content + [""]
     for heading, sub, tables in _sections(frame):
@@ -244,7 +253,7 @@ def _inline_html(text: str) -> str:
 
 
 def write_html(frame: pd.DataFrame, path: Path, title: str, provenance: list[str], seeds: list[int],
-               content: list[str] | None = None) -> None:  # fmt: skip
+               content: list[str] | None = None, warnings: list[str] | None = None) -> None:  # fmt: skip
     """The results tables as one self-contained HTML page (embedded in `snakemake --report`)."""
     import html
 
@@ -258,6 +267,9 @@ def write_html(frame: pd.DataFrame, path: Path, title: str, provenance: list[str
         "<ul>" + "".join(f"<li>{_inline_html(line)}</li>" for line in provenance if line.strip()),
         f"<li>seeds: {', '.join(map(str, seeds))}; values are mean ± std over seeds</li></ul>",
     ]
+    if warnings:
+        parts.append(f"<h2>{html.escape(WARNINGS_HEADING)}</h2>")
+        parts.append("<ul>" + "".join(f"<li>{_inline_html(line)}</li>" for line in warnings) + "</ul>")
     if content:
         parts.append(f"<h2>{html.escape(CONTENT_HEADING)}</h2>")
         parts.append("<ul>" + "".join(f"<li>{_inline_html(line)}</li>" for line in content) + "</ul>")
@@ -270,7 +282,7 @@ def write_html(frame: pd.DataFrame, path: Path, title: str, provenance: list[str
                 cells = "".join(
                     f'<td class="num">{_cell(row[f"{m}_{c}_mean"], row[f"{m}_{c}_std"])}</td>' for _, m, c in columns
                 )
-                rows.append(f"<tr><td>{html.escape(str(row['experiment']))}</td>"
+                rows.append(f"<tr><td>{html.escape(_name(row))}</td>"
                             f"<td>{html.escape(str(row['method']))}</td>{cells}</tr>")  # fmt: skip
             parts.append(f"<table><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead>"
                          f"<tbody>{''.join(rows)}</tbody></table>")  # fmt: skip
@@ -287,12 +299,14 @@ def run(results_dir: Path | str, out_dir: Path | str, settings: dict) -> pd.Data
     if not config.experiments:
         raise DatasetError(f"{results_dir}: no experiments to report")
     frame = collect_results(results_dir, config.experiments, list(config.seeds))
+    switch = switch_warnings(results_dir, config.experiments, list(config.seeds))
+    frame, warnings = mark_experiments(frame, switch), warning_lines(switch)
     with staged_outputs(out_dir) as staged:
         frame.to_csv(staged.path("results.csv"), index=False)
         title, provenance = f"Results: {results_dir.name}", _provenance_lines(results_dir)
         content = content_lines(results_dir)
-        write_markdown(frame, staged.path("results.md"), title, provenance, config.seeds, content)
-        write_html(frame, staged.path("results.html"), title, provenance, config.seeds, content)
+        write_markdown(frame, staged.path("results.md"), title, provenance, config.seeds, content, warnings)
+        write_html(frame, staged.path("results.html"), title, provenance, config.seeds, content, warnings)
         figures.training_curves(results_dir, config.experiments, config.seeds, staged.path("figures/training_curves.png"))
         figures.overlays(results_dir, config.experiments, config.seeds[0], staged.path("figures/overlays.png"))
         fd_log = results_dir / "generator" / "fd_log.csv"

@@ -73,7 +73,7 @@ from sraseg.train.teacher import pseudo_labels, update_ema
 from sraseg.train.unet import UNet, save_model
 
 __all__ = ["METHODS", "TrainSettings", "TrainContext", "make_optimizer", "training_phases", "train_iteration", "run", "validate",
-           "class_names", "log_columns", "dataset_classes"]
+           "class_names", "log_columns", "dataset_classes", "switch_record", "SWITCH_PHASE"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ def log_columns(names: tuple[str, ...] = CLASS_NAMES) -> tuple[str, ...]:
 
 
 LOG_COLUMNS = log_columns(CLASS_NAMES)
+SWITCH_PHASE = "switch"  # train_log.csv's row of the teacher at the switch to self-training (`_guard_switch`)
 TERM_COLUMNS = term_columns(CLASS_NAMES)
 CHECKPOINT_FORMAT = 1
 
@@ -158,6 +159,9 @@ class TrainSettings:
             first dense_val_iterations of self-training (0: off); these validations may pick the kept
             checkpoint like any other.
         checkpoint_every: write last.ckpt every this many iterations (and at the end).
+        switch_min_dice, switch_guard: the guard at the switch to self-training (`_guard_switch`): a foreground
+            class whose teacher validation Dice is below switch_min_dice is named in a warning (warn) or stops
+            the job before self-training (stop).
         sa, sa_weight: SRA-Seg's similarity-alignment loss and its weight in the self-train loss.
         sa_batch: un-mixed synthetic images (and as many real ones) given the extra encoder pass for SA.
         blend_kernel, blend_kernel_size, blend_sigma, blend_ratio: the on-the-fly soft maps of sraseg's
@@ -191,6 +195,8 @@ class TrainSettings:
     dense_val_every: int = 0
     dense_val_iterations: int = 200
     checkpoint_every: int = 200
+    switch_min_dice: float = 0.2
+    switch_guard: str = "warn"
     sa: bool = True
     sa_weight: float = 0.1
     sa_batch: int = 6
@@ -734,6 +740,55 @@ def _enter_phase(ctx: TrainContext, state: dict, phase: str) -> None:
     state["phase"] = phase
 
 
+def switch_record(cfg: TrainSettings, log_rows: list[dict]) -> dict | None:
+    """The guard's finding, from train_log.csv's `switch` row: the teacher's validation Dice per class, the
+    threshold, the action and the classes below it; None for a run without a switch (labeled_only)."""
+    rows = [r for r in log_rows if r["phase"] == SWITCH_PHASE]
+    if not rows:
+        return None
+    dice = {n: float(rows[-1][f"teacher_val_dice_{n}"]) for n in class_names(cfg.num_classes)}
+    return dict(teacher_val_dice=dice, min_dice=cfg.switch_min_dice, action=cfg.switch_guard,
+                below=[n for n, d in dice.items() if d < cfg.switch_min_dice])
+
+
+def _guard_switch(ctx: TrainContext, state: dict, writer, log_path: Path, lr: float, seconds: float) -> None:
+    """At the switch to self-training: validate the teacher (the best pre-trained model, which the student
+    equals here), log its Dice per class (train_log.csv's `switch` row, TensorBoard, the job's log) and warn,
+    or stop with `switch_guard: stop`, when a foreground class is below switch_min_dice. A class the teacher
+    does not segment never enters a pseudo-label, so self-training would teach the student to leave it out.
+
+    Raises:
+        SrasegError: switch_guard is stop and a class is below switch_min_dice.
+    """
+    from sraseg.io import write_csv
+
+    cfg = ctx.cfg
+    names = class_names(cfg.num_classes)
+    prepared = ctx.prepared
+    dice = validate(ctx.teacher, prepared.val_images, prepared.val_labels, prepared.val_cases, ctx.device,
+                    cfg.val_batch)
+    row = _log_row({}, 0, dice, dice, names, phase=SWITCH_PHASE, iteration=0, step=state["step"], lr=lr,
+                   seconds=seconds)
+    state["log_rows"].append(row)
+    write_csv(log_path, state["log_rows"], log_columns(names))
+    for name in (*names, "mean"):
+        writer.add_scalar(f"val/teacher_dice_{name}", row[f"teacher_val_dice_{name}"], state["step"])
+    record = switch_record(cfg, state["log_rows"])
+    log.info("%s seed %d: the teacher at the switch to self-training, val Dice %s", cfg.method, ctx.seed,
+             ", ".join(f"{n} {d:.3f}" for n, d in record["teacher_val_dice"].items()))
+    if not record["below"]:
+        return
+    weak = ", ".join(f"{n} {record['teacher_val_dice'][n]:.3f}" for n in record["below"])
+    message = (f"{cfg.method} seed {ctx.seed}: the teacher at the switch to self-training has val Dice {weak}, "
+               f"below train.switch_min_dice {cfg.switch_min_dice:g}: its pseudo-labels will hardly hold "
+               f"{'that class' if len(record['below']) == 1 else 'those classes'} and self-training teaches the "
+               f"student to leave {'it' if len(record['below']) == 1 else 'them'} out; pre-train longer "
+               f"(train.pretrain_iterations, now {cfg.pretrain_iterations}) or add labeled data")
+    if cfg.switch_guard == "stop":
+        raise SrasegError(message + " (train.switch_guard: stop; warn self-trains anyway)")
+    log.warning("%s (train.switch_guard: warn, so self-training goes on; the report marks this run)", message)
+
+
 def _validate_and_log(ctx: TrainContext, state: dict, sums: _LossSums, writer, log_path: Path, phase: str,
                       iteration: int, lr: float, seconds: float) -> None:
     """Validate the student (and the teacher in self-training), keep the student if it is the best so
@@ -783,7 +838,11 @@ def _train(ctx: TrainContext, optimizer: torch.optim.Optimizer, scaler, state: d
         cleanup.callback(progress.close)
         while state["step"] < total:
             phase, offset, length, step_fn = _phase_at(phases, state["step"])
+            switching = phase == "selftrain" and state["phase"] != "selftrain"
             _enter_phase(ctx, state, phase)
+            if switching:
+                _guard_switch(ctx, state, writer, out_dir / "train_log.csv", optimizer.param_groups[0]["lr"],
+                              time.perf_counter() - started)
 
             # one optimisation step of the student, then the teacher's EMA update
             ctx.step = state["step"]
@@ -847,6 +906,7 @@ def _publish(ctx: TrainContext, state: dict, out_dir: Path, resolved: dict, inpu
             labeled_fraction=_labeled_fraction(ctx.prepared.labeled_labels, cfg.num_classes),
             inputs={k: v and str(v) for k, v in inputs.items()},
             best=dict(phase=state["phase"], iteration=state["best_iteration"], val_dice_mean=state["best_dice"]),
+            switch=switch_record(cfg, state["log_rows"]),
             seconds=state["seconds"],
         ))  # fmt: skip
     (out_dir / "last.ckpt").unlink(missing_ok=True)
