@@ -231,3 +231,15 @@ def _reruns(workdir: Path, snakefile: Path, results: Path) -> None:
     assert job_stats(ran.stdout + ran.stderr) == {"prepare": 1, "train": 1}
     assert model.read_bytes() != before
     assert not list(results.glob("**/last.ckpt"))
+
+
+def test_network_jobs_take_cpu_threads_whatever_the_core_count(workdir: Path):
+    """Every job that runs a network gets `cpu_threads` threads (Snakemake sets its OMP_NUM_THREADS), not
+    what the machine's core count would give: on a CPU the numbers depend on the thread count."""
+    networks = {"train_generator", "sample", "embed", "train", "predict", "content"}
+    for cores, threads in ((16, 2), (16, 3), (2, 2)):
+        out = snakemake(workdir, "-n", "--cores", str(cores), "--config", f"cpu_threads={threads}").stdout
+        jobs = {m.group(1): m.group(0) for m in re.finditer(r"rule (\w+):\n(?:    .*\n)*", out)}
+        assert networks <= set(jobs)
+        for rule in networks:
+            assert f"threads: {min(threads, cores)}\n" in jobs[rule], (cores, threads, rule)

@@ -58,6 +58,8 @@ CONTENT = f"{RESULTS}/content"
 LOGS = f"{RESULTS}/logs"
 EXPERIMENTS = config["experiments"]
 SEEDS = config["seeds"]
+# threads of every job that runs a network: fixed, so a CPU run gives the same numbers on any machine (schema)
+CPU_THREADS = config["cpu_threads"]
 
 # Which shared inputs each method consumes (so labeled_only never builds the generator).
 METHOD_NEEDS = {

@@ -23,7 +23,7 @@ if content_enabled():
             out_dir=output_dir("summary"),
         log:
             f"{LOGS}/content.log",
-        threads: 2
+        threads: CPU_THREADS
         resources:
             gpu=1,
             mem_mb=8000,

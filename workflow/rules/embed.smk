@@ -21,7 +21,7 @@ rule embed:
         f"{LOGS}/embed.log",
     benchmark:
         f"{LOGS}/benchmarks/embed.tsv"
-    threads: 4
+    threads: CPU_THREADS
     resources:
         gpu=1,
         mem_mb=16000,

@@ -17,7 +17,7 @@ if FIVES:
             device=config["device"],
         log:
             f"{LOGS}/predict_{{exp}}_seed{{seed}}.log",
-        threads: 2
+        threads: CPU_THREADS
         resources:
             gpu=1,
             mem_mb=8000,
@@ -67,7 +67,7 @@ else:
             device=config["device"],
         log:
             f"{LOGS}/predict_{{exp}}_seed{{seed}}.log",
-        threads: 2
+        threads: CPU_THREADS
         resources:
             gpu=1,
             mem_mb=8000,

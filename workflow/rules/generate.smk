@@ -19,7 +19,7 @@ rule train_generator:
         f"{LOGS}/train_generator.log",
     benchmark:
         f"{LOGS}/benchmarks/train_generator.tsv"
-    threads: 4
+    threads: CPU_THREADS
     resources:
         gpu=1,
         mem_mb=16000,
@@ -50,7 +50,7 @@ rule sample:
         f"{LOGS}/sample.log",
     benchmark:
         f"{LOGS}/benchmarks/sample.tsv"
-    threads: 4
+    threads: CPU_THREADS
     resources:
         gpu=1,
         mem_mb=16000,

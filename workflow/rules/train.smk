@@ -20,7 +20,7 @@ rule train:
         f"{LOGS}/train_{{exp}}_seed{{seed}}.log",
     benchmark:
         f"{LOGS}/benchmarks/train_{{exp}}_seed{{seed}}.tsv"
-    threads: 4
+    threads: CPU_THREADS
     resources:
         gpu=1,
         mem_mb=16000,

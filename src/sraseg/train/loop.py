@@ -902,7 +902,8 @@ def _publish(ctx: TrainContext, state: dict, out_dir: Path, resolved: dict, inpu
         save_model(staged.path("model.safetensors"), final, meta)
         write_csv(staged.path("train_log.csv"), state["log_rows"], log_columns(class_names(cfg.num_classes)))
         write_json(staged.path("train.json"), dict(
-            settings=resolved, seed=ctx.seed, device=str(ctx.device), iterations=state["step"],
+            settings=resolved, seed=ctx.seed, device=str(ctx.device), threads=torch.get_num_threads(),
+            iterations=state["step"],
             labeled_fraction=_labeled_fraction(ctx.prepared.labeled_labels, cfg.num_classes),
             inputs={k: v and str(v) for k, v in inputs.items()},
             best=dict(phase=state["phase"], iteration=state["best_iteration"], val_dice_mean=state["best_dice"]),
@@ -951,6 +952,8 @@ def run(
     inputs = dict(prepared_dir=prepared_dir, synthetic_dir=synthetic_dir, embed_dir=embed_dir, blend_dir=blend_dir)
     check_inputs(cfg, **inputs)
     device = pick_device(cfg.device)
+    # on a CPU the numbers depend on the thread count (the workflow fixes it: config `cpu_threads`)
+    log.info("%s seed %d on %s, %d torch threads", cfg.method, seed, device, torch.get_num_threads())
     seed_everything(seed)
     loaded = load_inputs(cfg, **inputs)
     labeled_fraction = _labeled_fraction(loaded.prepared.labeled_labels, cfg.num_classes)
