@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_workflow import checkout_copy, job_stats
-from workflow_run import run_snakemake, scratch, snakemake_command, snakemake_env
+from test_workflow import blend_of, changed, checkout_copy, job_stats, planned_jobs, runs
+from workflow_run import copy_run, run_snakemake, scratch, snakemake_command, snakemake_env
 
 METHODS = ("labeled_only", "bcp_real", "bcp_synthetic", "sraseg")
 
@@ -104,10 +104,11 @@ def test_acdc_plans_do_not_depend_on_the_fives_code(workdir: Path):
     assert _planned_jobs(workdir, workdir / "workflow" / "Snakefile", "tiny.yaml") == planned
 
 
-@pytest.mark.slow
-def test_tiny_fives_run_goes_to_a_report_and_a_rerun_does_nothing(workdir: Path):
-    """The FIVES phantom (64 px images, prepared at 32 px) with labeled_only for a few iterations:
-    phantom -> prepare -> train -> PNG predictions -> per-image evaluation -> report; then nothing to do."""
+@pytest.fixture(scope="module")
+def fives_tiny_run(tmp_path_factory) -> Path:
+    """The FIVES phantom (64 px images, prepared at 32 px) with labeled_only for a few iterations, run once
+    to its report and shared by the tests below (each works on a copy)."""
+    workdir = scratch(tmp_path_factory.mktemp("fives_tiny_run"))
     config = yaml.safe_load((workdir / "config" / "fives_phantom.yaml").read_text())
     config["dataset"]["name"] = "fives_tiny"
     config["fives_phantom"]["size"] = 64
@@ -117,6 +118,13 @@ def test_tiny_fives_run_goes_to_a_report_and_a_rerun_does_nothing(workdir: Path)
     config["experiments"] = {"labeled_only": {"method": "labeled_only"}}
     (workdir / "config" / "fives_tiny.yaml").write_text(yaml.safe_dump(config))
     snakemake(workdir, config="fives_tiny.yaml")
+    return workdir
+
+
+@pytest.mark.slow
+def test_tiny_fives_run_goes_to_a_report_and_a_rerun_does_nothing(fives_tiny_run: Path, tmp_path: Path):
+    """phantom -> prepare -> train -> PNG predictions -> per-image evaluation -> report; then nothing to do."""
+    workdir = copy_run(fives_tiny_run, tmp_path / "run")
     run = workdir / "results" / "fives_tiny" / "labeled_only" / "seed0"
     masks = sorted((run / "predictions").glob("*.png"))
     assert len(masks) == 16 and masks[0].stem.startswith("test_")
@@ -129,3 +137,54 @@ def test_tiny_fives_run_goes_to_a_report_and_a_rerun_does_nothing(workdir: Path)
     again = snakemake(workdir, config="fives_tiny.yaml")
     assert "Nothing to be done" in again.stdout + again.stderr
     shutil.rmtree(workdir / "resources")
+
+
+FIVES_RUNS = ("train", "predict_fives", "evaluate_fives")
+FIVES_REPORT = {("report_fives", ""), ("all", "")}
+# sraseg trains 2 self-training iterations (the base config has none, and a fresh blend draws for them)
+FIVES_SRASEG = {"method": "sraseg", "train": {"selftrain_iterations": 2}}
+FIVES_SRASEG_REAL = {"method": "sraseg", "train": {"selftrain_iterations": 2, "unlabeled": "real"}}
+SYNTHETIC = {("train_generator", ""), ("sample", ""), ("embed", ""), ("index", "")}
+REAL_POOL = {("real_pool", ""), ("embed_real_pool", ""), ("index_real_pool", "")}
+SRASEG_REAL_JOBS = REAL_POOL | blend_of("sraseg_real") | runs("sraseg_real", 0, FIVES_RUNS) | FIVES_REPORT
+
+# Changes to the FIVES tiny config (labeled_only, seed 0) after its complete run, each with exactly its jobs.
+FIVES_CHANGES = [
+    ("add bcp_real", "experiments.bcp_real", {"method": "bcp_real"}, runs("bcp_real", 0, FIVES_RUNS) | FIVES_REPORT),
+    ("add sraseg", "experiments.sraseg", FIVES_SRASEG,
+     SYNTHETIC | blend_of("sraseg") | runs("sraseg", 0, FIVES_RUNS) | FIVES_REPORT),
+    ("add sraseg on real data", "experiments.sraseg_real", FIVES_SRASEG_REAL, SRASEG_REAL_JOBS),
+    ("add a seed", "seeds", [0, 1], runs("labeled_only", 1, FIVES_RUNS) | FIVES_REPORT),
+    ("change a setting one experiment reads", "experiments.labeled_only.train", {"labeled_batch": 3},
+     runs("labeled_only", 0, FIVES_RUNS) | FIVES_REPORT),
+]
+
+
+@pytest.mark.slow
+def test_an_added_fives_experiment_plans_exactly_its_jobs_and_reports(fives_tiny_run: Path, tmp_path: Path):
+    """Issue 32 on the FIVES path: after the tiny FIVES run each change of FIVES_CHANGES plans exactly its
+    jobs; the added sraseg_real (the benchmark's protocol: SRA-Seg added to a finished run without one; no
+    generator, so it stays short), run for real, gains its row in the report and leaves labeled_only's run
+    alone."""
+    workdir = copy_run(fives_tiny_run, tmp_path / "run")
+    base = yaml.safe_load((workdir / "config" / "fives_tiny.yaml").read_text())
+    wrong = {}
+    for name, key, value, expected in FIVES_CHANGES:
+        (workdir / "config" / "case.yaml").write_text(yaml.safe_dump(changed(base, key, value)))
+        dry = snakemake(workdir, "-n", config="case.yaml")
+        planned = planned_jobs(dry.stdout + dry.stderr)
+        if planned != expected:
+            wrong[name] = {"missing": sorted(expected - planned), "unexpected": sorted(planned - expected)}
+    assert not wrong, f"wrong plan for {sorted(wrong)}: {wrong}"
+
+    results = workdir / "results" / "fives_tiny"
+    kept = {p: p.stat().st_mtime_ns for p in (results / "labeled_only" / "seed0").glob("**/*") if p.is_file()}
+    added = changed(base, "experiments.sraseg_real", FIVES_SRASEG_REAL)
+    (workdir / "config" / "added.yaml").write_text(yaml.safe_dump(added))
+    ran = snakemake(workdir, config="added.yaml")
+    assert planned_jobs(ran.stdout + ran.stderr) == SRASEG_REAL_JOBS
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    report = (results / "report" / "results.md").read_text()
+    assert "| labeled_only | labeled_only |" in report and "| sraseg_real | sraseg |" in report
+    again = snakemake(workdir, "-n", config="added.yaml")
+    assert "Nothing to be done" in again.stdout + again.stderr

@@ -6,12 +6,13 @@ import json
 import re
 import shutil
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from workflow_run import REPO, SNAKEMAKE, run_snakemake, scratch
+from workflow_run import REPO, SNAKEMAKE, copy_run, run_snakemake, scratch
 
 
 def snakemake(workdir: Path, *args: str, config: str = "tiny.yaml", check: bool = True,
@@ -131,12 +132,36 @@ def job_stats(text: str) -> dict[str, int]:
     return {rule: int(count) for rule, count in rows if rule != "total"}
 
 
+def planned_jobs(text: str) -> set[tuple[str, str]]:
+    """Every job a dry run plans, as (rule, wildcards): from the job blocks Snakemake prints ("rule train:"
+    and indented lines, one of them "wildcards: exp=sraseg, seed=1"; "" for a job without wildcards),
+    checked against its Job stats table. Nothing to be done: the empty set."""
+    if "Nothing to be done" in text:
+        return set()
+    jobs = []
+    for match in re.finditer(r"^(?:local)?rule (\w+):\n((?:    .*\n)*)", text, re.M):
+        wildcards = re.search(r"^    wildcards: (.*)$", match.group(2), re.M)
+        jobs.append((match.group(1), wildcards.group(1) if wildcards else ""))
+    assert Counter(rule for rule, _ in jobs) == Counter(job_stats(text)), text[-3000:]
+    assert len(set(jobs)) == len(jobs), jobs
+    return set(jobs)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """One complete run of the tiny config from a checkout copy (workflow/, src/, envs/ beside config/),
+    shared by the tests that need one: each works on its own copy (copy_run)."""
+    workdir = scratch(tmp_path_factory.mktemp("tiny_run"))
+    snakemake(workdir, snakefile=checkout_copy(workdir))
+    return workdir
+
+
 @pytest.mark.slow
-def test_tiny_workflow_end_to_end(workdir: Path):
+def test_tiny_workflow_end_to_end(tiny_run: Path, tmp_path: Path):
     """phantom -> prepare -> generator -> embed -> index -> blend -> train -> predict -> evaluate, then
     reruns after a changed setting, input and stage code (one complete run serves both)."""
-    snakefile = checkout_copy(workdir)
-    snakemake(workdir, snakefile=snakefile)
+    workdir = copy_run(tiny_run, tmp_path / "run")
+    snakefile = workdir / "workflow" / "Snakefile"
     results = workdir / "results" / "tiny"
     slices = pd.read_parquet(results / "prepared" / "slices.parquet")
     assert set(slices["split"]) == {"train", "val", "test"}
@@ -231,6 +256,89 @@ def _reruns(workdir: Path, snakefile: Path, results: Path) -> None:
     assert job_stats(ran.stdout + ran.stderr) == {"prepare": 1, "train": 1}
     assert model.read_bytes() != before
     assert not list(results.glob("**/last.ckpt"))
+
+
+def runs(exp: str, seed: int = 1, rules=("train", "predict", "evaluate")) -> set[tuple[str, str]]:
+    """The jobs of one experiment and seed: train, predict, evaluate."""
+    return {(rule, f"exp={exp}, seed={seed}") for rule in rules}
+
+
+def blend_of(exp: str, rule: str = "blend_fresh") -> set[tuple[str, str]]:
+    return {(rule, f"exp={exp}")}
+
+
+REPORT = {("report", ""), ("all", "")}
+REAL_POOL = {("real_pool", ""), ("embed_real_pool", ""), ("index_real_pool", "")}
+NOSA = {"method": "sraseg", "train": {"sa": False}}
+NOSA_JOBS = blend_of("sraseg_nosa") | runs("sraseg_nosa") | REPORT
+
+
+def changed(config: dict, path: str, value) -> dict:
+    """A copy of `config` with the dotted key `path` set to `value` (None: deleted)."""
+    config = yaml.safe_load(yaml.safe_dump(config))
+    *parents, key = path.split(".")
+    section = config
+    for name in parents:
+        section = section.setdefault(name, {})
+    if value is None:
+        del section[key]
+    else:
+        section[key] = value
+    return config
+
+
+# Changes to config/tiny.yaml (experiments labeled_only and sraseg, seed 1) after its complete run, each
+# with exactly the jobs it must plan: (what changes, config key, new value or None to delete it, jobs).
+TINY_CHANGES = [
+    ("add labeled_only", "experiments.lo_batch3", {"method": "labeled_only", "train": {"labeled_batch": 3}},
+     runs("lo_batch3") | REPORT),
+    ("add bcp_real", "experiments.bcp_real", {"method": "bcp_real"}, runs("bcp_real") | REPORT),
+    ("add bcp_synthetic", "experiments.bcp_syn", {"method": "bcp_synthetic"}, runs("bcp_syn") | REPORT),
+    ("add sraseg", "experiments.sraseg_b", {"method": "sraseg"}, blend_of("sraseg_b") | runs("sraseg_b") | REPORT),
+    ("add an sraseg ablation", "experiments.sraseg_nosa", NOSA, NOSA_JOBS),
+    ("add sraseg on real data", "experiments.sraseg_real", {"method": "sraseg", "train": {"unlabeled": "real"}},
+     REAL_POOL | blend_of("sraseg_real") | runs("sraseg_real") | REPORT),
+    ("remove labeled_only", "experiments.labeled_only", None, REPORT),  # and with it the content check
+    ("add a seed", "seeds", [1, 2], runs("labeled_only", 2) | runs("sraseg", 2) | REPORT),
+    # the content check segments with labeled_only's model, so it follows that training
+    ("change a setting one experiment reads", "experiments.labeled_only.train", {"labeled_batch": 3},
+     runs("labeled_only") | {("content", "")} | REPORT),
+    ("change a blend setting", "blend.pairing", "nearest", blend_of("sraseg") | runs("sraseg") | REPORT),
+    ("change the blend maps", "blend.maps", "bank", blend_of("sraseg", "blend") | runs("sraseg") | REPORT),
+]
+
+
+@pytest.mark.slow
+def test_a_changed_config_plans_exactly_its_jobs_and_an_added_sraseg_reports(tiny_run: Path, tmp_path: Path):
+    """After a complete tiny run, each change of TINY_CHANGES plans exactly its jobs (issue 32: an added
+    SRA-Seg experiment planned nothing, its report figure had no metadata); the added ablation, run for
+    real, gains its row in the report without touching the other runs, and then nothing is left to do."""
+    workdir = copy_run(tiny_run, tmp_path / "run")
+    snakefile = workdir / "workflow" / "Snakefile"
+    base = yaml.safe_load((workdir / "config" / "tiny.yaml").read_text())
+    dry = snakemake(workdir, "-n", snakefile=snakefile)
+    assert "Nothing to be done" in dry.stdout + dry.stderr  # the copy is as complete as the run
+    wrong = {}
+    for name, key, value, expected in TINY_CHANGES:
+        (workdir / "config" / "case.yaml").write_text(yaml.safe_dump(changed(base, key, value)))
+        dry = snakemake(workdir, "-n", config="case.yaml", snakefile=snakefile)
+        planned = planned_jobs(dry.stdout + dry.stderr)
+        if planned != expected:
+            wrong[name] = {"missing": sorted(expected - planned), "unexpected": sorted(planned - expected)}
+    assert not wrong, f"wrong plan for {sorted(wrong)}: {wrong}"
+
+    results = workdir / "results" / "tiny"
+    kept = {p: p.stat().st_mtime_ns for p in results.glob("*/seed1/*") if p.is_file()}
+    (workdir / "config" / "nosa.yaml").write_text(yaml.safe_dump(changed(base, "experiments.sraseg_nosa", NOSA)))
+    ran = snakemake(workdir, config="nosa.yaml", snakefile=snakefile)
+    assert planned_jobs(ran.stdout + ran.stderr) == NOSA_JOBS
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # labeled_only's and sraseg's runs untouched
+    table = pd.read_csv(results / "report" / "results.csv")
+    assert sorted(table["experiment"].unique()) == ["labeled_only", "sraseg", "sraseg_nosa"]
+    assert "| sraseg_nosa | sraseg |" in (results / "report" / "results.md").read_text()
+    assert (results / "report" / "figures" / "blend_sraseg_nosa.png").is_file()
+    dry = snakemake(workdir, "-n", config="nosa.yaml", snakefile=snakefile)
+    assert "Nothing to be done" in dry.stdout + dry.stderr
 
 
 def test_network_jobs_take_cpu_threads_whatever_the_core_count(workdir: Path):

@@ -22,6 +22,14 @@ def scratch(path: Path) -> Path:
     return path
 
 
+def copy_run(run: Path, dest: Path) -> Path:
+    """A copy of a finished run's working directory (config/, results/, resources/ and .snakemake's
+    records), modification times kept, so Snakemake finds the copy as complete as the run: tests that
+    change configs, code or results share one run and each change its own copy."""
+    shutil.copytree(run, dest, symlinks=True)
+    return dest
+
+
 def snakemake_env(base: dict[str, str] | None = None) -> dict[str, str]:
     base = dict(os.environ if base is None else base)
     return dict(base, HF_HUB_OFFLINE="1", PATH=f"{VENV_BIN}{os.pathsep}{base['PATH']}")
