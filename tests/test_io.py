@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from sraseg.errors import DatasetError
-from sraseg.io import load_array, read_json, read_table, staged_outputs, write_json
+from sraseg.io import load_array, portable_path, read_json, read_table, staged_outputs, write_json
 
 
 def test_read_json_round_trip_and_errors(tmp_path: Path):
@@ -62,3 +62,21 @@ def test_staged_outputs_leave_nothing_when_the_stage_fails(tmp_path: Path):
     with staged_outputs(out) as staged:
         staged.path("sub/done.txt").write_text("ok")
     assert (out / "sub" / "done.txt").read_text() == "ok" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_portable_path_is_relative_under_the_working_directory_else_as_written(tmp_path: Path, monkeypatch):
+    work, elsewhere = tmp_path / "work it's;$x é", tmp_path / "data"
+    (work / "results" / "prepared").mkdir(parents=True)
+    (elsewhere / "raw" / "patient001").mkdir(parents=True)
+    (work / "link").symlink_to(elsewhere)
+    monkeypatch.chdir(work)
+    assert portable_path(work / "results" / "prepared") == "results/prepared"
+    assert portable_path(str(work)) == "."
+    assert portable_path("results/prepared") == "results/prepared"  # relative: as written
+    assert portable_path("../data/raw") == "../data/raw"
+    assert portable_path(elsewhere / "raw") == str(elsewhere / "raw")  # outside: as written
+    # a file a reader found under its resolved folder is named through the folder as the user wrote it
+    found = (elsewhere / "raw" / "patient001").resolve()
+    assert portable_path(found, "link/raw") == "link/raw/patient001"
+    assert portable_path(found, elsewhere / "raw") == str(elsewhere / "raw" / "patient001")
+    assert portable_path(work / "results" / "x.json", elsewhere) == "results/x.json"  # not under root

@@ -17,7 +17,8 @@ import pandas as pd
 
 from sraseg.errors import DatasetError
 
-__all__ = ["StagedOutputs", "staged_outputs", "write_json", "write_csv", "read_json", "read_table", "load_array", "setup_logging"]
+__all__ = ["StagedOutputs", "staged_outputs", "write_json", "write_csv", "read_json", "read_table", "load_array", "portable_path",
+           "setup_logging"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,29 @@ def _to_builtin(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def portable_path(path: Path | str, root: Path | str | None = None) -> str:
+    """How an output names an input file or folder: relative to the working directory when it lies under
+    it, else as written (a dataset the user named by an absolute path elsewhere stays so). Outputs then
+    hold no machine's path, and a working directory copied elsewhere still names its inputs.
+
+    `root`: the folder as the user wrote it, of which `path` is a descendant of its resolved form (the
+    dataset readers resolve their folder): `path` is then named through `root` as written.
+    """
+    text = os.fspath(path)
+    if root is not None:
+        try:
+            text = os.fspath(Path(root) / Path(text).resolve().relative_to(Path(root).resolve()))
+        except ValueError:
+            pass  # not under root: named on its own
+    if not os.path.isabs(text):
+        return text
+    cwd = os.getcwd()
+    for candidate in (os.path.normpath(text), os.path.realpath(text)):
+        if candidate == cwd or candidate.startswith(cwd.rstrip(os.sep) + os.sep):
+            return os.path.relpath(candidate, cwd)
+    return text
 
 
 def write_json(path: Path | str, data: Any) -> None:

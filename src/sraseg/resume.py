@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sraseg.io import portable_path
+
 __all__ = ["file_identity", "input_identity", "job_key"]
 
 # Files up to this size are identified by content (a copied or touched file keeps its key); larger
@@ -20,11 +22,13 @@ CONTENT_HASH_BYTES = 1 << 20
 
 
 def file_identity(path: Path) -> list:
-    """[resolved path, size, sha256 of the content] for small files, [path, size, mtime_ns] otherwise."""
+    """[path, size, sha256 of the content] for small files, [path, size, mtime_ns] otherwise; the path resolved,
+    and relative to the working directory when under it (a working directory copied elsewhere resumes)."""
     st = path.stat()
+    name = portable_path(path.resolve())
     if st.st_size <= CONTENT_HASH_BYTES:
-        return [str(path.resolve()), st.st_size, hashlib.sha256(path.read_bytes()).hexdigest()]
-    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+        return [name, st.st_size, hashlib.sha256(path.read_bytes()).hexdigest()]
+    return [name, st.st_size, st.st_mtime_ns]
 
 
 def input_identity(*paths: Path | str | None) -> list:

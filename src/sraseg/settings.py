@@ -251,6 +251,8 @@ def _allowed(sub: dict) -> str:
     bounds = [f"{sign} {sub[key]}" for key, sign in
               (("minimum", "≥"), ("exclusiveMinimum", ">"), ("maximum", "≤"), ("exclusiveMaximum", "<")) if key in sub]  # fmt: skip
     text = kinds + (" " + ", ".join(bounds) if bounds else "")
+    if "pattern" in sub:  # a name, not a path: it never holds a folder, a space or a shell character
+        text += f" matching `{sub['pattern']}`"
     if "items" in sub:
         n_min, n_max = sub.get("minItems"), sub.get("maxItems")
         count = f"{n_min} " if n_min is not None and n_min == n_max else (f"≥ {n_min} " if n_min else "")

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import sys
 
 from snakemake.utils import validate
@@ -145,11 +146,12 @@ def blend_experiments(mode):
 
 def blend_draws(wildcards):
     """`--draws N` for maps fresh: the experiment's selftrain_iterations x unlabeled_batch, the draws its
-    training takes (so only a fresh blend folder depends on, and reruns with, these train settings)."""
+    training takes (so only a fresh blend folder depends on, and reruns with, these train settings).
+    A list of arguments, for `{params.draws:q}` (none: an empty list, nothing in the command)."""
     if blend_maps(wildcards.exp) != "fresh":
-        return ""
+        return []
     train = experiment_section(config, "train", wildcards.exp)
-    return f"--draws {int(train['selftrain_iterations']) * int(train['unlabeled_batch'])}"
+    return ["--draws", str(int(train["selftrain_iterations"]) * int(train["unlabeled_batch"]))]
 
 
 def train_inputs(wildcards):
@@ -193,10 +195,11 @@ def output_dir(key):
 
 
 def optional_dir(flag, path_key):
-    """A `--flag DIR` argument when the train input `path_key` is present (its parent folder)."""
+    """`--flag DIR` when the train input `path_key` is present (its parent folder): a list of arguments, for
+    `{params.<name>:q}`, which quotes each (absent: an empty list, nothing in the command)."""
 
     def render(wildcards, input):
-        return f"{flag} {os.path.dirname(input[path_key])}" if path_key in input.keys() else ""
+        return [flag, os.path.dirname(input[path_key])] if path_key in input.keys() else []
 
     return render
 
@@ -287,9 +290,16 @@ def report_outputs():
     return outputs
 
 
-# Rules run `python -m sraseg` from this checkout, inside the venv or a per-rule conda env alike.
+# Rules run `python -m sraseg` from this checkout, inside the venv or a per-rule conda env alike. The
+# checkout's path is quoted (a clone under a folder named "my data" or "it's" stays one word) and its braces
+# doubled (Snakemake formats the prefix). A prefix of one's own replaces Snakemake's strict mode
+# (`set -euo pipefail` under bash), so `set -eu` (POSIX; no command here pipes) is set again: a failing step
+# stops the job.
+# Every value in the shell commands is quoted as well: `{...:q}` (shlex.quote), lists element by
+# element (optional arguments are lists, empty when absent), so no path or setting splits or runs.
 SRC_DIR = os.path.abspath(os.path.join(workflow.basedir, "..", "src"))
-shell.prefix("export PYTHONPATH={}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ".format(SRC_DIR))
+_QUOTED_SRC_DIR = shlex.quote(SRC_DIR).replace("{", "{{").replace("}", "}}")
+shell.prefix(f"set -eu; export PYTHONPATH={_QUOTED_SRC_DIR}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 
 # Stage code as a rerun trigger. Snakemake tracks the code of `run` and `script` steps, not the

@@ -31,5 +31,5 @@ if content_enabled():
         conda:
             "../../envs/gpu.yaml"
         shell:
-            "python -m sraseg.device -- python -m sraseg content --model {input.model} --synthetic-dir {params.synthetic}"
-            " --prepared-dir {params.prepared} --out-dir {params.out_dir} --settings {params.settings:q} > {log} 2>&1"
+            "python -m sraseg.device -- python -m sraseg content --model {input.model:q} --synthetic-dir {params.synthetic:q}"
+            " --prepared-dir {params.prepared:q} --out-dir {params.out_dir:q} --settings {params.settings:q} > {log:q} 2>&1"

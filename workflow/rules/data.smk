@@ -23,8 +23,8 @@ if FIVES:
         conda:
             "../../envs/cpu.yaml"
         shell:
-            "python -m sraseg fives-phantom --out-dir {output} --train {params.train} --test {params.test}"
-            " --size {params.size} --seed {params.seed} > {log} 2>&1"
+            "python -m sraseg fives-phantom --out-dir {output:q} --train {params.train:q} --test {params.test:q}"
+            " --size {params.size:q} --seed {params.seed:q} > {log:q} 2>&1"
 
     rule prepare_fives:
         input:
@@ -52,8 +52,8 @@ if FIVES:
         conda:
             "../../envs/cpu.yaml"
         shell:
-            "python -m sraseg prepare --dataset fives --raw-dir {input.raw} --splits-dir {params.splits_dir}"
-            " --labeled {input.labeled} --image-size {params.image_size} --out-dir {params.out_dir} > {log} 2>&1"
+            "python -m sraseg prepare --dataset fives --raw-dir {input.raw:q} --splits-dir {params.splits_dir:q}"
+            " --labeled {input.labeled:q} --image-size {params.image_size:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 else:
 
@@ -74,8 +74,8 @@ else:
         conda:
             "../../envs/cpu.yaml"
         shell:
-            "python -m sraseg phantom --out-dir {output} --patients {params.patients} --seed {params.seed}"
-            " --phantom-version {params.version} > {log} 2>&1"
+            "python -m sraseg phantom --out-dir {output:q} --patients {params.patients:q} --seed {params.seed:q}"
+            " --phantom-version {params.version:q} > {log:q} 2>&1"
 
 
     rule prepare:
@@ -104,8 +104,8 @@ else:
         conda:
             "../../envs/cpu.yaml"
         shell:
-            "python -m sraseg prepare --raw-dir {input.raw} --splits-dir {params.splits_dir} --labeled {input.labeled}"
-            " --image-size {params.image_size} --out-dir {params.out_dir} > {log} 2>&1"
+            "python -m sraseg prepare --raw-dir {input.raw:q} --splits-dir {params.splits_dir:q} --labeled {input.labeled:q}"
+            " --image-size {params.image_size:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 # train.unlabeled real: the real unlabeled training slices in the sample stage's layout.
@@ -130,4 +130,4 @@ rule real_pool:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "python -m sraseg real-pool --prepared-dir {params.prepared} --out-dir {params.out_dir} > {log} 2>&1"
+        "python -m sraseg real-pool --prepared-dir {params.prepared:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"

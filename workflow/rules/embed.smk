@@ -29,8 +29,8 @@ rule embed:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "python -m sraseg.device -- python -m sraseg embed --prepared-dir {params.prepared} --synthetic-dir {params.synthetic} --out-dir {params.out_dir}"
-        " --settings {params.settings:q} > {log} 2>&1"
+        "python -m sraseg.device -- python -m sraseg embed --prepared-dir {params.prepared:q} --synthetic-dir {params.synthetic:q} --out-dir {params.out_dir:q}"
+        " --settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule index:
@@ -59,8 +59,8 @@ rule index:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "python -m sraseg index --embed-dir {params.embed_dir} --prepared-dir {params.prepared} --out-dir {params.out_dir}"
-        " --settings {params.settings:q} > {log} 2>&1"
+        "python -m sraseg index --embed-dir {params.embed_dir:q} --prepared-dir {params.prepared:q} --out-dir {params.out_dir:q}"
+        " --settings {params.settings:q} > {log:q} 2>&1"
 
 
 # train.unlabeled real: the same two stages on the real pool, into their own folder.
@@ -124,10 +124,10 @@ rule blend:
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "python -m sraseg blend --synthetic-dir {params.synthetic} --prepared-dir {params.prepared}"
-        " --neighbours {input.neighbours} --embed-dir {params.embed_dir} --out-dir {params.out_dir} {params.draws}"
+        "python -m sraseg blend --synthetic-dir {params.synthetic:q} --prepared-dir {params.prepared:q}"
+        " --neighbours {input.neighbours:q} --embed-dir {params.embed_dir:q} --out-dir {params.out_dir:q} {params.draws:q}"
         " --settings {params.settings:q}"
-        " > {log} 2>&1"
+        " > {log:q} 2>&1"
 
 
 use rule blend as blend_fresh with:

@@ -25,8 +25,8 @@ if FIVES:
         conda:
             "../../envs/gpu.yaml"
         shell:
-            "python -m sraseg.device -- python -m sraseg predict --dataset fives -m {input.model}"
-            " --prepared-dir {params.prepared} --split test --device {params.device} -o {output} > {log} 2>&1"
+            "python -m sraseg.device -- python -m sraseg predict --dataset fives -m {input.model:q}"
+            " --prepared-dir {params.prepared:q} --split test --device {params.device:q} -o {output:q} > {log:q} 2>&1"
 
     rule evaluate_fives:
         input:
@@ -50,8 +50,8 @@ if FIVES:
         conda:
             "../../envs/cpu.yaml"
         shell:
-            "python -m sraseg evaluate --dataset fives --pred-dir {input.predictions} --gt-dir {input.raw}"
-            " --out-dir {params.out_dir} > {log} 2>&1"
+            "python -m sraseg evaluate --dataset fives --pred-dir {input.predictions:q} --gt-dir {input.raw:q}"
+            " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 else:
 
@@ -75,9 +75,9 @@ else:
         conda:
             "../../envs/gpu.yaml"
         shell:
-            "python -m sraseg.device -- python -m sraseg predict -m {input.model} --prepared-dir {params.prepared} --split test"
-            " --device {params.device}"
-            " -o {output} > {log} 2>&1"
+            "python -m sraseg.device -- python -m sraseg predict -m {input.model:q} --prepared-dir {params.prepared:q} --split test"
+            " --device {params.device:q}"
+            " -o {output:q} > {log:q} 2>&1"
 
 
     rule evaluate:
@@ -99,5 +99,5 @@ else:
         conda:
             "../../envs/cpu.yaml"
         shell:
-            "python -m sraseg evaluate --pred-dir {input.predictions} --gt-dir {input.raw} --out-dir {params.out_dir}"
-            " > {log} 2>&1"
+            "python -m sraseg evaluate --pred-dir {input.predictions:q} --gt-dir {input.raw:q} --out-dir {params.out_dir:q}"
+            " > {log:q} 2>&1"

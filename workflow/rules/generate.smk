@@ -28,8 +28,8 @@ rule train_generator:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "python -m sraseg.device -- python -m sraseg train-generator --prepared-dir {params.prepared} --out-dir {params.out_dir}"
-        " --settings {params.settings:q} > {log} 2>&1"
+        "python -m sraseg.device -- python -m sraseg train-generator --prepared-dir {params.prepared:q} --out-dir {params.out_dir:q}"
+        " --settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule sample:
@@ -58,5 +58,5 @@ rule sample:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "python -m sraseg.device -- python -m sraseg sample --generator-dir {params.generator} --prepared-dir {params.prepared} --out-dir {params.out_dir}"
-        " --settings {params.settings:q} > {log} 2>&1"
+        "python -m sraseg.device -- python -m sraseg sample --generator-dir {params.generator:q} --prepared-dir {params.prepared:q} --out-dir {params.out_dir:q}"
+        " --settings {params.settings:q} > {log:q} 2>&1"

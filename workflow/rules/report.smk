@@ -27,8 +27,8 @@ if FIVES:
         conda:
             "../../envs/cpu.yaml"
         shell:
-            "python -m sraseg report --dataset fives --results-dir {params.results_dir} --out-dir {params.out_dir}"
-            " --settings {params.settings:q} > {log} 2>&1"
+            "python -m sraseg report --dataset fives --results-dir {params.results_dir:q} --out-dir {params.out_dir:q}"
+            " --settings {params.settings:q} > {log:q} 2>&1"
 
 else:
 
@@ -53,5 +53,5 @@ else:
         conda:
             "../../envs/cpu.yaml"
         shell:
-            "python -m sraseg report --results-dir {params.results_dir} --out-dir {params.out_dir}"
-            " --settings {params.settings:q} > {log} 2>&1"
+            "python -m sraseg report --results-dir {params.results_dir:q} --out-dir {params.out_dir:q}"
+            " --settings {params.settings:q} > {log:q} 2>&1"

@@ -29,5 +29,5 @@ rule train:
     conda:
         "../../envs/gpu.yaml"
     shell:
-        "python -m sraseg.device -- python -m sraseg train --prepared-dir {params.prepared} --out-dir {params.out_dir} --seed {wildcards.seed}"
-        " {params.synthetic} {params.embed} {params.blend} --settings {params.settings:q} > {log} 2>&1"
+        "python -m sraseg.device -- python -m sraseg train --prepared-dir {params.prepared:q} --out-dir {params.out_dir:q} --seed {wildcards.seed:q}"
+        " {params.synthetic:q} {params.embed:q} {params.blend:q} --settings {params.settings:q} > {log:q} 2>&1"

@@ -55,7 +55,7 @@ from tqdm import tqdm
 from sraseg.data.acdc import read_split_list
 from sraseg.data.fives_phantom import CONDITION_NAMES, CONDITIONS, IMAGE_DIR, MASK_DIR, RELEASE_SPLITS
 from sraseg.errors import ConfigError, DatasetError
-from sraseg.io import staged_outputs, write_json
+from sraseg.io import portable_path, staged_outputs, write_json
 
 __all__ = [
     "NAME_PATTERN",
@@ -389,7 +389,7 @@ def run(raw_dir: Path, splits_dir: Path, labeled_list: Path, image_size: int, ou
         ConfigError: bad split lists, labeled cases outside train, image_size < 1.
         DatasetError: any problem of the dataset (one line naming each file).
     """
-    raw_dir, splits_dir, labeled_list, out_dir = Path(raw_dir).resolve(), Path(splits_dir), Path(labeled_list), Path(out_dir)
+    raw_dir, splits_dir, labeled_list, out_dir = Path(raw_dir), Path(splits_dir), Path(labeled_list), Path(out_dir)
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ConfigError(f"prepare image_size must be a positive integer; got {image_size!r}")
     splits, labeled = _read_splits(splits_dir, labeled_list)
@@ -403,7 +403,7 @@ def run(raw_dir: Path, splits_dir: Path, labeled_list: Path, image_size: int, ou
         images = np.lib.format.open_memmap(st.path("images.npy"), mode="w+", dtype=np.float32, shape=(n_images, size, size))
         labels = np.lib.format.open_memmap(st.path("labels.npy"), mode="w+", dtype=np.uint8, shape=(n_images, size, size))
         row = 0
-        for split, rec, image, mask in _iter_checked(raw_dir, splits, problems):
+        for split, rec, image, mask in _iter_checked(raw_dir.resolve(), splits, problems):
             if problems:
                 continue  # keep checking, but nothing is written once a problem is found
             images[row] = resize(image, size, "image")
@@ -412,7 +412,9 @@ def run(raw_dir: Path, splits_dir: Path, labeled_list: Path, image_size: int, ou
             extra = dict(condition=rec.condition, release_split=rec.release_split)
             slice_rows.append(dict(slice_id=row, **common, slice=0,
                                    labeled=split == "train" and rec.case in labeled_set, **extra))  # fmt: skip
-            volume_rows.append(dict(**common, image_path=str(rec.image_path), gt_path=str(rec.gt_path),
+            # the files through raw_dir as written (the reader resolved it)
+            volume_rows.append(dict(**common, image_path=portable_path(rec.image_path, raw_dir),
+                                    gt_path=portable_path(rec.gt_path, raw_dir),
                                     nx=rec.shape[0], ny=rec.shape[1], nz=1, sx=1.0, sy=1.0, sz=1.0,
                                     first_slice_id=row, n_slices=1, **extra))  # fmt: skip
             row += 1
@@ -441,9 +443,9 @@ def run(raw_dir: Path, splits_dir: Path, labeled_list: Path, image_size: int, ou
             st.path("prepare.json"),
             dict(
                 dataset="fives",
-                raw_dir=str(raw_dir),
-                splits_dir=str(splits_dir.resolve()),
-                labeled_list=str(labeled_list.resolve()),
+                raw_dir=portable_path(raw_dir),
+                splits_dir=portable_path(splits_dir),
+                labeled_list=portable_path(labeled_list),
                 image_size=size,
                 num_classes=len(CLASSES),
                 classes=list(CLASSES),

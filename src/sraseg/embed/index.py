@@ -16,7 +16,7 @@ from sraseg.embed.embeddings import load_embeddings
 from sraseg.embed.frechet import frechet_distance, real_floor
 from sraseg.embed.pairing import pairing_hubness
 from sraseg.errors import ConfigError, DatasetError
-from sraseg.io import read_json, read_table, staged_outputs, write_json
+from sraseg.io import portable_path, read_json, read_table, staged_outputs, write_json
 from sraseg.settings import parse_settings, settings_dict
 
 __all__ = [
@@ -209,7 +209,7 @@ def run(embed_dir: Path, prepared_dir: Path, out_dir: Path, settings: dict | Non
                 "faiss_device": "cuda" if use_gpu else "cpu",
                 "faiss_version": faiss.__version__,
                 "metric": "cosine (inner product of L2-normalised vectors)",
-                "embed_dir": str(embed_dir.resolve()),
+                "embed_dir": portable_path(embed_dir),
                 "neighbour_hubness": hubness,
                 "pairing_hubness": rules,
                 "bank_slice_ids": bank.ids,

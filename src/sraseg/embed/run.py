@@ -13,7 +13,7 @@ import pandas as pd
 
 from sraseg.embed.common import describe_encoder, fetch_hint
 from sraseg.errors import DatasetError, WeightsError
-from sraseg.io import load_array, read_table, staged_outputs, write_json
+from sraseg.io import load_array, portable_path, read_table, staged_outputs, write_json
 from sraseg.settings import parse_settings, settings_dict
 
 __all__ = ["EmbedSettings", "run", "load_prepared_train", "load_synthetic"]
@@ -171,8 +171,8 @@ def run(prepared_dir: Path, synthetic_dir: Path, out_dir: Path, settings: dict |
                 "device": str(device),
                 "torch_version": torch.__version__,
                 "timm_version": timm.__version__,
-                "prepared_dir": str(prepared_dir.resolve()),
-                "synthetic_dir": str(synthetic_dir.resolve()),
+                "prepared_dir": portable_path(prepared_dir),
+                "synthetic_dir": portable_path(synthetic_dir),
                 "settings": settings_dict(cfg),
             },
         )

@@ -33,7 +33,7 @@ import torch
 
 from sraseg.errors import DatasetError
 from sraseg.evaluate.metrics import CLASS_NAMES
-from sraseg.io import load_array, read_table, staged_outputs, write_json
+from sraseg.io import load_array, portable_path, read_table, staged_outputs, write_json
 from sraseg.settings import parse_settings, settings_dict
 
 __all__ = [
@@ -399,7 +399,7 @@ def run(model: Path | str, synthetic_dir: Path | str, prepared_dir: Path | str, 
 
     # publish content.json, content.parquet and content.png
     record = {
-        "model": str(weights.resolve()),
+        "model": portable_path(weights),
         "model_method": meta.get("method"),
         "image_size": size,
         "num_classes": num_classes,
@@ -420,8 +420,8 @@ def run(model: Path | str, synthetic_dir: Path | str, prepared_dir: Path | str, 
         "intensity": _intensity_check(synthetic, real),
         "grey_margin": GREY_MARGIN,
         "settings": settings_dict(cfg),
-        "synthetic_dir": str(synthetic_dir.resolve()),
-        "prepared_dir": str(prepared_dir.resolve()),
+        "synthetic_dir": portable_path(synthetic_dir),
+        "prepared_dir": portable_path(prepared_dir),
     }
     table = _image_table(synthetic, real, picked, syn_areas, real_areas, names)
     title = (f"segmented by {meta.get('method', 'the')} model: {len(synthetic)} synthetic vs {len(real)} held-out "

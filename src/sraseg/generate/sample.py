@@ -21,7 +21,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, 
 from sraseg.device import autocast, pick_device
 from sraseg.errors import ConfigError, DatasetError, WeightsError
 from sraseg.generate.common import check_resolution, open_images, prepared_image_size, read_slices, resize_stack
-from sraseg.io import staged_outputs, write_json
+from sraseg.io import portable_path, staged_outputs, write_json
 from sraseg.progress import track
 from sraseg.settings import parse_settings, settings_dict
 
@@ -270,7 +270,7 @@ def run(
             staged.path("sample.json"),
             {
                 "settings": settings_dict(s),
-                "generator_dir": str(generator_dir.resolve()),
+                "generator_dir": portable_path(generator_dir),
                 "generator": gen_meta,
                 "sampler": s.sampler,
                 "inference_steps": steps,

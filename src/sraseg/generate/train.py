@@ -27,7 +27,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from sraseg.device import autocast, pick_device, seed_everything
 from sraseg.errors import ConfigError, DatasetError
 from sraseg.generate.common import build_unet, check_resolution, open_images, read_slices, resize_stack
-from sraseg.io import read_table, staged_outputs, write_csv, write_json
+from sraseg.io import portable_path, read_table, staged_outputs, write_csv, write_json
 from sraseg.preempt import stop_on_signals
 from sraseg.progress import Progress
 from sraseg.resume import job_key
@@ -545,7 +545,7 @@ def run(prepared_dir: Path | str, out_dir: Path | str, settings: dict | Generato
     # the loop, then publish
     job = {"settings": _resume_key(s), "data_sha256": data_sha, "key": key}
     _train(t, s, images, device, out_dir, job, _fd_probe(s, prepared_dir, images, rows, out_dir, t.step))
-    final_loss = _publish(t, s, out_dir, device, {"prepared_dir": str(prepared_dir.resolve()), "n_images": int(rows.size),
+    final_loss = _publish(t, s, out_dir, device, {"prepared_dir": portable_path(prepared_dir), "n_images": int(rows.size),
                                                    "data_sha256": data_sha})
     log.info("generator: done, final loss %.4f, written to %s", final_loss, out_dir)
     return out_dir

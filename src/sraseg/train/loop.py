@@ -891,7 +891,7 @@ def _train(ctx: TrainContext, optimizer: torch.optim.Optimizer, scaler, state: d
 def _publish(ctx: TrainContext, state: dict, out_dir: Path, resolved: dict, inputs: dict) -> None:
     """model.safetensors (the best student of the last phase), train_log.csv and train.json, all at once;
     then last.ckpt goes: the job is done and a rerun (e.g. --forcerun) trains anew."""
-    from sraseg.io import staged_outputs, write_csv, write_json
+    from sraseg.io import portable_path, staged_outputs, write_csv, write_json
 
     cfg = ctx.cfg
     final = UNet(1, cfg.num_classes, cfg.channels, cfg.dropout)
@@ -905,7 +905,7 @@ def _publish(ctx: TrainContext, state: dict, out_dir: Path, resolved: dict, inpu
             settings=resolved, seed=ctx.seed, device=str(ctx.device), threads=torch.get_num_threads(),
             iterations=state["step"],
             labeled_fraction=_labeled_fraction(ctx.prepared.labeled_labels, cfg.num_classes),
-            inputs={k: v and str(v) for k, v in inputs.items()},
+            inputs={k: v and portable_path(v) for k, v in inputs.items()},
             best=dict(phase=state["phase"], iteration=state["best_iteration"], val_dice_mean=state["best_dice"]),
             switch=switch_record(cfg, state["log_rows"]),
             seconds=state["seconds"],
