@@ -12,8 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sraseg.io import portable_path
-
 __all__ = ["file_identity", "input_identity", "job_key"]
 
 # Files up to this size are identified by content (a copied or touched file keeps its key); larger
@@ -24,6 +22,8 @@ CONTENT_HASH_BYTES = 1 << 20
 def file_identity(path: Path) -> list:
     """[path, size, sha256 of the content] for small files, [path, size, mtime_ns] otherwise; the path resolved,
     and relative to the working directory when under it (a working directory copied elsewhere resumes)."""
+    from sraseg.io import portable_path  # here, not at the top: the train stage imports nothing beyond torch
+
     st = path.stat()
     name = portable_path(path.resolve())
     if st.st_size <= CONTENT_HASH_BYTES:
