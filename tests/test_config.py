@@ -205,7 +205,7 @@ def test_config_readme_reference_is_the_schema():
 # --- every section walked: each schema bound is the stage's check, the stages check nothing else by hand ---
 
 # Sections no stage dataclass parses: the workflow reads them itself (rule arguments, targets).
-WORKFLOW_SECTIONS = {"device", "dataset", "phantom", "fives_phantom", "prepare", "experiments", "seeds"}
+WORKFLOW_SECTIONS = {"device", "cpu_threads", "dataset", "phantom", "fives_phantom", "prepare", "experiments", "seeds"}
 
 
 def test_every_schema_section_is_a_stage_section_or_the_workflows():

@@ -113,8 +113,9 @@ def fives_tiny_run(tmp_path_factory) -> Path:
     config["dataset"]["name"] = "fives_tiny"
     config["fives_phantom"]["size"] = 64
     config["prepare"]["image_size"] = 32
+    # switch_min_dice 0: the guard off, as in tiny.yaml (4 pre-training iterations teach no vessel, by design)
     config["train"].update(pretrain_iterations=4, selftrain_iterations=0, val_every=2, checkpoint_every=2,
-                           channels=[8, 16, 32], dropout=[0.05, 0.1, 0.2], device="cpu")  # fmt: skip
+                           channels=[8, 16, 32], dropout=[0.05, 0.1, 0.2], device="cpu", switch_min_dice=0)  # fmt: skip
     config["experiments"] = {"labeled_only": {"method": "labeled_only"}}
     (workdir / "config" / "fives_tiny.yaml").write_text(yaml.safe_dump(config))
     snakemake(workdir, config="fives_tiny.yaml")
