@@ -6,7 +6,7 @@ One workflow run serves both cases (each SLURM workflow run takes minutes): the 
 two seeds, up to their evaluations. Once it has done a step, seed 1's training job is requeued (`scontrol
 requeue`, what a preemption with PreemptMode=REQUEUE does) and seed 2's gets SIGTERM (`scancel
 --signal=TERM`, what a time limit, the profile's `--signal` or a preemption that cancels sends first).
-Training is longer than tiny.yaml's (40 iterations, some 20 s) so that the test can act while it runs, and
+Training is longer than tiny.yaml's (400 iterations, some 20 s) so that the test can act while it runs, and
 it keeps no periodic checkpoint: the only last.ckpt a resume can find is the one the job wrote on the
 signal. Jobs get 1 thread, the node 2 CPUs and 2 pretend GPUs, so that the two seeds train side by side
 (the local run: 1 thread a job too).
@@ -34,7 +34,9 @@ from test_slurm import PROFILE, TIMEOUT, flat, rule_logs, rule_of, tail
 from workflow_run import VENV_BIN, scratch, snakemake_command, snakemake_env
 
 CONFIG = "preempt.yaml"
-ITERATIONS = 40
+# long enough that the test acts while both jobs train: 40 iterations took 2 s on an idle 2-core machine,
+# and seed 2 finished before its SIGTERM could be sent
+ITERATIONS = 400
 SEEDS = (1, 2)
 RESULTS = Path("results") / "tiny"
 TARGETS = [str(RESULTS / "labeled_only" / f"seed{seed}" / "eval" / "summary.json") for seed in SEEDS]
@@ -58,7 +60,7 @@ def preempt_scratch(path: Path) -> Path:
     workdir = scratch(path)
     config = yaml.safe_load((workdir / "config" / "tiny.yaml").read_text())
     half = ITERATIONS // 2
-    config["train"].update(pretrain_iterations=half, selftrain_iterations=ITERATIONS - half, val_every=10,
+    config["train"].update(pretrain_iterations=half, selftrain_iterations=ITERATIONS - half, val_every=100,
                            checkpoint_every=ITERATIONS)  # fmt: skip
     config["seeds"] = list(SEEDS)
     (workdir / "config" / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
