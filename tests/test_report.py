@@ -102,3 +102,11 @@ def test_a_run_whose_teacher_missed_a_class_is_marked(results: Path, monkeypatch
     assert markdown.count("| sraseg ⚠ | sraseg |") == 4 and "| labeled_only ⚠" not in markdown  # 2 modes x 2 tables
     assert "sraseg ⚠</td>" in (out / "results.html").read_text()
     assert pd.read_csv(out / "results.csv")["switch_warning"].tolist().count("seed 1: rv 0.006 (threshold 0.2)") == 2
+
+
+def test_a_damaged_switch_record_is_one_line(results: Path):
+    from sraseg.report.switch import switch_warnings
+
+    write_json(results / "sraseg" / "seed1" / "train.json", {"switch": {"below": ["rv"]}})  # no Dice
+    with pytest.raises(DatasetError, match=r"sraseg/seed1/train\.json: not a train record's switch entry"):
+        switch_warnings(results, EXPERIMENTS, [1, 2])

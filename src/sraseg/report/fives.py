@@ -20,7 +20,7 @@ import pandas as pd
 from sraseg.errors import DatasetError
 from sraseg.io import read_json, staged_outputs
 from sraseg.report.run import WARNINGS_HEADING, ReportSettings
-from sraseg.report.switch import MARK, mark_experiments, switch_warnings, warning_lines
+from sraseg.report.switch import mark_experiments, marked_name, switch_warnings, warning_lines
 from sraseg.settings import parse_settings
 
 __all__ = ["MODES", "collect_results", "write_markdown", "run"]
@@ -92,8 +92,7 @@ def write_markdown(frame: pd.DataFrame, path: Path, title: str, seeds: list[int]
                   "| experiment | method | Dice (%) | Jaccard (%) | HD95 (px) | ASD (px) |", "|---|---|---|---|---|---|"]  # fmt: skip
         for _, row in part.iterrows():
             cells = [_cell(row[f"{m}_mean"], row[f"{m}_std"]) for m in METRICS]
-            name = row["experiment"] + (MARK if row.get("switch_warning") else "")
-            lines.append(f"| {name} | {row['method']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {marked_name(row)} | {row['method']} | " + " | ".join(cells) + " |")
         lines.append("")
     path.write_text("\n".join(lines))
 

@@ -24,7 +24,7 @@ from sraseg.embed.common import describe_encoder
 from sraseg.embed.index import HUB_WARNING_SHARE
 from sraseg.errors import DatasetError
 from sraseg.io import read_json, staged_outputs
-from sraseg.report.switch import MARK, mark_experiments, switch_warnings, warning_lines
+from sraseg.report.switch import mark_experiments, marked_name, switch_warnings, warning_lines
 from sraseg.settings import parse_settings
 
 __all__ = ["ReportSettings", "collect_results", "content_lines", "write_markdown", "write_html", "run"]
@@ -102,13 +102,8 @@ def _markdown_table(frame: pd.DataFrame, columns: list[tuple[str, str, str]]) ->
     lines = [header, "|" + "---|" * (2 + len(columns))]
     for _, row in frame.iterrows():
         cells = [_cell(row[f"{m}_{c}_mean"], row[f"{m}_{c}_std"]) for _, m, c in columns]
-        lines.append(f"| {_name(row)} | {row['method']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {marked_name(row)} | {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _name(row: pd.Series) -> str:
-    """The experiment's name, marked when the switch guard found a class its teacher did not know."""
-    return row["experiment"] + (MARK if row.get("switch_warning") else "")
 
 
 def _provenance_lines(results_dir: Path) -> list[str]:
@@ -284,7 +279,7 @@ def write_html(frame: pd.DataFrame, path: Path, title: str, provenance: list[str
                 cells = "".join(
                     f'<td class="num">{_cell(row[f"{m}_{c}_mean"], row[f"{m}_{c}_std"])}</td>' for _, m, c in columns
                 )
-                rows.append(f"<tr><td>{html.escape(_name(row))}</td>"
+                rows.append(f"<tr><td>{html.escape(marked_name(row))}</td>"
                             f"<td>{html.escape(str(row['method']))}</td>{cells}</tr>")  # fmt: skip
             parts.append(f"<table><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead>"
                          f"<tbody>{''.join(rows)}</tbody></table>")  # fmt: skip

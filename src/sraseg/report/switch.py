@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from sraseg.errors import DatasetError
 from sraseg.io import read_json
 
-__all__ = ["MARK", "switch_warnings", "mark_experiments", "warning_lines"]
+__all__ = ["MARK", "switch_warnings", "mark_experiments", "marked_name", "warning_lines"]
 
 MARK = " ⚠"  # after the experiment's name in the tables
 
@@ -23,9 +24,12 @@ def switch_warnings(results_dir: Path, experiments: dict, seeds: list[int]) -> d
         for seed in seeds:
             path = Path(results_dir) / name / f"seed{seed}" / "train.json"
             record = read_json(path).get("switch") if path.is_file() else None
-            if record and record.get("below"):
-                classes = ", ".join(f"{c} {record['teacher_val_dice'][c]:.3f}" for c in record["below"])
-                weak.append(f"seed {seed}: {classes} (threshold {record['min_dice']:g})")
+            try:
+                if record and record.get("below"):
+                    classes = ", ".join(f"{c} {record['teacher_val_dice'][c]:.3f}" for c in record["below"])
+                    weak.append(f"seed {seed}: {classes} (threshold {record['min_dice']:g})")
+            except (AttributeError, KeyError, TypeError, ValueError) as err:
+                raise DatasetError(f"{path}: not a train record's switch entry ({err!r}); rerun train") from None
         if weak:
             found[name] = "; ".join(weak)
     return found
@@ -34,6 +38,11 @@ def switch_warnings(results_dir: Path, experiments: dict, seeds: list[int]) -> d
 def mark_experiments(frame: pd.DataFrame, warnings: dict[str, str]) -> pd.DataFrame:
     """The results table with a `switch_warning` column (empty where the guard passed)."""
     return frame.assign(switch_warning=frame["experiment"].map(lambda name: warnings.get(name, "")))
+
+
+def marked_name(row: pd.Series) -> str:
+    """A results row's experiment name, marked when the guard found a class its teacher did not know."""
+    return row["experiment"] + (MARK if row.get("switch_warning") else "")
 
 
 def warning_lines(warnings: dict[str, str]) -> list[str]:
