@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= all
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint docs-check clean
 
 $(BIN)/sraseg: pyproject.toml requirements/constraints.txt requirements/standin.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: setup
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(SNAKEMAKE) --lint
+
+# Broken relative links, missing heading anchors and named repository files that do not exist
+# in README.md, CONTRIBUTING.md, config/README.md, docs/ and benchmarks/ (seconds, no workflow run).
+docs-check: setup
+	$(BIN)/python -m pytest tests/test_docs.py -q
 
 clean:
 	rm -rf results resources .snakemake
