@@ -35,7 +35,6 @@ __all__ = ["ReportSettings", "collect_results", "content_lines", "write_markdown
 
 log = logging.getLogger(__name__)
 
-METRICS = ("dice", "jaccard", "hd95", "asd")
 # Dice and Jaccard are fractions in summary.json; the tables show percentages as the papers do.
 PERCENT = {"dice", "jaccard"}
 
