@@ -15,7 +15,7 @@ import torch
 from helpers_data import make_phantom, write_splits
 from torch import nn
 
-from sraseg.data import prepare
+from sraseg.datasets import prepare
 from sraseg.evaluate import predict
 from sraseg.train import unet
 

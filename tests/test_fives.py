@@ -17,6 +17,8 @@ from train_fixtures import TINY
 
 from sraseg.cli import build_parser
 from sraseg.data import acdc, fives, fives_phantom, fives_splits
+from sraseg.datasets import fives as fives_dataset
+from sraseg.datasets import prepare
 from sraseg.errors import ConfigError, DatasetError
 from sraseg.train import loop
 from sraseg.train.unet import load_model
@@ -161,7 +163,7 @@ def test_phantom_bad_settings(tmp_path, kwargs):
 def test_prepare_round_trips_the_phantom(raw, splits, tmp_path):
     splits_dir, labeled = _write_splits(tmp_path, splits)
     out = tmp_path / "prepared"
-    fives.run(raw, splits_dir, labeled, SIZE, out)
+    prepare.run(raw, splits_dir, labeled, SIZE, out, dataset="fives")
     table = pd.read_parquet(out / "slices.parquet")
     images, labels = np.load(out / "images.npy"), np.load(out / "labels.npy")
     assert images.dtype == np.float32 and labels.dtype == np.uint8 and images.shape == (12, SIZE, SIZE)
@@ -190,7 +192,7 @@ def test_prepare_round_trips_the_phantom(raw, splits, tmp_path):
 def test_prepare_resizes_images_smoothly_and_masks_without_bias(raw, splits, tmp_path):
     splits_dir, labeled = _write_splits(tmp_path, splits)
     out = tmp_path / "prepared"
-    fives.run(raw, splits_dir, labeled, 64, out)
+    prepare.run(raw, splits_dir, labeled, 64, out, dataset="fives")
     images, labels = np.load(out / "images.npy"), np.load(out / "labels.npy")
     assert images.shape == labels.shape == (12, 64, 64)
     assert images.min() >= 0 and images.max() <= 1 and set(np.unique(labels)) == {0, 1}
@@ -291,7 +293,7 @@ def test_bad_input_is_one_error_naming_the_file_and_nothing_is_written(raw, spli
     splits_dir, labeled = _write_splits(tmp_path, splits)
     out = tmp_path / "prepared"
     with pytest.raises(DatasetError) as err:
-        fives.run(broken, splits_dir, labeled, SIZE, out)
+        prepare.run(broken, splits_dir, labeled, SIZE, out, dataset="fives")
     message = str(err.value)
     assert "\n" not in message
     named = [part for part in message.split("; ") if str(path.resolve()) in part]
@@ -323,7 +325,7 @@ def test_labeled_outside_train(raw, splits, tmp_path):
     bad = dict(splits, labeled_4=[splits["val"][0]])
     splits_dir, labeled = _write_splits(tmp_path, bad)
     with pytest.raises(ConfigError, match="not in"):
-        fives.run(raw, splits_dir, labeled, SIZE, tmp_path / "out")
+        prepare.run(raw, splits_dir, labeled, SIZE, tmp_path / "out", dataset="fives")
     assert not (tmp_path / "out").exists()
 
 
@@ -385,11 +387,11 @@ def test_protocol_draw_depends_on_the_seed_and_checks_sizes():
 def test_prepare_cli_picks_the_stage_module_by_layout():
     base = ["prepare", "--raw-dir", "r", "--splits-dir", "s", "--labeled", "l", "--out-dir", "o"]
     args = build_parser().parse_args(base)
-    assert args.target(args) == "sraseg.data.prepare"  # ACDC: the same module and arguments as before
+    assert args.target == "sraseg.datasets.prepare"  # one stage module; the dataset is an argument
     assert args.kwargs(args) == dict(raw_dir=Path("r"), splits_dir=Path("s"), labeled_list=Path("l"), image_size=256,
-                                     out_dir=Path("o"))  # fmt: skip
+                                     out_dir=Path("o"), dataset="acdc")  # fmt: skip
     args = build_parser().parse_args([*base, "--dataset", "fives"])
-    assert args.target(args) == "sraseg.data.fives"
+    assert args.target == "sraseg.datasets.prepare" and args.kwargs(args)["dataset"] == "fives"
     with pytest.raises(SystemExit):
         build_parser().parse_args([*base, "--dataset", "drive"])
 
@@ -430,7 +432,7 @@ def prepared_binary(raw, tmp_path_factory):
     lists = dict(train=train_ids[:6], val=train_ids[6:], test=[c for c in cases if c.startswith("test_")],
                  labeled=[train_ids[0], train_ids[2]])  # fmt: skip
     splits_dir, labeled = _write_splits(root, lists, labeled="labeled")
-    fives.run(raw, splits_dir, labeled, 32, root / "prepared")
+    prepare.run(raw, splits_dir, labeled, 32, root / "prepared", dataset="fives")
     return root / "prepared"
 
 
@@ -474,7 +476,7 @@ def test_per_image_2d_metrics_in_pixels_match_a_hand_computed_case():
     """A 3 x 4 vessel patch predicted one row too low: overlap 8 of 12 + 12 px, so Dice 2/3 and
     Jaccard 1/2. Each surface has 10 px (the 2 interior px eroded); 6 of each surface lie one pixel
     from the other surface, 4 on it: HD95 1 px, ASD 6/10 px in both modes."""
-    from sraseg.evaluate.metrics import score_case
+    from sraseg.metrics import score_case
 
     ref = np.zeros((8, 8), np.uint8)
     ref[2:5, 2:6] = 1
@@ -493,15 +495,13 @@ def test_per_image_2d_metrics_in_pixels_match_a_hand_computed_case():
 def test_image_mode_scores_the_hand_computed_case_and_leaves_empty_distances_missing():
     """The hand-computed patch above through the FIVES evaluate's image mode: Dice 2/3, Jaccard 1/2,
     HD95 1 px, ASD 0.6 px; an empty prediction is a miss (Dice 0) with HD95/ASD missing, not 0."""
-    from sraseg.evaluate import fives as fives_eval
-
     ref = np.zeros((8, 8), bool)
     ref[2:5, 2:6] = True
     pred = np.zeros_like(ref)
     pred[3:6, 2:6] = True
-    got = fives_eval.image_scores(pred, ref)
+    got = fives_dataset.image_scores(pred, ref)
     np.testing.assert_allclose([got[m] for m in ("dice", "jaccard", "hd95", "asd")], [2 / 3, 0.5, 1.0, 0.6])
-    empty = fives_eval.image_scores(np.zeros_like(ref), ref)
+    empty = fives_dataset.image_scores(np.zeros_like(ref), ref)
     assert empty["dice"] == 0 and empty["jaccard"] == 0 and np.isnan(empty["hd95"]) and np.isnan(empty["asd"])
 
 
@@ -513,17 +513,18 @@ def binary_run(prepared_binary, tmp_path_factory):
 
 
 def test_predict_writes_png_masks_at_the_image_size_and_evaluate_scores_them(raw, prepared_binary, binary_run, tmp_path):
-    from sraseg.evaluate import fives as fives_eval
+    from sraseg.evaluate import predict
+    from sraseg.evaluate import run as evaluate
 
     # the workflow's mode: the prepared test cases, <case>.png
     preds = tmp_path / "predictions"
-    fives_eval.predict(binary_run, preds, prepared_dir=prepared_binary, split="test", device="cpu")
+    predict.run(binary_run, prepared_binary, "test", preds, device="cpu", dataset="fives")
     test_cases = sorted(pd.read_parquet(prepared_binary / "volumes.parquet").query("split == 'test'").case)
     assert sorted(p.stem for p in preds.glob("*.png")) == test_cases
     for path in preds.glob("*.png"):
         mask = np.asarray(Image.open(path))
         assert mask.shape == (SIZE, SIZE) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
-    summary = fives_eval.evaluate(preds, raw, tmp_path / "eval")
+    summary = evaluate.run(preds, raw, tmp_path / "eval", dataset="fives")
     assert summary["image"]["n_cases"] == len(test_cases) and summary["stacked"]["n_cases"] == len(test_cases)
     assert 0 <= summary["image"]["mean"]["dice"] <= 1 and set(summary["image"]["per_class"]) == {"vessel"}
     table = pd.read_csv(tmp_path / "eval" / "metrics_per_case.csv")
@@ -536,7 +537,7 @@ def test_predict_writes_png_masks_at_the_image_size_and_evaluate_scores_them(raw
     for case in test_cases:
         _, number, cond = fives.parse_case(case)
         shutil.copy(raw / "test" / "Ground truth" / f"{number}_{cond}.png", perfect / f"{case}.png")
-    summary = fives_eval.evaluate(perfect, raw, tmp_path / "eval_perfect")
+    summary = evaluate.run(perfect, raw, tmp_path / "eval_perfect", dataset="fives")
     for mode in ("image", "stacked"):
         assert summary[mode]["mean"] == dict(dice=1.0, jaccard=1.0, hd95=0.0, asd=0.0), mode
 
@@ -544,7 +545,7 @@ def test_predict_writes_png_masks_at_the_image_size_and_evaluate_scores_them(raw
 def test_predict_cli_on_a_folder_of_pngs_writes_masks_with_the_same_names(raw, binary_run, tmp_path):
     images = raw / "test" / "Original"
     args = build_parser().parse_args(["predict", "-i", str(images), "-o", str(tmp_path / "o"), "-m", str(binary_run)])
-    assert args.target(args) == "sraseg.evaluate.fives"  # PNG input picks the 2-D path by itself
+    assert args.kwargs(args)["dataset"] == "fives"  # PNG input picks the 2-D path by itself
     proc = run_cli("predict", "-i", str(images), "-o", str(tmp_path / "masks"), "-m", str(binary_run), "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == sorted(p.name for p in images.glob("*.png"))
@@ -558,17 +559,17 @@ def test_predict_cli_on_a_folder_of_pngs_writes_masks_with_the_same_names(raw, b
 
 
 def test_evaluate_names_a_missing_mask_and_a_size_mismatch(raw, tmp_path):
-    from sraseg.evaluate import fives as fives_eval
+    from sraseg.evaluate import run as evaluate
 
     preds = tmp_path / "p"
     preds.mkdir()
     Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(preds / "test_99_A.png")
     with pytest.raises(DatasetError, match="no ground truth for case test_99_A"):
-        fives_eval.evaluate(preds, raw, tmp_path / "e")
+        evaluate.run(preds, raw, tmp_path / "e", dataset="fives")
     (preds / "test_99_A.png").unlink()
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(preds / "test_1_A.png")
     with pytest.raises(DatasetError, match="prediction size"):
-        fives_eval.evaluate(preds, raw, tmp_path / "e")
+        evaluate.run(preds, raw, tmp_path / "e", dataset="fives")
     assert not (tmp_path / "e").exists()
     proc = run_cli("evaluate", "--dataset", "fives", "--pred-dir", str(preds), "--gt-dir", str(raw), "--out-dir",
                    str(tmp_path / "e"))  # fmt: skip
@@ -576,7 +577,7 @@ def test_evaluate_names_a_missing_mask_and_a_size_mismatch(raw, tmp_path):
 
 
 def test_fives_report_averages_seeds_per_mode_and_names_a_missing_summary(tmp_path):
-    from sraseg.report import fives as fives_report
+    from sraseg.report import run as report
 
     def summary(dice, stacked=True):
         entry = lambda d: dict(n_cases=4, mean=dict(dice=d, jaccard=d / 2, hd95=3.0, asd=None))  # noqa: E731
@@ -586,13 +587,13 @@ def test_fives_report_averages_seeds_per_mode_and_names_a_missing_summary(tmp_pa
         path = tmp_path / "sraseg" / f"seed{seed}" / "eval" / "summary.json"
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps(summary(dice, stacked=seed == 1)))
-    frame = fives_report.collect_results(tmp_path, {"sraseg": {"method": "sraseg"}}, [1, 2])
+    frame = report.collect_results(tmp_path, {"sraseg": {"method": "sraseg"}}, [1, 2], "fives")
     image = frame[frame["mode"] == "image"].iloc[0]
     np.testing.assert_allclose([image.dice_mean, image.dice_std, image.jaccard_mean, image.hd95_mean],
                                [60.0, np.std([50, 70], ddof=1), 30.0, 3.0])  # fmt: skip
     assert np.isnan(image.asd_mean) and image.n_seeds == 2
     assert list(frame["mode"]) == ["image"]  # a seed without the stacked mode leaves that table out
-    fives_report.write_markdown(frame, tmp_path / "results.md", "t", [1, 2])
+    report.write_markdown(frame, tmp_path / "results.md", "t", [], [1, 2], dataset="fives")
     assert "| sraseg | sraseg | 60.00 ± 14.14 | 30.00 ± 7.07 | 3.00 ± 0.00 | n/a |" in (tmp_path / "results.md").read_text()
     with pytest.raises(DatasetError, match="seed 3"):
-        fives_report.collect_results(tmp_path, {"sraseg": {"method": "sraseg"}}, [3])
+        report.collect_results(tmp_path, {"sraseg": {"method": "sraseg"}}, [3], "fives")

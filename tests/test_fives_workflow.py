@@ -31,12 +31,12 @@ def workdir(tmp_path: Path) -> Path:
 def test_fives_phantom_config_plans_every_method_with_the_fives_rules(workdir: Path):
     out = snakemake(workdir, "-n", "-p", config="fives_phantom.yaml").stdout
     stats = job_stats(out)
-    fives_rules = ("fives_phantom", "prepare_fives", "train", "predict_fives", "evaluate_fives", "report_fives")
+    fives_rules = ("fives_phantom", "prepare", "train", "predict", "evaluate", "report")
     assert {rule: stats.get(rule) for rule in fives_rules} == {
-        "fives_phantom": 1, "prepare_fives": 1, "train": 4, "predict_fives": 4, "evaluate_fives": 4, "report_fives": 1}  # fmt: skip
+        "fives_phantom": 1, "prepare": 1, "train": 4, "predict": 4, "evaluate": 4, "report": 1}  # fmt: skip
     assert {"train_generator", "sample", "embed", "index", "blend_fresh"} <= set(stats)
-    # the ACDC rules and the content rule (ACDC-only for now) are not planned
-    assert not {"phantom", "prepare", "predict", "evaluate", "content", "report"} & set(stats)
+    # the ACDC phantom and the content rule (ACDC-only for now) are not planned
+    assert not {"phantom", "content"} & set(stats)
     assert "python -m sraseg fives-phantom --out-dir resources/fives_phantom/raw --train 48 --test 16 --size 256" in out
     assert re.search(r"python -m sraseg prepare --dataset fives --raw-dir resources/fives_phantom/raw "
                      r"--splits-dir config/splits/fives_phantom --labeled \S+/labeled_4.txt --image-size 64", out)  # fmt: skip
@@ -61,7 +61,7 @@ def test_fives_release_config_plans_and_needs_its_folder(workdir: Path):
     dataset = dict(yaml.safe_load((workdir / "config" / "fives.yaml").read_text())["dataset"], raw_dir=str(release))
     result = snakemake(workdir, "-n", "-p", "--config", f"dataset={dataset}", config="fives.yaml")
     stats = job_stats(result.stdout)
-    assert stats["prepare_fives"] == 1 and stats["evaluate_fives"] == 4 and "fives_phantom" not in stats
+    assert stats["prepare"] == 1 and stats["evaluate"] == 4 and "fives_phantom" not in stats
     assert f"prepare --dataset fives --raw-dir {release} --splits-dir config/splits/fives" in result.stdout
     assert '"num_classes": 2' in result.stdout and '"pretrain_iterations": 10000' in result.stdout
     refused = snakemake(workdir, "-n", config="fives.yaml", check=False)  # raw_dir /path/to/FIVES
@@ -99,7 +99,7 @@ def test_acdc_plans_do_not_depend_on_the_fives_code(workdir: Path):
     planned = _planned_jobs(workdir, checkout_copy(workdir), "tiny.yaml")
     rules = {line.split()[1] for line in planned if line.startswith("PARAMS")}
     assert {"phantom", "prepare", "predict", "evaluate"} <= rules and not {r for r in rules if "fives" in r}
-    for module in ("data/fives.py", "data/fives_phantom.py", "data/fives_splits.py", "evaluate/fives.py"):
+    for module in ("data/fives.py", "data/fives_phantom.py", "data/fives_splits.py", "datasets/fives.py"):
         (workdir / "src" / "sraseg" / module).unlink()
     assert _planned_jobs(workdir, workdir / "workflow" / "Snakefile", "tiny.yaml") == planned
 
@@ -140,8 +140,8 @@ def test_tiny_fives_run_goes_to_a_report_and_a_rerun_does_nothing(fives_tiny_run
     shutil.rmtree(workdir / "resources")
 
 
-FIVES_RUNS = ("train", "predict_fives", "evaluate_fives")
-FIVES_REPORT = {("report_fives", ""), ("all", "")}
+FIVES_RUNS = ("train", "predict", "evaluate")
+FIVES_REPORT = {("report", ""), ("all", "")}
 # sraseg trains 2 self-training iterations (the base config has none, and a fresh blend draws for them)
 FIVES_SRASEG = {"method": "sraseg", "train": {"selftrain_iterations": 2}}
 FIVES_SRASEG_REAL = {"method": "sraseg", "train": {"selftrain_iterations": 2, "unlabeled": "real"}}

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from sraseg.evaluate import metrics
+from sraseg import metrics
 
 # ---------------------------------------------------------------- independent reference code
 

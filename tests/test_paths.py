@@ -182,6 +182,6 @@ def test_tiny_fives_run_under_odd_folders_names_no_machine_path_and_moves(tmp_pa
     dry = snakemake(target, "odd.yaml", "-n")
     assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
     # predict reads the test images named in volumes.parquet: found in the new place
-    ran = snakemake(target, "odd.yaml", "--forcerun", "predict_fives")
-    assert job_stats(ran.stdout + ran.stderr) == {"predict_fives": 1, "evaluate_fives": 1, "report_fives": 1, "all": 1}
+    ran = snakemake(target, "odd.yaml", "--forcerun", "predict")
+    assert job_stats(ran.stdout + ran.stderr) == {"predict": 1, "evaluate": 1, "report": 1, "all": 1}
     assert absolute_paths_in_outputs(target / "results", [target, workdir, *environment_roots()]) == []

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from sraseg.datasets.acdc import predict_volume
 from sraseg.errors import DatasetError
 from sraseg.evaluate import predict
 
@@ -50,7 +51,7 @@ def test_fixed_label_map_survives_resizing():
     labels = block_labels()
     model = FixedLabels(labels)
     volume = np.random.default_rng(0).random((2 * S, S, 5)).astype(np.float32)
-    out = predict.predict_volume(model, volume, S, "cpu", batch_size=2)
+    out = predict_volume(model, volume, S, "cpu", batch_size=2)
     assert out.shape == volume.shape and out.dtype == np.uint8
     want = np.repeat(labels, 2, axis=0)  # 2x along X, 1x along Y
     for z in range(volume.shape[2]):
@@ -64,7 +65,7 @@ def test_axes_and_slice_order_are_kept():
     rng = np.random.default_rng(1)
     volume = rng.random((S, S, 7)).astype(np.float32)
     volume[np.abs(volume - 0.5) < 0.05] = 0.9  # keep clear of the threshold
-    out = predict.predict_volume(Threshold(), volume, S, "cpu", batch_size=3)
+    out = predict_volume(Threshold(), volume, S, "cpu", batch_size=3)
     np.testing.assert_array_equal(out, (volume > 0.5).astype(np.uint8))
     assert 0 < out.mean() < 1
 
@@ -253,7 +254,7 @@ class Recorder(nn.Module):
 
 def test_predict_folder_feeds_the_model_what_prepare_wrote(phantom_raw, tmp_path, monkeypatch):
     """Normalisation and resizing equal the prepare stage's: the model sees images.npy's slices."""
-    from sraseg.data import prepare
+    from sraseg.datasets import prepare
     from sraseg.train import unet
 
     size = 24

@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 from helpers_data import copy_dataset, make_phantom, run_cli, write_splits
 
-from sraseg.data import acdc, prepare
+from sraseg.data import acdc
+from sraseg.datasets import acdc as acdc_dataset
+from sraseg.datasets import prepare
 from sraseg.errors import ConfigError, DatasetError
 from sraseg.io import read_json
 
@@ -75,7 +77,7 @@ def test_volumes_table_matches_nifti(prepared, raw):
         part = slices.iloc[row.first_slice_id : row.first_slice_id + row.n_slices]
         assert (part.case == row.case).all() and part.slice.tolist() == list(range(row.nz))
         # Resizing the prepared labels back restores the original volume closely.
-        back = prepare.volume_from_slices(
+        back = acdc_dataset.volume_from_slices(
             labels[row.first_slice_id : row.first_slice_id + row.nz], (row.nx, row.ny), "label"
         )
         assert back.shape == label.shape and (back == label).mean() > 0.97
@@ -83,10 +85,10 @@ def test_volumes_table_matches_nifti(prepared, raw):
 
 def test_per_volume_minmax():
     volume = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4) * 10 + 100
-    out = prepare.normalise(volume)
+    out = acdc_dataset.normalise(volume)
     assert out.min() == 0.0 and out.max() == 1.0 and out.dtype == np.float32
     with pytest.raises(DatasetError, match="constant"):
-        prepare.normalise(np.full((4, 4, 2), 7.0), "x.nii.gz")
+        acdc_dataset.normalise(np.full((4, 4, 2), 7.0), "x.nii.gz")
 
 
 def test_labeled_not_in_train(raw, tmp_path):

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from helpers_data import run_cli
 
+from sraseg.datasets.acdc import summarise
 from sraseg.errors import DatasetError
-from sraseg.evaluate.run import summarise
 from sraseg.io import write_json
 from sraseg.report.run import collect_results
 

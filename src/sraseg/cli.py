@@ -188,6 +188,13 @@ def _add_fives_splits(sub):
     )
 
 
+def _add_dataset(p, help: str, default: str | None = "acdc"):
+    """`--dataset`: a name in the dataset table (`sraseg.datasets.DATASETS`)."""
+    from sraseg.datasets import DATASETS
+
+    p.add_argument("--dataset", choices=list(DATASETS), default=default, help=help)
+
+
 def _add_prepare(sub):
     p = _parser(sub, "prepare", "check an ACDC-layout (or FIVES-layout) dataset and cut it into normalised 2-D slices")
     _path(p, "--raw-dir", required=True, help="ACDC-layout folder (patientXXX/...), or FIVES layout with --dataset fives")
@@ -195,14 +202,11 @@ def _add_prepare(sub):
     _path(p, "--labeled", required=True, help="file listing the labeled training patients")
     p.add_argument("--image-size", type=int, default=256, help="slice size after resizing (default 256)")
     _path(p, "--out-dir", required=True, help="prepared folder")
-    p.add_argument("--dataset", choices=["acdc", "fives"], default="acdc",
-                   help="the raw folder's layout: acdc (NIfTI volumes, default) or fives (fundus PNGs)")  # fmt: skip
-    # the layout picks the stage module: sraseg.data.prepare (ACDC, as before) or sraseg.data.fives
+    _add_dataset(p, "the raw folder's layout: acdc (NIfTI volumes, default) or fives (fundus PNGs)")
     p.set_defaults(
-        target=lambda a: {"acdc": "sraseg.data.prepare", "fives": "sraseg.data.fives"}[a.dataset],
-        kwargs=lambda a: dict(
-            raw_dir=a.raw_dir, splits_dir=a.splits_dir, labeled_list=a.labeled, image_size=a.image_size, out_dir=a.out_dir
-        ),
+        target="sraseg.datasets.prepare",
+        kwargs=lambda a: dict(raw_dir=a.raw_dir, splits_dir=a.splits_dir, labeled_list=a.labeled,
+                              image_size=a.image_size, out_dir=a.out_dir, dataset=a.dataset),  # fmt: skip
     )
 
 
@@ -368,23 +372,11 @@ def _add_predict(sub):
     # the workflow's mode: a split of the prepared volumes.parquet instead of a folder
     _path(p, "--prepared-dir", "--prepared", help="instead of -i: prepare output whose volumes.parquet lists the cases")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="with --prepared-dir (default test)")
-    p.add_argument("--dataset", choices=["acdc", "fives"], default=None,
-                   help="acdc: NIfTI volumes; fives: fundus PNGs, written as PNG masks (0/255). Default: fives when "
-                        "-i is a .png file or a folder of .png images without .nii.gz volumes, else acdc")  # fmt: skip
-    # the layout picks the stage module: sraseg.evaluate.predict (ACDC, as before) or sraseg.evaluate.fives
+    _add_dataset(p, "acdc: NIfTI volumes; fives: fundus PNGs, written as PNG masks (0/255). Default: fives when "
+                    "-i is a .png file or a folder of .png images without .nii.gz volumes, else acdc", default=None)  # fmt: skip
     p.set_defaults(
-        target=lambda a: "sraseg.evaluate.fives" if _predict_dataset(a) == "fives" else "sraseg.evaluate.predict",
+        target="sraseg.evaluate.predict",
         kwargs=lambda a: dict(
-            stage="predict",
-            model_path=a.model,
-            input_path=a.input,
-            prepared_dir=a.prepared_dir,
-            split=a.split,
-            out_dir=a.output,
-            device=a.device,
-        )
-        if _predict_dataset(a) == "fives"
-        else dict(
             model_path=a.model,
             input_path=a.input,
             prepared_dir=a.prepared_dir,
@@ -392,6 +384,7 @@ def _add_predict(sub):
             out_dir=a.output,
             batch_size=a.batch_size,
             device=a.device,
+            dataset=_predict_dataset(a),
         ),
     )
 
@@ -415,13 +408,11 @@ def _add_evaluate(sub):
     _path(p, "--pred-dir", required=True, help="folder of <case>.nii.gz predictions (<case>.png with --dataset fives)")
     _path(p, "--gt-dir", required=True, help="folder of <case>_gt.nii.gz or <case>.nii.gz (fives: the release folder)")
     _path(p, "--out-dir", required=True, help="eval folder")
-    p.add_argument("--dataset", choices=["acdc", "fives"], default="acdc",
-                   help="acdc (NIfTI volumes, default) or fives: <case>.png masks against a FIVES-layout folder, "
-                        "per image in pixels and stacked (the reference's mode)")  # fmt: skip
+    _add_dataset(p, "acdc (NIfTI volumes, default) or fives: <case>.png masks against a FIVES-layout folder, "
+                    "per image in pixels and stacked (the reference's mode)")  # fmt: skip
     p.set_defaults(
-        target=lambda a: {"acdc": "sraseg.evaluate.run", "fives": "sraseg.evaluate.fives"}[a.dataset],
-        kwargs=lambda a: dict(pred_dir=a.pred_dir, gt_dir=a.gt_dir, out_dir=a.out_dir)
-        | ({"stage": "evaluate"} if a.dataset == "fives" else {}),
+        target="sraseg.evaluate.run",
+        kwargs=lambda a: dict(pred_dir=a.pred_dir, gt_dir=a.gt_dir, out_dir=a.out_dir, dataset=a.dataset),
     )
 
 
@@ -460,11 +451,10 @@ def _add_report(sub):
     _path(p, "--out-dir", required=True, help="report folder")
     p.add_argument("--config", type=_config_file, default=None, metavar="FILE", help="take experiments and seeds from it")
     p.add_argument("--settings", type=_settings, default={}, metavar="JSON", help="experiments and seeds as JSON")
-    p.add_argument("--dataset", choices=["acdc", "fives"], default="acdc",
-                   help="acdc (default) or fives: the image and stacked modes of `evaluate --dataset fives`")  # fmt: skip
+    _add_dataset(p, "acdc (default) or fives: the image and stacked modes of `evaluate --dataset fives`")
     p.set_defaults(
-        target=lambda a: {"acdc": "sraseg.report.run", "fives": "sraseg.report.fives"}[a.dataset],
-        kwargs=lambda a: dict(results_dir=a.results_dir, out_dir=a.out_dir, settings=_report_settings(a)),
+        target="sraseg.report.run",
+        kwargs=lambda a: dict(results_dir=a.results_dir, out_dir=a.out_dir, settings=_report_settings(a), dataset=a.dataset),
     )
 
 
@@ -513,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(args.verbose)
     try:
-        module = importlib.import_module(args.target(args) if callable(args.target) else args.target)
+        module = importlib.import_module(args.target)
         module.run(**args.kwargs(args))
     except ConfigProblems as err:
         for line in err.problems:  # one line per mistake in the config file

@@ -10,6 +10,7 @@ import sys
 from snakemake.utils import validate
 
 sys.path.insert(0, os.path.abspath(os.path.join(workflow.basedir, "..", "src")))
+from sraseg.datasets import dataset_of_source
 from sraseg.method_settings import settings_read_by
 from sraseg.settings import SCHEMA_PATH, config_problems, experiment_section
 
@@ -42,10 +43,11 @@ if _experiments_as_written is not None:
     config["experiments"] = _experiments_as_written
 
 DS = config["dataset"]["name"]
-# The dataset's kind: ACDC (NIfTI volumes, 4 classes; sources phantom and acdc) or FIVES (fundus PNGs,
-# 2 classes; sources fives_phantom and fives). FIVES has rules of its own (data.smk, evaluate.smk), so
-# the ACDC rules, their commands and their code hashes stay exactly as they were.
-FIVES = config["dataset"]["source"] in ("fives_phantom", "fives")
+# The dataset's layout, a name in sraseg.datasets.DATASETS: acdc (NIfTI volumes, 4 classes; sources
+# phantom and acdc) or fives (fundus PNGs, 2 classes; sources fives_phantom and fives). The prepare,
+# predict, evaluate and report rules pass it as --dataset and hash its module with their stage's code.
+DATASET = dataset_of_source(config["dataset"]["source"])
+DATASET_MODULE = f"sraseg.datasets.{DATASET}"
 RESULTS = f"results/{DS}"
 PREPARED = f"{RESULTS}/prepared"
 GENERATOR = f"{RESULTS}/generator"
@@ -224,7 +226,7 @@ def content_experiment():
 def content_enabled():
     """The content rule exists when there is a labeled-only model and some experiment uses synthetic data
     (ACDC only: the content stage names the cardiac classes)."""
-    return not FIVES and content_experiment() is not None and uses("synthetic")
+    return DATASET == "acdc" and content_experiment() is not None and uses("synthetic")
 
 
 def content_model():
@@ -233,8 +235,17 @@ def content_model():
     return {"model": f"{run}/model.safetensors", "meta": f"{run}/model.json"}
 
 
+def full_report():
+    """Whether the report adds provenance, content, the HTML page and the synthetic-data figures: the
+    dataset's `full_report` (sraseg.datasets.acdc sets it; fives, not), read without importing the
+    dataset module here, which would load its readers into every workflow run."""
+    return DATASET == "acdc"
+
+
 def report_optional_inputs():
     """Synthetic-data provenance shown in the report, when some experiment built it."""
+    if not full_report():
+        return []
     inputs = []
     if uses("synthetic"):
         inputs.append(f"{SYNTHETIC}/images.npy")
@@ -251,6 +262,12 @@ def report_optional_inputs():
 def report_outputs():
     """The report's files; each figure carries its caption for `snakemake --report`."""
     out = f"{RESULTS}/report"
+    if not full_report():
+        return {
+            "table": f"{out}/results.csv",
+            "markdown": f"{out}/results.md",
+            "curves": f"{out}/figures/training_curves.png",
+        }
     caption = "../report/{}.rst"
     outputs = {
         "table": report(f"{out}/results.csv", caption=caption.format("results"), category="Results"),
@@ -342,9 +359,9 @@ def _sraseg_imports(path):
     return [n for n in names if n == "sraseg" or n.startswith("sraseg.")]
 
 
-def _stage_sources(module):
-    """Absolute paths of `module`'s file and of every sraseg module it imports, transitively."""
-    seen, todo = set(), [module]
+def _stage_sources(modules):
+    """Absolute paths of the `modules`' files and of every sraseg module they import, transitively."""
+    seen, todo = set(), list(modules)
     while todo:
         for path in _module_files(todo.pop()):
             if path not in seen:
@@ -356,13 +373,15 @@ def _stage_sources(module):
 _STAGE_CODE = {}  # computed once per workflow run
 
 
-def stage_code(module):
-    """sha256 (16 hex digits) over the relative paths and contents of `_stage_sources(module)`."""
-    if module not in _STAGE_CODE:
+def stage_code(*modules):
+    """sha256 (16 hex digits) over the relative paths and contents of `_stage_sources(modules)`. A stage
+    written against the dataset interface names the dataset's module too (DATASET_MODULE): the stage
+    module picks it by name, which no import statement shows."""
+    if modules not in _STAGE_CODE:
         digest = hashlib.sha256()
-        for path in _stage_sources(module):
+        for path in _stage_sources(modules):
             digest.update(os.path.relpath(path, SRC_DIR).encode() + b"\0")
             with open(path, "rb") as handle:
                 digest.update(handle.read() + b"\0")
-        _STAGE_CODE[module] = digest.hexdigest()[:16]
-    return _STAGE_CODE[module]
+        _STAGE_CODE[modules] = digest.hexdigest()[:16]
+    return _STAGE_CODE[modules]

@@ -1,9 +1,9 @@
 # Data: the built-in phantoms (sources phantom and fives_phantom) and the prepare stage.
 
 
-# FIVES (sources fives_phantom and fives): rules of their own, so the ACDC rules (after `else:`) keep
-# their commands and code hashes exactly.
-if FIVES:
+# The built-in phantoms write raw files in their dataset's release layout: fives_phantom for FIVES
+# (sources fives_phantom and fives), phantom for ACDC (sources phantom and acdc).
+if DATASET == "fives":
 
     rule fives_phantom:
         output:
@@ -26,36 +26,7 @@ if FIVES:
             "python -m sraseg fives-phantom --out-dir {output:q} --train {params.train:q} --test {params.test:q}"
             " --size {params.size:q} --seed {params.seed:q} > {log:q} 2>&1"
 
-    rule prepare_fives:
-        input:
-            raw=raw_dir(),
-            splits=[f"{config['dataset']['splits_dir']}/{s}.txt" for s in ("train", "val", "test")],
-            labeled=f"{config['dataset']['splits_dir']}/{config['dataset']['labeled']}",
-        output:
-            slices=f"{PREPARED}/slices.parquet",
-            images=f"{PREPARED}/images.npy",
-            labels=f"{PREPARED}/labels.npy",
-            volumes=f"{PREPARED}/volumes.parquet",
-            settings=f"{PREPARED}/prepare.json",
-        params:
-            code=stage_code("sraseg.data.fives"),
-            splits_dir=input_dir("labeled"),
-            image_size=lookup(dpath="prepare/image_size", within=config),
-            out_dir=output_dir("slices"),
-        log:
-            f"{LOGS}/prepare.log",
-        threads: 1
-        resources:
-            # every image is decoded at full size once (FIVES: 2048 x 2048 RGB, one at a time)
-            mem_mb=8000,
-            runtime=120,
-        conda:
-            "../../envs/cpu.yaml"
-        shell:
-            "python -m sraseg prepare --dataset fives --raw-dir {input.raw:q} --splits-dir {params.splits_dir:q}"
-            " --labeled {input.labeled:q} --image-size {params.image_size:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
-
-else:
+elif DATASET == "acdc":
 
     rule phantom:
         output:
@@ -78,34 +49,37 @@ else:
             " --phantom-version {params.version:q} > {log:q} 2>&1"
 
 
-    rule prepare:
-        input:
-            raw=raw_dir(),
-            splits=[f"{config['dataset']['splits_dir']}/{s}.txt" for s in ("train", "val", "test")],
-            labeled=f"{config['dataset']['splits_dir']}/{config['dataset']['labeled']}",
-        output:
-            slices=f"{PREPARED}/slices.parquet",
-            images=f"{PREPARED}/images.npy",
-            labels=f"{PREPARED}/labels.npy",
-            volumes=f"{PREPARED}/volumes.parquet",
-            settings=f"{PREPARED}/prepare.json",
-        params:
-            code=stage_code("sraseg.data.prepare"),
-            splits_dir=input_dir("labeled"),
-            image_size=lookup(dpath="prepare/image_size", within=config),
-            out_dir=output_dir("slices"),
-        log:
-            f"{LOGS}/prepare.log",
-        threads: 1
-        resources:
-            # Every slice of the dataset is held in memory once (ACDC at 256 px: about 1 GB).
-            mem_mb=8000,
-            runtime=60,
-        conda:
-            "../../envs/cpu.yaml"
-        shell:
-            "python -m sraseg prepare --raw-dir {input.raw:q} --splits-dir {params.splits_dir:q} --labeled {input.labeled:q}"
-            " --image-size {params.image_size:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+# One prepare rule for every dataset: sraseg.datasets.prepare with the dataset's module (--dataset).
+rule prepare:
+    input:
+        raw=raw_dir(),
+        splits=[f"{config['dataset']['splits_dir']}/{s}.txt" for s in ("train", "val", "test")],
+        labeled=f"{config['dataset']['splits_dir']}/{config['dataset']['labeled']}",
+    output:
+        slices=f"{PREPARED}/slices.parquet",
+        images=f"{PREPARED}/images.npy",
+        labels=f"{PREPARED}/labels.npy",
+        volumes=f"{PREPARED}/volumes.parquet",
+        settings=f"{PREPARED}/prepare.json",
+    params:
+        code=stage_code("sraseg.datasets.prepare", DATASET_MODULE),
+        dataset=DATASET,
+        splits_dir=input_dir("labeled"),
+        image_size=lookup(dpath="prepare/image_size", within=config),
+        out_dir=output_dir("slices"),
+    log:
+        f"{LOGS}/prepare.log",
+    threads: 1
+    resources:
+        # Every slice of the dataset is held in memory once (ACDC at 256 px: about 1 GB); FIVES decodes
+        # every 2048 x 2048 RGB image at full size once, one at a time, and takes longer.
+        mem_mb=8000,
+        runtime=120 if DATASET == "fives" else 60,
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "python -m sraseg prepare --dataset {params.dataset:q} --raw-dir {input.raw:q} --splits-dir {params.splits_dir:q}"
+        " --labeled {input.labeled:q} --image-size {params.image_size:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 # train.unlabeled real: the real unlabeled training slices in the sample stage's layout.

@@ -1,103 +1,55 @@
 # Predict the test volumes and score them with the shared metric code.
 
 
-# FIVES (sources fives_phantom and fives): PNG masks, scored per image in pixels (sraseg.evaluate.fives);
-# rules of their own, so the ACDC rules (after `else:`) keep their commands and code hashes exactly.
-if FIVES:
-
-    rule predict_fives:
-        input:
-            model=f"{RESULTS}/{{exp}}/seed{{seed}}/model.safetensors",
-            volumes=f"{PREPARED}/volumes.parquet",
-        output:
-            directory(f"{RESULTS}/{{exp}}/seed{{seed}}/predictions"),
-        params:
-            code=stage_code("sraseg.evaluate.fives"),
-            prepared=input_dir("volumes"),
-            device=config["device"],
-        log:
-            f"{LOGS}/predict_{{exp}}_seed{{seed}}.log",
-        threads: CPU_THREADS
-        resources:
-            gpu=1,
-            mem_mb=8000,
-            runtime=60,
-        conda:
-            "../../envs/gpu.yaml"
-        shell:
-            "python -m sraseg.device -- python -m sraseg predict --dataset fives -m {input.model:q}"
-            " --prepared-dir {params.prepared:q} --split test --device {params.device:q} -o {output:q} > {log:q} 2>&1"
-
-    rule evaluate_fives:
-        input:
-            predictions=f"{RESULTS}/{{exp}}/seed{{seed}}/predictions",
-            raw=raw_dir(),
-        output:
-            per_case=f"{RESULTS}/{{exp}}/seed{{seed}}/eval/metrics_per_case.csv",
-            summary=f"{RESULTS}/{{exp}}/seed{{seed}}/eval/summary.json",
-        params:
-            code=stage_code("sraseg.evaluate.fives"),
-            out_dir=output_dir("summary"),
-        log:
-            f"{LOGS}/evaluate_{{exp}}_seed{{seed}}.log",
-        threads: 1
-        resources:
-            # the stacked mode's distance transforms over all test images at once: for the release's
-            # 200 images of 2048 x 2048 about 17 GB (int32 feature indices and float64 distances of
-            # 800M voxels; an estimate, not measured)
-            mem_mb=24000,
-            runtime=60,
-        conda:
-            "../../envs/cpu.yaml"
-        shell:
-            "python -m sraseg evaluate --dataset fives --pred-dir {input.predictions:q} --gt-dir {input.raw:q}"
-            " --out-dir {params.out_dir:q} > {log:q} 2>&1"
-
-else:
-
-    rule predict:
-        input:
-            model=f"{RESULTS}/{{exp}}/seed{{seed}}/model.safetensors",
-            volumes=f"{PREPARED}/volumes.parquet",
-        output:
-            directory(f"{RESULTS}/{{exp}}/seed{{seed}}/predictions"),
-        params:
-            code=stage_code("sraseg.evaluate.predict"),
-            prepared=input_dir("volumes"),
-            device=config["device"],
-        log:
-            f"{LOGS}/predict_{{exp}}_seed{{seed}}.log",
-        threads: CPU_THREADS
-        resources:
-            gpu=1,
-            mem_mb=8000,
-            runtime=60,
-        conda:
-            "../../envs/gpu.yaml"
-        shell:
-            "python -m sraseg.device -- python -m sraseg predict -m {input.model:q} --prepared-dir {params.prepared:q} --split test"
-            " --device {params.device:q}"
-            " -o {output:q} > {log:q} 2>&1"
+# One rule each for every dataset: sraseg.evaluate.predict and sraseg.evaluate.run with the dataset's
+# module (--dataset), which says how an image is read, segmented and written, and how a case is scored.
+rule predict:
+    input:
+        model=f"{RESULTS}/{{exp}}/seed{{seed}}/model.safetensors",
+        volumes=f"{PREPARED}/volumes.parquet",
+    output:
+        directory(f"{RESULTS}/{{exp}}/seed{{seed}}/predictions"),
+    params:
+        code=stage_code("sraseg.evaluate.predict", DATASET_MODULE),
+        dataset=DATASET,
+        prepared=input_dir("volumes"),
+        device=config["device"],
+    log:
+        f"{LOGS}/predict_{{exp}}_seed{{seed}}.log",
+    threads: CPU_THREADS
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "../../envs/gpu.yaml"
+    shell:
+        "python -m sraseg.device -- python -m sraseg predict --dataset {params.dataset:q} -m {input.model:q}"
+        " --prepared-dir {params.prepared:q} --split test --device {params.device:q} -o {output:q} > {log:q} 2>&1"
 
 
-    rule evaluate:
-        input:
-            predictions=f"{RESULTS}/{{exp}}/seed{{seed}}/predictions",
-            raw=raw_dir(),
-        output:
-            per_case=f"{RESULTS}/{{exp}}/seed{{seed}}/eval/metrics_per_case.csv",
-            summary=f"{RESULTS}/{{exp}}/seed{{seed}}/eval/summary.json",
-        params:
-            code=stage_code("sraseg.evaluate.run"),
-            out_dir=output_dir("summary"),
-        log:
-            f"{LOGS}/evaluate_{{exp}}_seed{{seed}}.log",
-        threads: 1
-        resources:
-            mem_mb=4000,
-            runtime=30,
-        conda:
-            "../../envs/cpu.yaml"
-        shell:
-            "python -m sraseg evaluate --pred-dir {input.predictions:q} --gt-dir {input.raw:q} --out-dir {params.out_dir:q}"
-            " > {log:q} 2>&1"
+rule evaluate:
+    input:
+        predictions=f"{RESULTS}/{{exp}}/seed{{seed}}/predictions",
+        raw=raw_dir(),
+    output:
+        per_case=f"{RESULTS}/{{exp}}/seed{{seed}}/eval/metrics_per_case.csv",
+        summary=f"{RESULTS}/{{exp}}/seed{{seed}}/eval/summary.json",
+    params:
+        code=stage_code("sraseg.evaluate.run", DATASET_MODULE),
+        dataset=DATASET,
+        out_dir=output_dir("summary"),
+    log:
+        f"{LOGS}/evaluate_{{exp}}_seed{{seed}}.log",
+    threads: 1
+    resources:
+        # FIVES's stacked mode runs distance transforms over all test images at once: for the release's
+        # 200 images of 2048 x 2048 about 17 GB (int32 feature indices and float64 distances of 800M
+        # voxels; an estimate, not measured). ACDC scores one volume at a time.
+        mem_mb=24000 if DATASET == "fives" else 4000,
+        runtime=60 if DATASET == "fives" else 30,
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "python -m sraseg evaluate --dataset {params.dataset:q} --pred-dir {input.predictions:q} --gt-dir {input.raw:q}"
+        " --out-dir {params.out_dir:q} > {log:q} 2>&1"

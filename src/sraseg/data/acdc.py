@@ -25,6 +25,7 @@ from nibabel.spatialimages import HeaderDataError
 from nibabel.wrapstruct import WrapStructError
 from tqdm import tqdm
 
+from sraseg.data.problems import check_split_owners, raise_problems
 from sraseg.errors import ConfigError, DatasetError
 
 __all__ = [
@@ -42,7 +43,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PATIENT_PATTERN = re.compile(r"^patient\d+$")
-_MAX_LISTED = 25  # problems named in one error message; the rest are counted
 # What a damaged NIfTI can raise while reading the header or decompressing the data.
 _READ_ERRORS = (
     ImageFileError,
@@ -284,13 +284,6 @@ def read_split_list(path: Path | str) -> list[str]:
     return ids
 
 
-def _raise(problems: list[str]) -> None:
-    shown = problems[:_MAX_LISTED]
-    more = len(problems) - len(shown)
-    tail = f"; ... and {more} more problem(s)" if more else ""
-    raise DatasetError(f"{len(problems)} dataset problem(s): " + "; ".join(shown) + tail)
-
-
 def check_dataset(
     raw_dir: Path | str, splits: dict[str, list[str]], patients_needed: list[str] | None = None
 ) -> list[CaseRecord]:
@@ -312,16 +305,12 @@ def check_dataset(
     raw_dir = Path(raw_dir).resolve()
     on_disk = set(list_patients(raw_dir))
     problems: list[str] = []
-    owner: dict[str, str] = {}
-    for split, ids in splits.items():
-        for pid in ids:
-            if pid in owner:
-                problems.append(f"{raw_dir / pid}: patient listed in both '{owner[pid]}' and '{split}' splits")
-                continue
-            owner[pid] = split
-            if pid not in on_disk:
-                problems.append(f"{raw_dir / pid}: patient in split '{split}' not found on disk")
-    needed = list(owner) if patients_needed is None else [p for p in patients_needed if p in on_disk]
+    listed = []
+    for split, pid in check_split_owners(splits, lambda pid: raw_dir / pid, "patient", problems):
+        listed.append(pid)
+        if pid not in on_disk:
+            problems.append(f"{raw_dir / pid}: patient in split '{split}' not found on disk")
+    needed = listed if patients_needed is None else [p for p in patients_needed if p in on_disk]
     needed = [p for p in needed if p in on_disk]
     records: list[CaseRecord] = []
     for pid in tqdm(needed, desc="check dataset", unit="patient", leave=False):
@@ -347,6 +336,6 @@ def check_dataset(
                 CaseRecord(f"{pid}_frame{frame:02d}", pid, frame, phase, image_path, gt_path, shape, spacing)
             )
     if problems:
-        _raise(problems)
+        raise_problems(problems)
     log.info("dataset %s: %d patients checked, %d labeled frames", raw_dir, len(needed), len(records))
     return records

@@ -44,6 +44,7 @@ settings and, per image, the condition, the eye, and the disc, fovea and field-o
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -168,24 +169,24 @@ def _rasterise(points: np.ndarray, size: int) -> np.ndarray:
     return mask
 
 
-def make_image(index: int, condition: str, size: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Draw one fundus photograph and its vessel mask.
+@dataclass
+class _Eye:
+    """Where things are in one photograph: the field of view (centre, radius), the eye side and its
+    nasal direction (+1 right eye: the disc lies toward larger columns), the optic disc (centre,
+    radius, cup-to-disc ratio) and the fovea."""
 
-    Args:
-        index: the image's 0-based index in the dataset (train first, then test), part of its seed;
-        condition: one of `CONDITIONS`; size: side in pixels (>= 64); seed: dataset seed.
+    fov_c: tuple[float, float]
+    fov_r: float
+    eye: str
+    nasal: float
+    disc_r: float
+    disc: tuple[float, float]
+    fovea: tuple[float, float]
+    cdr: float
 
-    Returns:
-        (image uint8 [size,size,3] RGB, mask uint8 [size,size] in {0,1} (1 vessel), geometry dict:
-        eye, disc centre (row, col) and radius, cup-to-disc ratio, fovea centre, field-of-view centre
-        and radius, vessel fraction of the field of view).
-    """
-    rng = np.random.default_rng([seed, index])
-    q = {key: rng.uniform(*span) for key, span in _QUALITY[condition].items()}
-    s = size / _REF
-    rr, cc = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
 
-    # Geometry: field of view, eye side, optic disc and fovea (disc-fovea about 2.5 disc diameters).
+def _eye(rng: np.random.Generator, condition: str, size: int, s: float) -> _Eye:
+    """Geometry: field of view, eye side, optic disc and fovea (disc-fovea about 2.5 disc diameters)."""
     fov_c = (size / 2 + rng.normal(0, 2 * s), size / 2 + rng.normal(0, 2 * s))
     fov_r = size * rng.uniform(0.44, 0.48)
     eye = "right" if rng.random() < 0.5 else "left"
@@ -194,11 +195,15 @@ def make_image(index: int, condition: str, size: int = 256, seed: int = 0) -> tu
     disc = (fov_c[0] + rng.normal(0, 4 * s), fov_c[1] + nasal * rng.uniform(48, 62) * s)
     fovea = (disc[0] + rng.uniform(3, 10) * s, disc[1] - nasal * 5.0 * disc_r * rng.uniform(0.9, 1.1))
     cdr = rng.uniform(0.6, 0.85) if condition == "G" else rng.uniform(0.25, 0.45)
+    return _Eye(fov_c, fov_r, eye, nasal, disc_r, disc, fovea, cdr)
 
-    # Vessel trees from the disc: four arcades around the macula (veins and arteries, superior and
-    # inferior) and three or four nasal trunks.
+
+def _vessel_trees(rng: np.random.Generator, q: dict, geo: _Eye, size: int, s: float, fov_mask: np.ndarray):
+    """(veins, arteries) bool [size,size] inside the field of view: four arcades from the disc around
+    the macula (veins and arteries, superior and inferior) and three or four nasal trunks."""
     points, kinds = [], []
-    fov = (fov_c, fov_r)
+    fov = (geo.fov_c, geo.fov_r)
+    disc, disc_r, nasal = geo.disc, geo.disc_r, geo.nasal
     # Directions are angles a of (row, col) = (sin a, cos a); the fovea lies toward -nasal columns.
     tcol = -nasal
     for vertical in (-1.0, 1.0):  # superior, inferior
@@ -215,13 +220,14 @@ def make_image(index: int, condition: str, size: int = 256, seed: int = 0) -> tu
         _walk(rng, disc, ang, width * q["width"] * s, rng.normal(0, 0.002), s, fov, 1, points, kinds, kind)
     pts = np.concatenate(points)
     kind_of = np.concatenate(kinds)
-    in_fov = _blob(rr, cc, fov_c, fov_r, 0.6 * s)
-    fov_mask = np.hypot(rr - fov_c[0], cc - fov_c[1]) < fov_r
     veins = _rasterise(pts[kind_of == "vein"], size) & fov_mask
     arteries = _rasterise(pts[kind_of == "artery"], size) & fov_mask
-    mask = (veins | arteries).astype(np.uint8)
+    return veins, arteries
 
-    # Fundus colour: orange-red with choroidal texture, then macula, disc and cup.
+
+def _fundus(rng: np.random.Generator, geo: _Eye, rr: np.ndarray, cc: np.ndarray, size: int, s: float):
+    """(rgb float32 [size,size,3], the disc's map): orange-red with choroidal texture, then macula, disc and cup."""
+    fovea, disc, disc_r, cdr = geo.fovea, geo.disc, geo.disc_r, geo.cdr
     base = np.array([rng.uniform(0.72, 0.92), rng.uniform(0.33, 0.48), rng.uniform(0.12, 0.22)], dtype=np.float32)
     texture = 0.05 * _smooth_noise(rng, size, 2.5 * s) + 0.04 * _smooth_noise(rng, size, 10 * s)
     rgb = base[None, None, :] * (1.0 + texture[..., None])
@@ -229,11 +235,17 @@ def make_image(index: int, condition: str, size: int = 256, seed: int = 0) -> tu
     pit = np.exp(-(((rr - fovea[0]) ** 2 + (cc - fovea[1]) ** 2) / (2 * (4 * s) ** 2)))
     rgb *= (1.0 - rng.uniform(0.2, 0.35) * macula - 0.1 * pit)[..., None]
     disc_map = _blob(rr, cc, disc, disc_r, 1.5 * s)
-    cup_map = _blob(rr, cc, (disc[0], disc[1] - nasal * 0.15 * disc_r * (1 - cdr)), cdr * disc_r, 1.5 * s)
+    cup_map = _blob(rr, cc, (disc[0], disc[1] - geo.nasal * 0.15 * disc_r * (1 - cdr)), cdr * disc_r, 1.5 * s)
     rgb += disc_map[..., None] * np.array([0.2, 0.35, 0.25], dtype=np.float32)
     rgb += cup_map[..., None] * np.array([0.1, 0.15, 0.2], dtype=np.float32)
+    return rgb, disc_map
 
-    # Lesions per condition.
+
+def _lesions(rng: np.random.Generator, condition: str, rgb: np.ndarray, geo: _Eye, disc_map: np.ndarray,
+             rr: np.ndarray, cc: np.ndarray, size: int, s: float) -> np.ndarray:  # fmt: skip
+    """The condition's lesions painted over the fundus `rgb` (in place where it can); the result."""
+    fovea, fov_c, disc, disc_r = geo.fovea, geo.fov_c, geo.disc, geo.disc_r
+
     def spots(n, centre, spread, radius, colour, soft, alpha):
         # Small soft discs painted over the fundus, each in its own window (lesions are local).
         for _ in range(n):
@@ -258,10 +270,16 @@ def make_image(index: int, condition: str, size: int = 256, seed: int = 0) -> tu
         spots(int(rng.integers(5, 30)), fovea, 20 * s, (0.6 * s, 2 * s), (0.98, 0.9, 0.4), 0.4 * s, 0.8)
         spots(int(rng.integers(0, 4)), fov_c, 0.2 * size, (3 * s, 6 * s), (0.95, 0.92, 0.85), 2 * s, 0.6)
     elif condition == "G":
-        crescent = _blob(rr, cc, (disc[0], disc[1] - nasal * 0.25 * disc_r), disc_r * rng.uniform(1.15, 1.35), 1.5 * s)
+        crescent = _blob(rr, cc, (disc[0], disc[1] - geo.nasal * 0.25 * disc_r), disc_r * rng.uniform(1.15, 1.35), 1.5 * s)
         atrophy = np.clip(crescent - disc_map, 0, 1) * rng.uniform(0.3, 0.6)
         rgb = rgb * (1 - atrophy[..., None]) + atrophy[..., None] * np.array([0.9, 0.75, 0.6], dtype=np.float32)
+    return rgb
 
+
+def _photograph(rng: np.random.Generator, q: dict, rgb: np.ndarray, veins: np.ndarray, arteries: np.ndarray,
+                geo: _Eye, rr: np.ndarray, cc: np.ndarray, fov_mask: np.ndarray, in_fov: np.ndarray,
+                s: float) -> np.ndarray:  # fmt: skip
+    """uint8 [size,size,3]: the fundus with its vessels, blur, illumination, surround and noise."""
     # Vessels: dark red, veins darker; blurred, so one-pixel vessels are faint.
     blur = q["blur"] * s
     darken = rng.uniform(0.45, 0.6) * ndimage.gaussian_filter(veins.astype(np.float32), blur)
@@ -271,6 +289,7 @@ def make_image(index: int, condition: str, size: int = 256, seed: int = 0) -> tu
 
     # Illumination: a smooth gradient, vignetting toward the rim, haze and exposure, then the
     # dark surround outside the field of view and sensor noise.
+    fov_c, fov_r = geo.fov_c, geo.fov_r
     direction = rng.uniform(0, 2 * np.pi)
     ramp = ((rr - fov_c[0]) * np.sin(direction) + (cc - fov_c[1]) * np.cos(direction)) / fov_r
     radial = np.hypot(rr - fov_c[0], cc - fov_c[1]) / fov_r
@@ -279,16 +298,42 @@ def make_image(index: int, condition: str, size: int = 256, seed: int = 0) -> tu
     rgb = (1 - q["haze"]) * rgb + q["haze"] * float(rgb[fov_mask].mean())
     rgb = rgb * in_fov[..., None] + rng.uniform(0.0, 0.02)
     rgb += rng.normal(0, rng.uniform(0.006, 0.015), rgb.shape).astype(np.float32)
-    image = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
 
+
+def make_image(index: int, condition: str, size: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Draw one fundus photograph and its vessel mask.
+
+    Args:
+        index: the image's 0-based index in the dataset (train first, then test), part of its seed;
+        condition: one of `CONDITIONS`; size: side in pixels (>= 64); seed: dataset seed.
+
+    Returns:
+        (image uint8 [size,size,3] RGB, mask uint8 [size,size] in {0,1} (1 vessel), geometry dict:
+        eye, disc centre (row, col) and radius, cup-to-disc ratio, fovea centre, field-of-view centre
+        and radius, vessel fraction of the field of view).
+    """
+    rng = np.random.default_rng([seed, index])
+    q = {key: rng.uniform(*span) for key, span in _QUALITY[condition].items()}
+    s = size / _REF
+    rr, cc = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    # every draw below comes from `rng` in a fixed order: same seed, same bytes
+    geo = _eye(rng, condition, size, s)
+    in_fov = _blob(rr, cc, geo.fov_c, geo.fov_r, 0.6 * s)
+    fov_mask = np.hypot(rr - geo.fov_c[0], cc - geo.fov_c[1]) < geo.fov_r
+    veins, arteries = _vessel_trees(rng, q, geo, size, s, fov_mask)
+    mask = (veins | arteries).astype(np.uint8)
+    rgb, disc_map = _fundus(rng, geo, rr, cc, size, s)
+    rgb = _lesions(rng, condition, rgb, geo, disc_map, rr, cc, size, s)
+    image = _photograph(rng, q, rgb, veins, arteries, geo, rr, cc, fov_mask, in_fov, s)
     geometry = dict(
-        eye=eye,
-        disc=[round(float(v), 2) for v in disc],
-        disc_radius=round(float(disc_r), 2),
-        cup_to_disc=round(float(cdr), 3),
-        fovea=[round(float(v), 2) for v in fovea],
-        fov=[round(float(v), 2) for v in fov_c],
-        fov_radius=round(float(fov_r), 2),
+        eye=geo.eye,
+        disc=[round(float(v), 2) for v in geo.disc],
+        disc_radius=round(float(geo.disc_r), 2),
+        cup_to_disc=round(float(geo.cdr), 3),
+        fovea=[round(float(v), 2) for v in geo.fovea],
+        fov=[round(float(v), 2) for v in geo.fov_c],
+        fov_radius=round(float(geo.fov_r), 2),
         vessel_fraction=round(float(mask[fov_mask].mean()), 4),
     )
     return image, mask, geometry

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sraseg.data.fives import RELEASE_COUNTS, case_id, list_release, parse_case, raise_problems
+from sraseg.data.fives import RELEASE_COUNTS, case_id, list_release, parse_case
 from sraseg.data.fives_phantom import CONDITIONS, release_names
+from sraseg.data.problems import raise_problems
 from sraseg.errors import ConfigError
 from sraseg.io import staged_outputs
 

@@ -399,8 +399,23 @@ def _harmonics(coeffs: np.ndarray, basis: np.ndarray) -> np.ndarray:
     return (weights @ basis.reshape(len(weights), -1)).reshape(basis.shape[1:])
 
 
-def _render(info: _Patient, anat: dict, phase: str) -> tuple[np.ndarray, np.ndarray]:
-    """Tissue codes uint8 [X,Y,Z] and labels uint8 [X,Y,Z] for one frame."""
+@dataclass
+class _Frame:
+    """One frame's geometry: the millimetre grid in the heart's canonical frame (u0, v0 [X,Y]), the
+    cavity radius and wall at the base, the RV's extent and arc, and the long axis (base plane, length)."""
+
+    u0: np.ndarray
+    v0: np.ndarray
+    es: bool
+    r_base: float
+    w_base: float
+    rv_ext: float
+    arc: float
+    z_base: float
+    length: float
+
+
+def _frame(info: _Patient, anat: dict, phase: str) -> _Frame:
     nx, ny, nz = info.shape
     sxy, _, sz = info.spacing
     g = anat["g"]
@@ -427,103 +442,123 @@ def _render(info: _Patient, anat: dict, phase: str) -> tuple[np.ndarray, np.ndar
     if es:
         z_base += anat["shorten"] * length
         length = z_apex - z_base
+    return _Frame(u0, v0, es, r_base, w_base, rv_ext, arc, z_base, length)
 
-    tissue = np.zeros(info.shape, dtype=np.uint8)
-    label = np.zeros(info.shape, dtype=np.uint8)
+
+def _heart(info: _Patient, anat: dict, fr: _Frame, z: int) -> dict:
+    """Slice z's position t on the long axis (0 base, 1 apex), its grid (u, v, rho, theta [X,Y]) and the
+    heart's borders there: LV cavity r_endo, epicardium r_epi, RV cavity rv_cav, heart_out and fat."""
+    g = anat["g"]
+    w_ed = g["wall"]
+    r_base, w_base = fr.r_base, fr.w_base
+    t = (z * info.spacing[2] - fr.z_base) / fr.length
+    du, dv = (anat["drift"] * z).astype(np.float32)
+    u, v = fr.u0 - du, fr.v0 - dv
+    rho = np.hypot(u, v)
+    theta = np.arctan2(v, u)
+    basis = _fourier_basis(u, v, rho)
+
+    def border(coeffs: np.ndarray, basis: np.ndarray = basis) -> np.ndarray:
+        return 1.0 + _harmonics(coeffs, basis)
+
+    mix = float(np.clip(t, 0, 1))
+    endo_c = (1 - mix) * anat["endo_c"][0] + mix * anat["endo_c"][1]
+    endo_c[1] += anat["ellip"][0] * np.exp(-2j * anat["ellip"][1])
+    epi_c = (1 - mix) * anat["epi_c"][0] + mix * anat["epi_c"][1]
+    r_endo = r_base * _profile(t, 0.9) * border(endo_c)
+    r_epi_mean = (r_base + w_base) * _profile(t, 1.0, 0.6)
+    r_epi = r_epi_mean * border(epi_c)
+    if info.group == "MINF":
+        # Thinned infarct segment over part of the long axis: the wall thins, the cavity bulges.
+        centre, width, depth, t0 = anat["minf"]
+        ang = _wrap(theta - centre)
+        win = np.exp(-((ang / width) ** 4)) * _profile(abs(t - t0 - 0.25) / 0.45, 1.0, 1.0) if 0 <= t <= 1 else 0
+        wall = r_epi - r_endo
+        r_endo = r_endo + 0.3 * depth * wall * win * (r_endo > 0)
+        r_epi = r_endo + wall * (1 - depth * win)
+    if g.get("septal"):
+        # Asymmetric septal hypertrophy (HCM): the wall thickens inward on the RV side.
+        bump = np.clip(np.cos(_wrap(theta - anat["rv_dir"])), 0, None) ** 2
+        r_endo = r_endo - g["septal"] * w_ed * bump * (r_endo > 0)
+    r_endo = np.maximum(r_endo, 0.0)
+    r_epi = np.where(r_epi_mean > 0, np.maximum(r_epi, r_endo + 3.5), 0.0)
+    # RV crescent on the septal side: thickness tapers toward the horns and toward the apex.
+    ext = fr.rv_ext * _profile(t, anat["rv_end"], 0.6)
+    dth = _wrap(theta - anat["rv_dir"]) / fr.arc
+    crescent = np.clip(1 - np.abs(dth) ** anat["rv_shape"], 0, None) ** 0.5
+    thick = ext * crescent * border(anat["rv_c"])
+    rv_cav = np.maximum(thick - anat["rv_wall"], 0.0)
+    heart_out = r_epi + np.where(thick > 0, thick + anat["rv_wall"] * (crescent > 0) * (ext > 0), 0.0)
+    fat = np.clip(_harmonics(anat["fat_c"], basis) - 0.15, 0, None) * anat["fat_mm"] * 3
+    return dict(t=t, u=u, v=v, rho=rho, r_endo=r_endo, r_epi=r_epi, rv_cav=rv_cav, heart_out=heart_out, fat=fat)
+
+
+def _paint(info: _Patient, anat: dict, fr: _Frame, h: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue codes and labels uint8 [X,Y] of one slice, painted from outside in."""
+    nx, ny = info.shape[:2]
+    r_ed, w_ed = anat["g"]["r"], anat["g"]["wall"]
+    u0, v0, u, v, rho, t = fr.u0, fr.v0, h["u"], h["v"], h["rho"], h["t"]
+    r_endo, r_epi, rv_cav, heart_out = h["r_endo"], h["r_epi"], h["rv_cav"], h["heart_out"]
     bu, bv, fat_ring, body_shift = anat["body"]
     lung_a, lung_b, lung_v = anat["lung"]
     liver_t0, liver_a, liver_b = anat["liver"]
-    for z in range(nz):
-        t = (z * sz - z_base) / length
-        du, dv = (anat["drift"] * z).astype(np.float32)
-        u, v = u0 - du, v0 - dv
-        rho = np.hypot(u, v)
-        theta = np.arctan2(v, u)
-        basis = _fourier_basis(u, v, rho)
+    body = _ellipse(u0, v0, 0, 20 + body_shift, bu, bv)
+    inner = _ellipse(u0, v0, 0, 20 + body_shift, bu - fat_ring, bv - fat_ring)
+    sl = np.full((nx, ny), _T["air"], dtype=np.uint8)
+    sl[body] = _T["fat"]
+    sl[inner] = _T["muscle"]
+    clear = rho > np.maximum(heart_out, fr.r_base + fr.w_base if t < 0 else 0) + h["fat"] + 4
+    for side in (-1, 1):
+        lung = _ellipse(u0, v0, side * (r_ed + w_ed + lung_a * 0.9), lung_v, lung_a, lung_b) & inner & clear
+        sl[lung] = _T["lung"]
+    if t > liver_t0:
+        grow = min(1.0, (t - liver_t0) / (1.2 - liver_t0))
+        liver = _ellipse(u0, v0, -0.3 * liver_a, 0.25 * liver_b, liver_a * grow, liver_b * grow) & inner & clear
+        sl[liver] = _T["liver"]
+    spine_v = 20 + bv * 0.7 + body_shift
+    sl[_ellipse(u0, v0, 0, spine_v, 16, 14) & inner] = _T["spine"]
+    sl[_ellipse(u0, v0, 0, spine_v, 8, 7) & inner] = _T["fat"]  # marrow
+    sl[_ellipse(u0, v0, 18, spine_v - 30, 11, 11) & inner] = _T["aorta"]
+    sl[(rho < heart_out + h["fat"]) & (heart_out > 0) & inner] = _T["fat"]
+    size = (r_ed + w_ed) * max(0.0, 1 + 1.5 * t)
+    if t < 0 and size > 8:
+        # Above the valve plane: atria, bright blood that is not labeled.
+        atria = _ellipse(u, v, 0, 0, size, size * 0.8) | _ellipse(u, v, -size, -4, size * 0.7, size * 0.6)
+        sl[atria & inner] = _T["myo"]
+        atria_in = _ellipse(u, v, 0, 0, size - 3, size * 0.8 - 3) | _ellipse(
+            u, v, -size, -4, size * 0.7 - 3, size * 0.6 - 3
+        )
+        sl[atria_in & inner] = _T["blood"]
+    lab = np.zeros((nx, ny), dtype=np.uint8)
+    rv_out = (rho >= r_epi) & (rho < heart_out) & (heart_out > r_epi)
+    sl[rv_out] = _T["myo"]  # RV free wall: myocardium-like, labeled background as in ACDC
+    rv = (rho >= r_epi) & (rho < r_epi + rv_cav) & (rv_cav > 0)
+    sl[rv] = _T["rv_blood"]
+    lab[rv] = 1
+    epi = rho < r_epi
+    sl[epi] = _T["myo"]
+    lab[epi] = 2
+    lv = rho < r_endo
+    sl[lv] = _T["blood"]
+    lab[lv] = 3
+    if anat["papillary"] and 0.2 < t < 0.75:
+        # Dark papillary muscles inside the pool, labeled as LV cavity (ACDC convention).
+        for ang0, rad in zip(anat["pap"][0], anat["pap"][1]):
+            a = anat["rv_dir"] + np.pi + ang0 + (0.5 if rad > 3.5 else -0.5)
+            rmax = fr.r_base * _profile(t, 0.9)
+            pu, pv = 0.6 * rmax * np.cos(a), 0.6 * rmax * np.sin(a)
+            pap = _ellipse(u, v, pu, pv, rad * (1.3 if fr.es else 1.0), rad * (1.3 if fr.es else 1.0)) & lv
+            sl[pap] = _T["myo"]
+    return sl, lab
 
-        def border(coeffs: np.ndarray, basis: np.ndarray = basis) -> np.ndarray:
-            return 1.0 + _harmonics(coeffs, basis)
 
-        mix = float(np.clip(t, 0, 1))
-        endo_c = (1 - mix) * anat["endo_c"][0] + mix * anat["endo_c"][1]
-        endo_c[1] += anat["ellip"][0] * np.exp(-2j * anat["ellip"][1])
-        epi_c = (1 - mix) * anat["epi_c"][0] + mix * anat["epi_c"][1]
-        r_endo = r_base * _profile(t, 0.9) * border(endo_c)
-        r_epi_mean = (r_base + w_base) * _profile(t, 1.0, 0.6)
-        r_epi = r_epi_mean * border(epi_c)
-        if info.group == "MINF":
-            # Thinned infarct segment over part of the long axis: the wall thins, the cavity bulges.
-            centre, width, depth, t0 = anat["minf"]
-            ang = _wrap(theta - centre)
-            win = np.exp(-((ang / width) ** 4)) * _profile(abs(t - t0 - 0.25) / 0.45, 1.0, 1.0) if 0 <= t <= 1 else 0
-            wall = r_epi - r_endo
-            r_endo = r_endo + 0.3 * depth * wall * win * (r_endo > 0)
-            r_epi = r_endo + wall * (1 - depth * win)
-        if g.get("septal"):
-            # Asymmetric septal hypertrophy (HCM): the wall thickens inward on the RV side.
-            bump = np.clip(np.cos(_wrap(theta - anat["rv_dir"])), 0, None) ** 2
-            r_endo = r_endo - g["septal"] * w_ed * bump * (r_endo > 0)
-        r_endo = np.maximum(r_endo, 0.0)
-        r_epi = np.where(r_epi_mean > 0, np.maximum(r_epi, r_endo + 3.5), 0.0)
-        # RV crescent on the septal side: thickness tapers toward the horns and toward the apex.
-        ext = rv_ext * _profile(t, anat["rv_end"], 0.6)
-        dth = _wrap(theta - anat["rv_dir"]) / arc
-        crescent = np.clip(1 - np.abs(dth) ** anat["rv_shape"], 0, None) ** 0.5
-        thick = ext * crescent * border(anat["rv_c"])
-        rv_cav = np.maximum(thick - anat["rv_wall"], 0.0)
-        heart_out = r_epi + np.where(thick > 0, thick + anat["rv_wall"] * (crescent > 0) * (ext > 0), 0.0)
-        fat = np.clip(_harmonics(anat["fat_c"], basis) - 0.15, 0, None) * anat["fat_mm"] * 3
-
-        # Paint from outside in.
-        body = _ellipse(u0, v0, 0, 20 + body_shift, bu, bv)
-        inner = _ellipse(u0, v0, 0, 20 + body_shift, bu - fat_ring, bv - fat_ring)
-        sl = np.full((nx, ny), _T["air"], dtype=np.uint8)
-        sl[body] = _T["fat"]
-        sl[inner] = _T["muscle"]
-        clear = rho > np.maximum(heart_out, r_base + w_base if t < 0 else 0) + fat + 4
-        for side in (-1, 1):
-            lung = _ellipse(u0, v0, side * (r_ed + w_ed + lung_a * 0.9), lung_v, lung_a, lung_b) & inner & clear
-            sl[lung] = _T["lung"]
-        if t > liver_t0:
-            grow = min(1.0, (t - liver_t0) / (1.2 - liver_t0))
-            liver = _ellipse(u0, v0, -0.3 * liver_a, 0.25 * liver_b, liver_a * grow, liver_b * grow) & inner & clear
-            sl[liver] = _T["liver"]
-        spine_v = 20 + bv * 0.7 + body_shift
-        sl[_ellipse(u0, v0, 0, spine_v, 16, 14) & inner] = _T["spine"]
-        sl[_ellipse(u0, v0, 0, spine_v, 8, 7) & inner] = _T["fat"]  # marrow
-        sl[_ellipse(u0, v0, 18, spine_v - 30, 11, 11) & inner] = _T["aorta"]
-        sl[(rho < heart_out + fat) & (heart_out > 0) & inner] = _T["fat"]
-        size = (r_ed + w_ed) * max(0.0, 1 + 1.5 * t)
-        if t < 0 and size > 8:
-            # Above the valve plane: atria, bright blood that is not labeled.
-            atria = _ellipse(u, v, 0, 0, size, size * 0.8) | _ellipse(u, v, -size, -4, size * 0.7, size * 0.6)
-            sl[atria & inner] = _T["myo"]
-            atria_in = _ellipse(u, v, 0, 0, size - 3, size * 0.8 - 3) | _ellipse(
-                u, v, -size, -4, size * 0.7 - 3, size * 0.6 - 3
-            )
-            sl[atria_in & inner] = _T["blood"]
-        lab = np.zeros((nx, ny), dtype=np.uint8)
-        rv_out = (rho >= r_epi) & (rho < heart_out) & (heart_out > r_epi)
-        sl[rv_out] = _T["myo"]  # RV free wall: myocardium-like, labeled background as in ACDC
-        rv = (rho >= r_epi) & (rho < r_epi + rv_cav) & (rv_cav > 0)
-        sl[rv] = _T["rv_blood"]
-        lab[rv] = 1
-        epi = rho < r_epi
-        sl[epi] = _T["myo"]
-        lab[epi] = 2
-        lv = rho < r_endo
-        sl[lv] = _T["blood"]
-        lab[lv] = 3
-        if anat["papillary"] and 0.2 < t < 0.75:
-            # Dark papillary muscles inside the pool, labeled as LV cavity (ACDC convention).
-            for ang0, rad in zip(anat["pap"][0], anat["pap"][1]):
-                a = anat["rv_dir"] + np.pi + ang0 + (0.5 if rad > 3.5 else -0.5)
-                rmax = r_base * _profile(t, 0.9)
-                pu, pv = 0.6 * rmax * np.cos(a), 0.6 * rmax * np.sin(a)
-                pap = _ellipse(u, v, pu, pv, rad * (1.3 if es else 1.0), rad * (1.3 if es else 1.0)) & lv
-                sl[pap] = _T["myo"]
-        tissue[:, :, z] = sl
-        label[:, :, z] = lab
+def _render(info: _Patient, anat: dict, phase: str) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue codes uint8 [X,Y,Z] and labels uint8 [X,Y,Z] for one frame."""
+    fr = _frame(info, anat, phase)
+    tissue = np.zeros(info.shape, dtype=np.uint8)
+    label = np.zeros(info.shape, dtype=np.uint8)
+    for z in range(info.shape[2]):
+        tissue[:, :, z], label[:, :, z] = _paint(info, anat, fr, _heart(info, anat, fr, z))
     return tissue, label
 
 

@@ -32,8 +32,8 @@ import pandas as pd
 import torch
 
 from sraseg.errors import DatasetError
-from sraseg.evaluate.metrics import CLASS_NAMES
 from sraseg.io import load_array, portable_path, read_table, staged_outputs, write_json
+from sraseg.metrics import CLASS_NAMES
 from sraseg.settings import parse_settings, settings_dict
 
 __all__ = [

@@ -1,13 +1,11 @@
-"""The predict stage: segment whole volumes slice by slice with a trained U-Net and write NIfTI labels.
+"""The predict stage: segment images with a trained U-Net and write the dataset's prediction files.
 
-`sraseg predict -i IN -o OUT -m RUN_DIR` segments every *.nii.gz in IN (nnU-Net style); the
-workflow's `--prepared-dir/--split` mode predicts a split of volumes.parquet. Both go through
-`predict_paths`, so a volume is read, normalised and segmented the same way in either.
+Written once for every dataset: the dataset (`sraseg.datasets`, picked by `--dataset`) says how an
+input is read, segmented (as prepare cut it) and written (ACDC: NIfTI volumes slice by slice, labels
+with the input's affine; FIVES: fundus PNGs, PNG masks 0/255 at the input's size).
 
-Per case (as the peers do): min-max normalise the original volume to [0,1]; resize every slice
-`volume[:, :, z]` to S x S (bilinear, align_corners=False, as in prepare); predict logits in batches;
-resize the logits back to the original [X,Y] bilinearly; argmax over classes; stack along Z.
-The prediction keeps the input image's affine and voxel size.
+`sraseg predict -i IN -o OUT -m RUN_DIR` segments every input file in IN (nnU-Net style); the
+workflow's `--prepared-dir/--split` mode predicts a split of volumes.parquet to OUT/<case><suffix>.
 """
 
 from __future__ import annotations
@@ -16,81 +14,17 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
-import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from sraseg.data.acdc import read_nifti
-from sraseg.data.prepare import normalise, slices_from_volume, volume_from_slices
+from sraseg.datasets import get_dataset
 from sraseg.device import pick_device
 from sraseg.errors import ConfigError, DatasetError, WeightsError
 from sraseg.io import read_json, read_table, staged_outputs
 
-__all__ = ["predict_volume", "load_image", "write_prediction", "model_weights", "predict_paths", "predict_folder", "run"]
+__all__ = ["model_weights", "load_for", "predict_folder", "run"]
 
 log = logging.getLogger(__name__)
-
-
-def predict_volume(
-    model: torch.nn.Module,
-    volume: np.ndarray,
-    image_size: int,
-    device: torch.device | str = "cpu",
-    batch_size: int = 16,
-) -> np.ndarray:
-    """Segment one normalised volume slice by slice.
-
-    Args:
-        model: maps float32 [B,1,S,S] to logits [B,C,S,S]; already on `device`, in eval mode.
-        volume: float32 [X,Y,Z] in [0,1].
-        image_size: S, the side the model was trained on.
-        device: where the model runs (fp32 everywhere: the published numbers come from here).
-        batch_size: slices per forward pass.
-
-    Returns:
-        uint8 [X,Y,Z] labels (argmax of the logits resized back to [X,Y]).
-    """
-    device = torch.device(device)
-    slices = slices_from_volume(volume, image_size, "image")  # [Z,S,S]
-    logits = []
-    with torch.inference_mode():
-        for start in range(0, len(slices), batch_size):
-            batch = torch.from_numpy(slices[start : start + batch_size])[:, None].to(device)
-            out = model(batch)
-            logits.append(out.float().cpu())
-    scores = torch.cat(logits).numpy()  # [Z,C,S,S]
-    # Resize the logits, not the labels: bilinear scores give smooth boundaries at the original size.
-    resized = volume_from_slices(scores, tuple(volume.shape[:2]), "image")  # [C,X,Y,Z]
-    return resized.argmax(axis=0).astype(np.uint8)
-
-
-def load_image(path: Path | str):
-    """Read an image NIfTI (checked by the dataset reader).
-
-    Returns:
-        (float32 [X,Y,Z] raw intensities, the nibabel image for its affine and header).
-
-    Raises:
-        DatasetError: missing, unreadable, truncated or not 3-D.
-    """
-    data, image = read_nifti(path)
-    return np.asarray(data, dtype=np.float32), image
-
-
-def write_prediction(path: Path, labels: np.ndarray, reference) -> None:
-    """Save uint8 labels [X,Y,Z] with the affine and voxel size of the `reference` nibabel image."""
-    import nibabel as nib
-
-    out = nib.Nifti1Image(labels.astype(np.uint8), reference.affine)
-    out.header.set_zooms(tuple(reference.header.get_zooms()[:3]))
-    # Keep the input's qform/sform codes so viewers place the labels exactly on the image.
-    if hasattr(reference.header, "get_qform"):
-        out.set_qform(reference.affine, code=int(reference.header["qform_code"]) or 1)
-        out.set_sform(reference.affine, code=int(reference.header["sform_code"]) or 1)
-    out.set_data_dtype(np.uint8)
-    nib.save(out, str(path))
-
 
 def _image_size(meta: dict, model_path: Path, prepared_dir: Path | None) -> int:
     if "image_size" in meta:
@@ -99,7 +33,8 @@ def _image_size(meta: dict, model_path: Path, prepared_dir: Path | None) -> int:
     prepared_size = read_json(prepare_json).get("image_size") if prepare_json and prepare_json.is_file() else None
     if prepared_size is not None:
         return int(prepared_size)
-    raise WeightsError(f"{model_path}: model description has no image_size (nor has {prepare_json})")
+    where = f" (nor has {prepare_json})" if prepare_json is not None else ""
+    raise WeightsError(f"{model_path}: model description has no image_size{where}")
 
 
 def model_weights(model: Path | str) -> Path:
@@ -120,104 +55,95 @@ def _check_batch_size(batch_size) -> None:
         raise ConfigError(f"predict batch_size must be a positive integer; got {batch_size!r}")
 
 
-def predict_paths(
-    model: torch.nn.Module,
-    image_size: int,
-    jobs: list[tuple[Path, Path, tuple[int, int, int] | None]],
-    device: torch.device,
-    batch_size: int = 16,
-    keep_going: bool = False,
-    progress: bool = True,
-) -> list[str]:
-    """The shared loop of both predict modes: read, normalise as prepare does, segment, write.
 
-    Args:
-        jobs: (input NIfTI, output path, expected [X,Y,Z] shape or None) per volume.
-        keep_going: log a failing input in one line and go on (folder mode); otherwise raise.
+def load_for(data, model: Path | str, device: str, prepared_dir: Path | None = None):
+    """The model of a train-stage run, checked for the dataset `data`.
 
     Returns:
-        one line per input that failed (empty when all were written). 4-D inputs are skipped
-        with a warning and do not count as failures.
-    """
-    failed = []
-    for src, dst, expected in tqdm(jobs, desc="predict", unit="volume", disable=not progress):
-        shape = _shape_of(src) if keep_going else ()
-        if len(shape) > 3 and any(n > 1 for n in shape[3:]):
-            # a cine series (ACDC's *_4d.nii.gz) is not a frame the model was trained on
-            log.warning("%s: skipped, shape %s is a 4-D series, not a 3-D frame", src, shape)
-            continue
-        try:
-            data, image = load_image(src)
-            if expected is not None and data.shape != expected:
-                raise DatasetError(f"{src}: image shape {data.shape} differs from volumes.parquet {expected}")
-            labels = predict_volume(model, normalise(data, src), image_size, device, batch_size)
-        except DatasetError as err:
-            if not keep_going:
-                raise
-            log.error("%s", err)
-            failed.append(str(err))
-            continue
-        write_prediction(dst, labels, image)
-    return failed
-
-
-def _shape_of(path: Path) -> tuple:
-    """The shape in the NIfTI header, or () when the header cannot be read (load_image names why)."""
-    import nibabel as nib
-
-    try:
-        return tuple(nib.load(str(path)).shape)
-    except Exception:
-        return ()
-
-
-def predict_folder(
-    input_path: Path | str, output_dir: Path | str, model: Path | str, batch_size: int = 16, device: str = "auto"
-) -> list[str]:
-    """Segment every `*.nii.gz` volume in `input_path` (a folder or one file) into `output_dir/<same name>`.
-
-    Each output is written whole (temporary name, then a rename) as soon as its volume is done, so
-    an unreadable input costs only its own output. Labels 0-3 in uint8, the input's affine and zooms.
-
-    Returns:
-        the failure lines (empty when every readable 3-D volume was written).
+        (the network in eval mode on the device, S the side it was trained on, the torch device).
 
     Raises:
-        DatasetError: `input_path` holds no .nii.gz file. WeightsError: no model in `model`.
+        WeightsError: no model, no image_size (in the model nor in prepared_dir/prepare.json), or a
+            model the dataset refuses (FIVES: not 2 classes).
     """
     from sraseg.train.unet import load_model
 
-    _check_batch_size(batch_size)
-    input_path, output_dir = Path(input_path), Path(output_dir)
-    if input_path.is_dir():
-        inputs = sorted(p for p in input_path.glob("*.nii.gz") if p.is_file())
-    elif input_path.is_file() and input_path.name.endswith(".nii.gz"):
-        inputs = [input_path]
-    else:
-        raise DatasetError(f"{input_path}: not a folder of .nii.gz volumes nor a .nii.gz file")
-    if not inputs:
-        raise DatasetError(f"{input_path}: no .nii.gz volumes to predict")
-    if output_dir.resolve() == inputs[0].parent.resolve():
-        raise ConfigError(f"{output_dir}: the output folder is the input folder; predictions would overwrite the images")
     weights = model_weights(model)
     torch_device = pick_device(device)
     net, meta = load_model(weights, device=torch_device)
-    image_size = _image_size(meta, weights, None)
+    image_size = _image_size(meta, weights, prepared_dir)
+    data.check_model(weights, meta)
+    return net, image_size, torch_device
+
+
+def _inputs(data, input_path: Path) -> list[Path]:
+    """The files to predict: `input_path` itself, or its files with the dataset's suffix (hidden ones left out)."""
+    suffix = data.suffix
+    if input_path.is_dir():
+        inputs = sorted(p for p in input_path.iterdir() if p.is_file() and p.name.lower().endswith(suffix)
+                        and not p.name.startswith("."))  # fmt: skip
+    elif input_path.is_file() and input_path.name.lower().endswith(suffix):
+        inputs = [input_path]
+    else:
+        raise DatasetError(f"{input_path}: not a folder of {suffix} {data.unit}s nor a {suffix} file")
+    if not inputs:
+        raise DatasetError(f"{input_path}: no {suffix} {data.unit}s to predict")
+    return inputs
+
+
+def predict_folder(input_path: Path | str, output_dir: Path | str, model: Path | str, batch_size: int = 16,
+                   device: str = "auto", dataset: str = "acdc") -> list[str]:  # fmt: skip
+    """Segment every input of the dataset's kind in `input_path` (a folder or one file) into `output_dir/<same name>`.
+
+    Each output is written whole (temporary name, then a rename) as soon as its input is done, so an
+    unreadable input costs only its own output; one the dataset skips (ACDC: a 4-D series) is logged.
+
+    Returns:
+        the failure lines (empty when every input was written or skipped).
+
+    Raises:
+        DatasetError: `input_path` holds no input. ConfigError: the output folder is the input folder.
+        WeightsError: no model in `model`, or one the dataset refuses.
+    """
+    data = get_dataset(dataset)
+    _check_batch_size(batch_size)
+    input_path, output_dir = Path(input_path), Path(output_dir)
+    inputs = _inputs(data, input_path)
+    if output_dir.resolve() == inputs[0].parent.resolve():
+        raise ConfigError(f"{output_dir}: the output folder is the input folder; predictions would overwrite the images")
+    net, image_size, torch_device = load_for(data, model, device)
     output_dir.mkdir(parents=True, exist_ok=True)
-    log.info("predicting %d volume(s) from %s at %d px on %s", len(inputs), input_path, image_size, torch_device)
+    log.info("predicting %d %s(s) from %s at %d px on %s", len(inputs), data.unit, input_path, image_size, torch_device)
 
     failed, written = [], 0
     # per-input lines go above the progress bar, each on its own line
     with logging_redirect_tqdm():
-        for src in tqdm(inputs, desc="predict", unit="volume"):
-            tmp = output_dir / f".{src.name[: -len('.nii.gz')]}.tmp.nii.gz"
+        for src in tqdm(inputs, desc="predict", unit=data.unit):
+            skipped = data.skip_input(src)
+            if skipped:
+                log.warning("%s: skipped, %s", src, skipped)
+                continue
+            try:
+                image, reference = data.read_input(src)
+                labels = data.segment(net, image, src, image_size, torch_device, batch_size)
+            except DatasetError as err:
+                log.error("%s", err)
+                failed.append(str(err))
+                continue
+            tmp = output_dir / f".{src.name[: -len(data.suffix)]}.tmp{data.suffix}"
             tmp.unlink(missing_ok=True)  # a leftover of a killed run must not be published
-            failed += predict_paths(net, image_size, [(src, tmp, None)], torch_device, batch_size, True, progress=False)
-            if tmp.exists():
-                os.replace(tmp, output_dir / src.name)
-                written += 1
+            data.write_prediction(tmp, labels, reference)
+            os.replace(tmp, output_dir / src.name)
+            written += 1
     log.info("wrote %d prediction(s) to %s; %d input(s) failed", written, output_dir, len(failed))
     return failed
+
+
+def _check_prepared(data, prepared_dir: Path) -> None:
+    """A prepared folder of another dataset is refused (prepare.json's `dataset`; ACDC's predates the key)."""
+    prepare_json = prepared_dir / "prepare.json"
+    if prepare_json.is_file() and read_json(prepare_json).get("dataset", "acdc") != data.name:
+        raise DatasetError(f"{prepare_json}: not a {data.title}-layout prepared folder (dataset is not {data.name})")
 
 
 def run(
@@ -228,32 +154,32 @@ def run(
     batch_size: int = 16,
     input_path: Path | str | None = None,
     device: str = "auto",
+    dataset: str = "acdc",
 ) -> None:
-    """Predict NIfTI volumes with a trained model.
+    """Predict with a trained model.
 
-    Two modes share `predict_paths`: with `input_path`, every .nii.gz there goes to out_dir/<same
-    name> (a failing input is named and skipped); with `prepared_dir` (the workflow), every case of
-    `split` in volumes.parquet goes to out_dir/<case>.nii.gz, all or nothing.
+    Two modes: with `input_path`, every input there goes to out_dir/<same name> (a failing input is
+    named and skipped); with `prepared_dir` (the workflow), every case of `split` in volumes.parquet
+    goes to out_dir/<case><suffix>, all or nothing.
 
     Raises:
-        ConfigError: batch_size < 1, an unknown split, or neither/both of input_path and prepared_dir.
-        DatasetError: volumes.parquet missing or without cases of `split`; an image that is unreadable or
-            whose shape differs from volumes.parquet (prepared mode); some inputs failed (folder mode,
-            after the others were written).
-        WeightsError: the model cannot be loaded.
+        ConfigError: batch_size < 1, an unknown split or dataset, or neither/both of input_path and prepared_dir.
+        DatasetError: volumes.parquet missing or without cases of `split`; a prepared folder of another
+            dataset; an image that is unreadable or whose shape differs from volumes.parquet (prepared
+            mode); some inputs failed (folder mode, after the others were written).
+        WeightsError: the model cannot be loaded, or the dataset refuses it.
     """
-    from sraseg.train.unet import load_model
-
     if out_dir is None:
         raise ConfigError("predict needs an output folder (-o/--output)")
     if (input_path is None) == (prepared_dir is None):
         raise ConfigError("predict takes either an input folder (-i/--input) or --prepared-dir with --split")
     if input_path is not None:
-        failed = predict_folder(input_path, out_dir, model_path, batch_size, device)
+        failed = predict_folder(input_path, out_dir, model_path, batch_size, device, dataset)
         if failed:
             raise DatasetError(f"{len(failed)} input(s) failed (named above); the others were written to {out_dir}")
         return
 
+    data = get_dataset(dataset)
     model_path, prepared_dir, out_dir = model_weights(model_path), Path(prepared_dir), Path(out_dir)
     _check_batch_size(batch_size)
     if split not in ("train", "val", "test"):
@@ -263,15 +189,16 @@ def run(
     cases = volumes[volumes["split"] == split]
     if cases.empty:
         raise DatasetError(f"{volumes_path}: no cases in split {split!r}")
+    _check_prepared(data, prepared_dir)
 
-    torch_device = pick_device(device)
-    model, meta = load_model(model_path, device=torch_device)
-    image_size = _image_size(meta, model_path, prepared_dir)
+    model, image_size, torch_device = load_for(data, model_path, device, prepared_dir)
     log.info("predicting %d %s cases at %d px on %s", len(cases), split, image_size, torch_device)
-
     with staged_outputs(out_dir) as st:
-        jobs = [
-            (Path(row.image_path), st.path(f"{row.case}.nii.gz"), (int(row.nx), int(row.ny), int(row.nz)))
-            for row in cases.itertuples(index=False)
-        ]
-        predict_paths(model, image_size, jobs, torch_device, batch_size, keep_going=False)
+        for row in tqdm(list(cases.itertuples(index=False)), desc="predict", unit=data.unit):
+            src = Path(row.image_path)
+            image, reference = data.read_input(src)
+            expected = data.expected_shape(row)
+            if image.shape != expected:
+                raise DatasetError(f"{src}: image {data.shape_word} {image.shape} differs from volumes.parquet {expected}")
+            labels = data.segment(model, image, src, image_size, torch_device, batch_size)
+            data.write_prediction(st.path(f"{row.case}{data.suffix}"), labels, reference)

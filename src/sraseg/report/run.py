@@ -1,5 +1,8 @@
-"""The report stage: every experiment's evaluation, mean and standard deviation over seeds, in both
-metric modes, with the encoder's provenance and the synthetic set's FD-DINOv2 on top, plus figures.
+"""The report stage: every experiment's evaluation, mean and standard deviation over seeds, in each of
+the dataset's metric modes, with the encoder's provenance and the synthetic set's FD-DINOv2 on top, plus
+figures. Written once for every dataset: the dataset (`sraseg.datasets`, picked by `--dataset`) says
+what a summary.json holds and how its tables look; a dataset without `full_report` (FIVES) gets the
+tables, results.csv and the training curves only.
 
 Reads (under results/{ds}/): {exp}/seed{seed}/eval/summary.json, {exp}/seed{seed}/train_log.csv,
 {exp}/seed{seed}/predictions/, prepared/, synthetic/, embed/encoder.json, embed/fd_dinov2.json,
@@ -20,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sraseg.datasets import get_dataset
 from sraseg.embed.common import describe_encoder
 from sraseg.embed.index import HUB_WARNING_SHARE
 from sraseg.errors import DatasetError
@@ -31,9 +35,6 @@ __all__ = ["ReportSettings", "collect_results", "content_lines", "write_markdown
 
 log = logging.getLogger(__name__)
 
-MODES = ("peer", "mm")
-METRICS = ("dice", "jaccard", "hd95", "asd")
-CLASSES = ("RV", "MYO", "LV", "mean")
 # Dice and Jaccard are fractions in summary.json; the tables show percentages as the papers do.
 PERCENT = {"dice", "jaccard"}
 
@@ -49,43 +50,34 @@ class ReportSettings:
     seeds: list = field(default_factory=lambda: [1337])
 
 
-def _summary_values(summary: dict, mode: str, path: Path) -> tuple[int, dict[tuple[str, str], float]]:
-    """(n_cases, {(metric, class): value}) of one mode of one summary.json; None becomes NaN."""
-    values = {}
-    try:
-        entry = summary[mode]
-        for metric in METRICS:
-            for cls in CLASSES[:-1]:
-                values[(metric, cls)] = entry["per_class"][cls][metric]
-            values[(metric, "mean")] = entry["mean"][metric]
-        return int(entry["n_cases"]), {key: (np.nan if v is None else float(v)) for key, v in values.items()}
-    except (KeyError, TypeError, ValueError) as err:
-        raise DatasetError(f"{path}: not an evaluate summary (no usable {mode!r} metrics: {err!r}); rerun evaluate") from None
-
-
-def collect_results(results_dir: Path, experiments: dict, seeds: list[int]) -> pd.DataFrame:
-    """One row per experiment and mode: mean and std over seeds of every metric and class.
+def collect_results(results_dir: Path, experiments: dict, seeds: list[int], dataset: str = "acdc") -> pd.DataFrame:
+    """One row per experiment and mode: mean and std over seeds of every value the dataset reads from a
+    summary.json (columns `<stem>_mean`, `<stem>_std`; Dice and Jaccard in %). A mode that some seed's
+    summary leaves out has no row.
 
     Raises:
-        DatasetError: an experiment's summary.json is missing or unreadable.
+        DatasetError: an experiment's summary.json is missing, unreadable or not the dataset's.
     """
+    data = get_dataset(dataset)
     rows = []
     for name, spec in experiments.items():
         per_seed = {}
         for seed in seeds:
             path = results_dir / name / f"seed{seed}" / "eval" / "summary.json"
             per_seed[path] = read_json(path, hint=f"evaluate experiment {name!r} seed {seed} first")
-        for mode in MODES:
-            n_cases, values = zip(*(_summary_values(summary, mode, path) for path, summary in per_seed.items()))
+        for mode in data.modes:
+            found = [data.summary_values(summary, mode, path) for path, summary in per_seed.items()]
+            if any(entry is None for entry in found):
+                continue
+            n_cases, values = zip(*found)
             row = {"experiment": name, "method": spec.get("method", ""), "mode": mode, "n_seeds": len(values)}
             row["n_cases"] = n_cases[0]
-            for metric in METRICS:
-                scale = 100.0 if metric in PERCENT else 1.0
-                for cls in CLASSES:
-                    samples = np.array([v[(metric, cls)] for v in values]) * scale
-                    finite = samples[np.isfinite(samples)]
-                    row[f"{metric}_{cls}_mean"] = float(finite.mean()) if finite.size else np.nan
-                    row[f"{metric}_{cls}_std"] = float(finite.std(ddof=1)) if finite.size > 1 else np.nan
+            for stem in values[0]:
+                scale = 100.0 if stem.split("_", 1)[0] in PERCENT else 1.0
+                samples = np.array([v[stem] for v in values]) * scale
+                finite = samples[np.isfinite(samples)]
+                row[f"{stem}_mean"] = float(finite.mean()) if finite.size else np.nan
+                row[f"{stem}_std"] = float(finite.std(ddof=1)) if finite.size > 1 else np.nan
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -96,12 +88,12 @@ def _cell(mean: float, std: float) -> str:
     return f"{mean:.2f} ± {std:.2f}" if np.isfinite(std) else f"{mean:.2f}"
 
 
-def _markdown_table(frame: pd.DataFrame, columns: list[tuple[str, str, str]]) -> str:
-    """columns: (header, metric, class)."""
-    header = "| experiment | method | " + " | ".join(h for h, _, _ in columns) + " |"
+def _markdown_table(frame: pd.DataFrame, columns: list[tuple[str, str]]) -> str:
+    """columns: (header, column stem)."""
+    header = "| experiment | method | " + " | ".join(h for h, _ in columns) + " |"
     lines = [header, "|" + "---|" * (2 + len(columns))]
     for _, row in frame.iterrows():
-        cells = [_cell(row[f"{m}_{c}_mean"], row[f"{m}_{c}_std"]) for _, m, c in columns]
+        cells = [_cell(row[f"{stem}_mean"], row[f"{stem}_std"]) for _, stem in columns]
         lines.append(f"| {marked_name(row)} | {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -206,35 +198,35 @@ def content_lines(results_dir: Path) -> list[str]:
     return lines
 
 
-def _sections(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame, list[tuple[str, list]]]]:
-    """Per mode: (heading, its rows, [(table caption, columns)]); shared by the markdown and HTML tables."""
-    overall = [(name.upper() if name in ("hd95", "asd") else name.capitalize(), name, "mean") for name in METRICS]
-    per_class = [(f"Dice {c}", "dice", c) for c in CLASSES[:-1]]
+def _sections(frame: pd.DataFrame, data) -> list[tuple[str, pd.DataFrame, list[tuple[str | None, list]]]]:
+    """Per mode with rows: (heading, its rows, [(table caption or None, columns)]); shared by the markdown
+    and HTML tables."""
     out = []
-    for mode in MODES:
+    for mode in data.modes:
         sub = frame[frame["mode"] == mode]
-        n_cases = int(sub["n_cases"].iloc[0]) if len(sub) else 0
-        if mode == "peer":
-            heading = f"Peer mode ({n_cases} test volumes; HD95/ASD in voxels, a missed class scores 0)"
-        else:
-            heading = f"mm mode ({n_cases} test volumes; HD95/ASSD in mm, an empty prediction is left out)"
-        tables = [("Dice and Jaccard in %, mean over RV, MYO and LV:", overall), ("Dice per class (%):", per_class)]
+        if sub.empty:
+            continue
+        heading, tables = data.report_tables(mode, int(sub["n_cases"].iloc[0]))
         out.append((heading, sub, tables))
     return out
 
 
 def write_markdown(frame: pd.DataFrame, path: Path, title: str, provenance: list[str], seeds: list[int],
-                   content: list[str] | None = None, warnings: list[str] | None = None) -> None:  # fmt: skip
+                   content: list[str] | None = None, warnings: list[str] | None = None,
+                   dataset: str = "acdc") -> None:  # fmt: skip
+    """results.md: the provenance, the switch guard's warnings, the content stage's findings, then the
+    dataset's tables per mode, experiments as rows, mean ± std over seeds."""
+    data = get_dataset(dataset)
     parts = [f"# {title}", ""]
-    parts += provenance + [f"- seeds: {', '.join(map(str, seeds))}; values are mean ± std over seeds", ""]
+    parts += provenance + [data.seeds_line(seeds), ""]
     if warnings:
         parts += [f"## {WARNINGS_HEADING}", ""] + warnings + [""]
     if content:
         parts += [f"## {CONTENT_HEADING}", ""] + content + [""]
-    for heading, sub, tables in _sections(frame):
+    for heading, sub, tables in _sections(frame, data):
         parts.append(f"## {heading}")
         for caption, columns in tables:
-            parts += ["", caption, "", _markdown_table(sub, columns)]
+            parts += (["", caption] if caption else []) + ["", _markdown_table(sub, columns)]
         parts.append("")
     path.write_text("\n".join(parts))
 
@@ -250,10 +242,12 @@ def _inline_html(text: str) -> str:
 
 
 def write_html(frame: pd.DataFrame, path: Path, title: str, provenance: list[str], seeds: list[int],
-               content: list[str] | None = None, warnings: list[str] | None = None) -> None:  # fmt: skip
+               content: list[str] | None = None, warnings: list[str] | None = None,
+               dataset: str = "acdc") -> None:  # fmt: skip
     """The results tables as one self-contained HTML page (embedded in `snakemake --report`)."""
     import html
 
+    data = get_dataset(dataset)
     parts = [
         "<!DOCTYPE html>",
         '<html><head><meta charset="utf-8"><title>' + html.escape(title) + "</title><style>"
@@ -270,60 +264,74 @@ def write_html(frame: pd.DataFrame, path: Path, title: str, provenance: list[str
     if content:
         parts.append(f"<h2>{html.escape(CONTENT_HEADING)}</h2>")
         parts.append("<ul>" + "".join(f"<li>{_inline_html(line)}</li>" for line in content) + "</ul>")
-    for heading, sub, tables in _sections(frame):
+    for heading, sub, tables in _sections(frame, data):
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         for caption, columns in tables:
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in ["experiment", "method"] + [h for h, _, _ in columns])
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in ["experiment", "method"] + [h for h, _ in columns])
             rows = []
             for _, row in sub.iterrows():
                 cells = "".join(
-                    f'<td class="num">{_cell(row[f"{m}_{c}_mean"], row[f"{m}_{c}_std"])}</td>' for _, m, c in columns
+                    f'<td class="num">{_cell(row[f"{stem}_mean"], row[f"{stem}_std"])}</td>' for _, stem in columns
                 )
                 rows.append(f"<tr><td>{html.escape(marked_name(row))}</td>"
                             f"<td>{html.escape(str(row['method']))}</td>{cells}</tr>")  # fmt: skip
-            parts.append(f"<table><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead>"
+            parts.append(f"<table><caption>{html.escape(caption or '')}</caption><thead><tr>{head}</tr></thead>"
                          f"<tbody>{''.join(rows)}</tbody></table>")  # fmt: skip
     parts.append("</body></html>")
     path.write_text("\n".join(parts), encoding="utf-8")
 
 
-def run(results_dir: Path | str, out_dir: Path | str, settings: dict) -> pd.DataFrame:
-    """Write results.csv, results.md, results.html and figures/ for every experiment and seed in `settings`."""
+def _synthetic_figures(results_dir: Path, experiments: dict, staged) -> None:
+    """The full report's figures of the synthetic data, each when its stage ran."""
     from sraseg.report import figures
 
+    fd_log = results_dir / "generator" / "fd_log.csv"
+    if fd_log.is_file():
+        figures.generator_fd_curve(fd_log, staged.path("figures/generator_fd_ratio.png"))
+    if (results_dir / "synthetic" / "images.npy").is_file():
+        figures.real_vs_synthetic(results_dir, staged.path("figures/real_vs_synthetic.png"))
+    content_figure = results_dir / "content" / "content.png"
+    if content_figure.is_file():
+        shutil.copyfile(content_figure, staged.path("figures/synthetic_content.png"))
+    projection = results_dir / "embed" / "projection.png"
+    if projection.is_file():
+        shutil.copyfile(projection, staged.path("figures/embedding_projection.png"))
+    blend_dirs = {name: results_dir / "blend" / name for name in experiments
+                  if (results_dir / "blend" / name / "pairs.parquet").is_file()}  # fmt: skip
+    if blend_dirs:
+        figures.partner_use_figure(blend_dirs, staged.path("figures/partner_use.png"))
+    for name in experiments:
+        preview = results_dir / "blend" / name / "preview.png"
+        if preview.is_file():
+            shutil.copyfile(preview, staged.path(f"figures/blend_{name}.png"))
+
+
+def run(results_dir: Path | str, out_dir: Path | str, settings: dict, dataset: str = "acdc") -> pd.DataFrame:
+    """Write results.csv, results.md and figures/training_curves.png for every experiment and seed in
+    `settings`; for a dataset with `full_report` also results.html, the provenance and content lines and
+    the other figures."""
+    from sraseg.report import figures
+
+    data = get_dataset(dataset)
     results_dir = Path(results_dir)
     config = parse_settings(ReportSettings, settings, "report")
     if not config.experiments:
         raise DatasetError(f"{results_dir}: no experiments to report")
-    frame = collect_results(results_dir, config.experiments, list(config.seeds))
+    frame = collect_results(results_dir, config.experiments, list(config.seeds), dataset)
     switch = switch_warnings(results_dir, config.experiments, list(config.seeds))
     frame, warnings = mark_experiments(frame, switch), warning_lines(switch)
+    full = data.full_report
     with staged_outputs(out_dir) as staged:
         frame.to_csv(staged.path("results.csv"), index=False)
-        title, provenance = f"Results: {results_dir.name}", _provenance_lines(results_dir)
-        content = content_lines(results_dir)
-        write_markdown(frame, staged.path("results.md"), title, provenance, config.seeds, content, warnings)
-        write_html(frame, staged.path("results.html"), title, provenance, config.seeds, content, warnings)
+        title = data.report_title(results_dir)
+        provenance = _provenance_lines(results_dir) if full else []
+        content = content_lines(results_dir) if full else []
+        write_markdown(frame, staged.path("results.md"), title, provenance, config.seeds, content, warnings, dataset)
+        if full:
+            write_html(frame, staged.path("results.html"), title, provenance, config.seeds, content, warnings, dataset)
         figures.training_curves(results_dir, config.experiments, config.seeds, staged.path("figures/training_curves.png"))
-        figures.overlays(results_dir, config.experiments, config.seeds[0], staged.path("figures/overlays.png"))
-        fd_log = results_dir / "generator" / "fd_log.csv"
-        if fd_log.is_file():
-            figures.generator_fd_curve(fd_log, staged.path("figures/generator_fd_ratio.png"))
-        if (results_dir / "synthetic" / "images.npy").is_file():
-            figures.real_vs_synthetic(results_dir, staged.path("figures/real_vs_synthetic.png"))
-        content_figure = results_dir / "content" / "content.png"
-        if content_figure.is_file():
-            shutil.copyfile(content_figure, staged.path("figures/synthetic_content.png"))
-        projection = results_dir / "embed" / "projection.png"
-        if projection.is_file():
-            shutil.copyfile(projection, staged.path("figures/embedding_projection.png"))
-        blend_dirs = {name: results_dir / "blend" / name for name in config.experiments
-                      if (results_dir / "blend" / name / "pairs.parquet").is_file()}
-        if blend_dirs:
-            figures.partner_use_figure(blend_dirs, staged.path("figures/partner_use.png"))
-        for name in config.experiments:
-            preview = results_dir / "blend" / name / "preview.png"
-            if preview.is_file():
-                shutil.copyfile(preview, staged.path(f"figures/blend_{name}.png"))
+        if full:
+            figures.overlays(results_dir, config.experiments, config.seeds[0], staged.path("figures/overlays.png"))
+            _synthetic_figures(results_dir, config.experiments, staged)
     log.info("report for %d experiments written to %s", len(config.experiments), out_dir)
     return frame
