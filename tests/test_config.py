@@ -24,7 +24,7 @@ SECTIONS = {
     "embed": ("sraseg.embed.run", "EmbedSettings"),
     "index": ("sraseg.embed.index", "IndexSettings"),
     "blend": ("sraseg.blend.run", "BlendSettings"),
-    "train": ("sraseg.train.loop", "TrainSettings"),
+    "train": ("sraseg.train.settings", "TrainSettings"),
     "content": ("sraseg.evaluate.content", "ContentSettings"),
 }
 
@@ -154,7 +154,9 @@ def edited_schema(tmp_path, monkeypatch):
         path.write_text(yaml.safe_dump(schema))
         settings.load_schema.cache_clear()
 
+    path.write_text(yaml.safe_dump(schema))  # the copy, unedited until `edit` (the train stage reads its method enum)
     monkeypatch.setattr(settings, "SCHEMA_PATH", path)
+    settings.load_schema.cache_clear()
     yield edit
     settings.load_schema.cache_clear()
 
@@ -163,7 +165,7 @@ def test_schema_default_is_the_parsed_default(edited_schema, capsys):
     from sraseg.cli import main
     from sraseg.generate.sample import validate_settings
     from sraseg.settings import parse_settings
-    from sraseg.train.loop import TrainSettings
+    from sraseg.train.settings import TrainSettings
 
     assert parse_settings(TrainSettings, {"method": "sraseg"}, "train").pretrain_iterations == 10000
     edited_schema("train", "pretrain_iterations", default=1234)
@@ -334,7 +336,7 @@ def test_train_method_is_checked_against_the_experiments_enum():
     schema's experiments.<name>.method choices."""
     from sraseg.errors import ConfigError
     from sraseg.settings import parse_settings
-    from sraseg.train.loop import TrainSettings
+    from sraseg.train.settings import TrainSettings
 
     with pytest.raises(ConfigError, match=r"^'train\.method' is 'fixmatch'; allowed: labeled_only, bcp_real, bcp_synthetic, sraseg$"):
         parse_settings(TrainSettings, {"method": "fixmatch"}, "train")
@@ -346,7 +348,7 @@ def test_formerly_drifted_bounds_agree():
     from sraseg.errors import ConfigError
     from sraseg.generate.train import GeneratorSettings, validate_settings
     from sraseg.settings import config_problems, parse_settings
-    from sraseg.train.loop import TrainSettings
+    from sraseg.train.settings import TrainSettings
 
     assert config_problems({"generator": {"ema_decay": 1.0}}, SCHEMA, check_paths=False) == ["'generator.ema_decay' is 1.0; must be < 1"]
     for given in ({"ema_decay": 1.0}, GeneratorSettings(ema_decay=1.0)):
@@ -368,7 +370,7 @@ DISPATCH_TABLES = [
     ("sraseg.train.data", "AUGMENTATIONS", "train", "augment"),
     ("sraseg.train.data", "PAIR_AUGMENTS", "train", "pair_augment"),
     ("sraseg.train.teacher", "TEACHER_MODES", "train", "teacher_mode"),
-    ("sraseg.train.loop", "METHODS", "experiments", "method"),
+    ("sraseg.train.methods", "METHODS", "experiments", "method"),
 ]
 
 

@@ -16,6 +16,8 @@ from sraseg.errors import ConfigError
 from sraseg.method_settings import METHODS_KEY, methods_reading, settings_read_by
 from sraseg.settings import load_schema, parse_settings, section_schema
 from sraseg.train import loop
+from sraseg.train.methods import METHODS
+from sraseg.train.settings import TrainSettings
 
 SMALL_NET = dict(channels=[8, 16, 32], dropout=[0.05, 0.1, 0.2])
 # a few iterations of each phase; dense validations on, so dense_val_iterations is live where it is read
@@ -39,14 +41,14 @@ def other_value(key: str):
         if value is None or value == current:
             continue
         try:
-            parse_settings(loop.TrainSettings, dict(BASE, **{key: value}), "train")
+            parse_settings(TrainSettings, dict(BASE, **{key: value}), "train")
         except ConfigError:
             continue
         return value
     raise AssertionError(f"no other valid value for train.{key}")
 
 
-UNREAD = [(method, key) for method in loop.METHODS for key, readers in MARKS.items() if method not in readers]
+UNREAD = [(method, key) for method in METHODS for key, readers in MARKS.items() if method not in readers]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def inputs(tmp_path_factory):
 def _train(inputs, out_dir, method: str, **changed) -> dict:
     """A tiny run's end state: the published weights, the last student, teacher and SA head, the log."""
     end = {}
-    publish = loop._publish
+    publish = loop.publish
 
     def keep_models(ctx, *args):
         for name in ("student", "teacher", "head"):
@@ -65,11 +67,11 @@ def _train(inputs, out_dir, method: str, **changed) -> dict:
             end.update({f"{name}.{k}": v.clone() for k, v in (model.state_dict() if model else {}).items()})
         publish(ctx, *args)
 
-    loop._publish = keep_models
+    loop.publish = keep_models
     try:
         loop.run(out_dir=out_dir, settings=dict(BASE, method=method, **changed), seed=3, **inputs)
     finally:
-        loop._publish = publish
+        loop.publish = publish
     end.update({f"published.{k}": v for k, v in load_file(str(out_dir / "model.safetensors")).items()})
     log = [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(open(out_dir / "train_log.csv"))]
     return dict(weights=end, log=log)
@@ -102,12 +104,12 @@ def test_the_marks_name_methods_and_leave_a_method_out():
     """Each mark lists known methods, some but not all; the experiments' overrides carry the same marks."""
     assert MARKS, "no train key is marked"
     for key, readers in MARKS.items():
-        assert readers and set(readers) < set(loop.METHODS), (key, readers)
+        assert readers and set(readers) < set(METHODS), (key, readers)
     overrides = load_schema()["properties"]["experiments"]["additionalProperties"]["properties"]["train"]
     assert {k: tuple(s[METHODS_KEY]) for k, s in overrides["properties"].items() if METHODS_KEY in s} == MARKS
 
 
-@pytest.mark.parametrize("method", loop.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_settings_read_by_keeps_unmarked_keys_and_the_methods_own(method):
     section = {key: spec["default"] for key, spec in PROPERTIES.items()}
     section.update(method=method, device="cuda", not_a_key=1)  # unknown keys stay for the stage to refuse
