@@ -45,7 +45,25 @@ def test_schema_defaults_equal_stage_defaults(section: str):
     schema_defaults = {k: v["default"] for k, v in SCHEMA["properties"][section]["properties"].items()}
     stage_defaults = dataclass_defaults(*SECTIONS[section])
     stage_defaults.pop("method", None)  # the experiment's method, not a train-section key
+    if section == "train":
+        stage_defaults.pop("blend")  # the blend section's map keys (BlendMapSettings): checked below
     assert schema_defaults == stage_defaults
+
+
+def test_training_reads_the_blend_sections_marked_keys_with_their_defaults():
+    """The blend map settings are declared once, in `blend`: training's `BlendMapSettings` holds exactly the
+    keys the schema marks as read by training (x-methods), with the schema's defaults."""
+    from sraseg.method_settings import methods_reading
+    from sraseg.train.settings import BlendMapSettings, TrainSettings, parse_train_settings
+
+    blend = SCHEMA["properties"]["blend"]["properties"]
+    maps = dataclass_defaults("sraseg.train.settings", "BlendMapSettings")
+    assert set(maps) == set(methods_reading("blend")) == {"kernel", "kernel_size", "sigma", "ratio"}
+    assert maps == {key: blend[key]["default"] for key in maps}
+    assert not {"blend_kernel", "blend_kernel_size", "blend_sigma", "blend_ratio"} & set(SCHEMA["properties"]["train"]["properties"])
+    cfg = parse_train_settings({"method": "sraseg", "blend": {"kernel": "box", "kernel_size": 7}})
+    assert cfg.blend == BlendMapSettings(kernel="box", kernel_size=7) and isinstance(cfg, TrainSettings)
+    assert parse_train_settings({"method": "sraseg"}).blend == BlendMapSettings()
 
 
 def test_every_schema_key_has_a_description_and_a_readme_line():
@@ -315,7 +333,6 @@ def test_the_stage_accepts_everything_the_schema_allows(section, key, rule, edge
         ("generator", dict(prediction_type="epsilon", zero_terminal_snr=True), r"'generator\.zero_terminal_snr' needs .*v_prediction"),
         ("train", dict(pretrain_iterations=0, selftrain_iterations=0), r"'train\.pretrain_iterations' \+ 'train\.selftrain_iterations' must be > 0"),
         ("train", dict(channels=[4, 8, 16], dropout=[0.1, 0.2]), r"'train\.channels' and 'train\.dropout' need the same length"),
-        ("train", dict(blend_kernel_size=4), r"'train\.blend_kernel_size' is 4; must be odd"),
         ("blend", dict(kernel_size=4), r"'blend\.kernel_size' is 4; must be odd"),
     ],
 )
@@ -364,7 +381,6 @@ def test_formerly_drifted_bounds_agree():
 # Code that dispatches on a setting's values keeps its one table; each equals the schema's enum.
 DISPATCH_TABLES = [
     ("sraseg.blend.maps", "KERNELS", "blend", "kernel"),
-    ("sraseg.blend.maps", "KERNELS", "train", "blend_kernel"),
     ("sraseg.embed.pairing", "PAIRING_RULES", "blend", "pairing"),
     ("sraseg.embed.common", "POOLINGS", "embed", "pooling"),
     ("sraseg.train.data", "AUGMENTATIONS", "train", "augment"),
@@ -418,3 +434,14 @@ def test_the_schema_ships_in_the_package():
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert SCHEMA_PATH.name in pyproject["tool"]["setuptools"]["package-data"]["sraseg"]
     assert not (REPO / "workflow" / "schemas").exists(), "one schema file: the package's"
+
+
+def test_training_refuses_an_even_blend_kernel_as_the_blend_stage_does():
+    from sraseg.errors import ConfigError
+    from sraseg.settings import config_problems
+    from sraseg.train.settings import parse_train_settings
+
+    assert config_problems({"blend": {"kernel_size": 4}}, SCHEMA, check_paths=False) == []
+    with pytest.raises(ConfigError, match=r"'blend\.kernel_size' is 4; must be odd"):
+        parse_train_settings({"method": "sraseg", "blend": {"kernel_size": 4}})
+

@@ -94,9 +94,9 @@ class TrainContext:
             self._map_generator = torch.Generator(device=self.device)
         self._map_generator.manual_seed(int(np.random.SeedSequence([self.seed, self.step]).generate_state(1, np.uint64)[0]))
         size = self.prepared.image_size
-        cfg = self.cfg
-        maps = make_blend_maps(count, size, size, self._map_generator, kind, cfg.blend_kernel_size, cfg.blend_sigma,
-                               cfg.blend_ratio)
+        maps_cfg = self.cfg.blend  # the blend section's kernel_size, sigma and ratio
+        maps = make_blend_maps(count, size, size, self._map_generator, kind, maps_cfg.kernel_size, maps_cfg.sigma,
+                               maps_cfg.ratio)
         return self.to_device(maps)
 
     def labeled_batch(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,7 @@ from sraseg.device import autocast, grad_scaler, pick_device, seed_everything
 from sraseg.errors import SrasegError
 from sraseg.preempt import stop_on_signals
 from sraseg.resume import input_identity, job_key
-from sraseg.settings import parse_settings, settings_dict
+from sraseg.settings import settings_dict
 from sraseg.train.alignment import ProjectionHead
 from sraseg.train.checkpoint import (
     cpu_state,
@@ -47,7 +47,7 @@ from sraseg.train.data import check_inputs, load_inputs
 from sraseg.train.log_table import LossSums, class_names, labeled_fraction, log_columns, log_row, write_val_scalars
 from sraseg.train.methods import METHODS, Phase, StepFn
 from sraseg.train.publish import publish
-from sraseg.train.settings import TrainSettings
+from sraseg.train.settings import TrainSettings, parse_train_settings
 from sraseg.train.switch import guard_switch
 from sraseg.train.teacher import update_ema
 from sraseg.train.unet import UNet
@@ -254,7 +254,8 @@ def run(
     Args:
         prepared_dir: prepare stage output.
         out_dir: results/{ds}/{exp}/seed{seed}.
-        settings: TrainSettings fields as a dict (unknown keys refused).
+        settings: TrainSettings fields as a dict (unknown keys refused), the blend section's map keys under
+            `blend` (`parse_train_settings`).
         seed: the run's seed.
         synthetic_dir: sample output (bcp_synthetic, sraseg).
         embed_dir: embed + index output (sraseg with sa).
@@ -268,7 +269,7 @@ def run(
         Preempted: SIGTERM or SIGUSR1 arrived; last.ckpt holds the step reached and a rerun resumes from it.
     """
     # inputs: settings checked, the method's input folders given, then read (after seeding, as always)
-    cfg = parse_settings(TrainSettings, settings, "train")
+    cfg = parse_train_settings(settings)
     out_dir = Path(out_dir)
     inputs = dict(prepared_dir=prepared_dir, synthetic_dir=synthetic_dir, embed_dir=embed_dir, blend_dir=blend_dir)
     check_inputs(cfg, **inputs)

@@ -1,14 +1,40 @@
-"""The train stage's settings: one dataclass whose fields are the config schema's `train` keys (the schema
-declares each default, choice and bound; `sraseg.settings.parse_settings` fills and checks them)."""
+"""The train stage's settings: `TrainSettings`, whose fields are the config schema's `train` keys, and in
+its `blend` field the `blend` section's keys training reads for its on-the-fly maps (`BlendMapSettings`).
+The schema declares each default, choice and bound once; `parse_train_settings` fills and checks both."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from sraseg.errors import ConfigError
-from sraseg.settings import choices
+from sraseg.settings import choices, parse_settings
 
-__all__ = ["TrainSettings"]
+__all__ = ["BlendMapSettings", "TrainSettings", "parse_train_settings"]
+
+
+@dataclass
+class BlendMapSettings:
+    """The `blend` section's keys that training reads too, for the maps it makes itself: sraseg's soft
+    pre-training maps (all four) and BCP's hard boxes (ratio). One declaration serves the blend bank and
+    training, so the two cannot disagree.
+
+    Args:
+        kernel (`str`, "gaussian"): edge of sraseg's pre-training maps: gaussian, box or hard.
+        kernel_size (`int`, 5): odd side of the smoothing kernel.
+        sigma (`float`, 1.0): std of the Gaussian kernel in pixels.
+        ratio (`float`, 2/3): side of the hole relative to the image, in (0, 1).
+    """
+
+    kernel: str = "gaussian"
+    kernel_size: int = 5
+    sigma: float = 1.0
+    ratio: float = 2 / 3
+
+    def cross_checks(self) -> None:
+        """The kernel needs a centre pixel (the blend stage's rule for the same key)."""
+        if self.kernel_size % 2 == 0:
+            raise ConfigError(f"'blend.kernel_size' is {self.kernel_size!r}; must be odd")
 
 
 @dataclass
@@ -60,8 +86,8 @@ class TrainSettings:
             the job before self-training (stop).
         sa, sa_weight: SRA-Seg's similarity-alignment loss and its weight in the self-train loss.
         sa_batch: un-mixed synthetic images (and as many real ones) given the extra encoder pass for SA.
-        blend_kernel, blend_kernel_size, blend_sigma, blend_ratio: the on-the-fly soft maps of sraseg's
-            pre-train (BCP pre-trains with hard maps of the same ratio).
+        blend: the blend section's kernel, kernel_size, sigma and ratio (`BlendMapSettings`): the on-the-fly
+            soft maps of sraseg's pre-train (BCP pre-trains and self-trains with hard maps of the same ratio).
         augment: rot_flip_or_rotate | none.
         device: auto | cpu | cuda.
         channels, dropout, num_classes: the U-Net.
@@ -96,10 +122,7 @@ class TrainSettings:
     sa: bool = True
     sa_weight: float = 0.1
     sa_batch: int = 6
-    blend_kernel: str = "gaussian"
-    blend_kernel_size: int = 5
-    blend_sigma: float = 1.0
-    blend_ratio: float = 2 / 3
+    blend: BlendMapSettings = field(default_factory=BlendMapSettings)
     augment: str = "rot_flip_or_rotate"
     device: str = "auto"
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
@@ -109,7 +132,7 @@ class TrainSettings:
 
     def cross_checks(self) -> None:
         """What the schema cannot say (parse_settings runs it): the method (an experiment's key, not a
-        `train` one), rules across fields, and odd kernel sides.
+        `train` one) and rules across fields.
 
         Raises:
             ConfigError: naming the key and the problem.
@@ -122,5 +145,16 @@ class TrainSettings:
         if len(self.channels) != len(self.dropout):
             raise ConfigError(f"'train.channels' and 'train.dropout' need the same length; got {self.channels}, "
                               f"{self.dropout}")
-        if self.blend_kernel_size % 2 == 0:
-            raise ConfigError(f"'train.blend_kernel_size' is {self.blend_kernel_size!r}; must be odd")
+
+
+def parse_train_settings(data: dict | None) -> TrainSettings:
+    """`TrainSettings` from the stage's settings: the `train` section's keys (and the experiment's method),
+    with the blend section's map keys under `blend` (as the workflow's train rule and `sraseg train
+    --config` pass them; missing keys take the schema's defaults).
+
+    Raises:
+        ConfigError: as `parse_settings`, naming `train.<key>` or `blend.<key>`.
+    """
+    data = dict(data or {})
+    maps = parse_settings(BlendMapSettings, data.pop("blend", None), "blend")
+    return dataclasses.replace(parse_settings(TrainSettings, data, "train"), blend=maps)

@@ -33,10 +33,10 @@ def phases(cfg: TrainSettings) -> list:
 
 
 def pretrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
-    """Pre-train on two labeled halves mixed with `blend_kernel` maps (`mixed_labeled_halves`): the reference's
+    """Pre-train on two labeled halves mixed with `blend.kernel` maps (`mixed_labeled_halves`): the reference's
     soft loss (`sraseg_pretrain_loss: soft`, the default), or with `same` the form of the self-training
     loss (`sraseg_loss`), both sources weighing 1."""
-    a, x_mix, y_mix = mixed_labeled_halves(ctx, ctx.cfg.blend_kernel)
+    a, x_mix, y_mix = mixed_labeled_halves(ctx, ctx.cfg.blend.kernel)
     form = ctx.cfg.sraseg_loss if ctx.cfg.sraseg_pretrain_loss == "same" else "soft"
     return mixed_loss(ctx.student(x_mix), y_mix, a, TRUE_LABEL_WEIGHT, form)
 
