@@ -1,5 +1,10 @@
 """The training log: train_log.csv's columns and rows (one per validation), the TensorBoard scalars, and
-the step terms summed on the device between rows."""
+the step terms summed on the device between rows.
+
+Besides the loss and the student's validation Dice, a row holds the instruments of self-training: the
+teacher's validation Dice beside the student's, the loss split into its true-label and pseudo-label parts
+(loss_true, loss_pseudo), and the pseudo-labels' class fractions (pl_frac_*; the labeled slices' own are
+in train.json); the switch guard adds the `switch` row of the teacher it validated."""
 
 from __future__ import annotations
 
