@@ -45,14 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this che
 from sraseg.device import amp_dtype, autocast, grad_scaler  # noqa: E402
 from sraseg.settings import parse_settings  # noqa: E402
 from sraseg.train.alignment import ProjectionHead  # noqa: E402
+from sraseg.train.context import TrainContext  # noqa: E402
 from sraseg.train.data import BlendBank, EmbedTargets, Prepared  # noqa: E402
-from sraseg.train.loop import (  # noqa: E402
-    TrainContext,
-    TrainSettings,
-    make_optimizer,
-    train_iteration,
-    training_phases,
-)
+from sraseg.train.loop import make_optimizer, train_iteration, training_phases  # noqa: E402
+from sraseg.train.settings import TrainSettings  # noqa: E402
 from sraseg.train.teacher import _graphed_filter, largest_components_torch  # noqa: E402
 from sraseg.train.unet import UNet  # noqa: E402
 

@@ -39,8 +39,10 @@ from sraseg.blend.maps import make_blend_maps  # noqa: E402
 from sraseg.device import autocast, pick_device, seed_everything  # noqa: E402
 from sraseg.settings import parse_settings  # noqa: E402
 from sraseg.train.alignment import ProjectionHead  # noqa: E402
+from sraseg.train.context import TrainContext  # noqa: E402
 from sraseg.train.data import BlendBank, EmbedTargets, Prepared  # noqa: E402
-from sraseg.train.loop import TrainContext, TrainSettings, make_optimizer, training_phases  # noqa: E402
+from sraseg.train.loop import make_optimizer, training_phases  # noqa: E402
+from sraseg.train.settings import TrainSettings  # noqa: E402
 from sraseg.train.teacher import update_ema  # noqa: E402
 from sraseg.train.unet import UNet  # noqa: E402
 

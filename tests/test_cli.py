@@ -68,7 +68,21 @@ def test_blend_draws_are_what_the_experiment_trains_with(tmp_path):
 def test_whole_acdc_config_is_accepted_by_train():
     args = build_parser().parse_args(["train", "--prepared-dir", "p", "--out-dir", "o", "--config", str(REPO / "config" / "acdc.yaml")])
     settings = args.kwargs(args)["settings"]
-    assert settings == yaml.safe_load((REPO / "config" / "acdc.yaml").read_text()).get("train", {})
+    acdc = yaml.safe_load((REPO / "config" / "acdc.yaml").read_text())
+    assert settings == {**acdc.get("train", {}), "blend": dict(kernel="gaussian", kernel_size=5, sigma=1.0)}
+
+
+def test_train_takes_the_blend_map_keys_from_the_blend_section():
+    """Training's on-the-fly maps read the blend section (declared once): --config's kernel, kernel_size,
+    sigma and ratio, with the experiment's overrides, go under `blend`; --settings may give its own."""
+    base = ["train", "--prepared-dir", "p", "--out-dir", "o", "--config", str(REPO / "config" / "fives_phantom.yaml")]
+
+    def settings(*extra):
+        args = build_parser().parse_args(base + list(extra))
+        return args.kwargs(args)["settings"]
+
+    assert settings("--experiment", "sraseg")["blend"] == dict(kernel="box", kernel_size=7)
+    assert settings("--settings", '{"blend": {"kernel": "hard"}}')["blend"] == dict(kernel="hard")
 
 
 def test_config_mistakes_are_one_line_each(tmp_path, capsys):

@@ -24,7 +24,7 @@ SECTIONS = {
     "embed": ("sraseg.embed.run", "EmbedSettings"),
     "index": ("sraseg.embed.index", "IndexSettings"),
     "blend": ("sraseg.blend.run", "BlendSettings"),
-    "train": ("sraseg.train.loop", "TrainSettings"),
+    "train": ("sraseg.train.settings", "TrainSettings"),
     "content": ("sraseg.evaluate.content", "ContentSettings"),
 }
 
@@ -45,7 +45,25 @@ def test_schema_defaults_equal_stage_defaults(section: str):
     schema_defaults = {k: v["default"] for k, v in SCHEMA["properties"][section]["properties"].items()}
     stage_defaults = dataclass_defaults(*SECTIONS[section])
     stage_defaults.pop("method", None)  # the experiment's method, not a train-section key
+    if section == "train":
+        stage_defaults.pop("blend")  # the blend section's map keys (BlendMapSettings): checked below
     assert schema_defaults == stage_defaults
+
+
+def test_training_reads_the_blend_sections_marked_keys_with_their_defaults():
+    """The blend map settings are declared once, in `blend`: training's `BlendMapSettings` holds exactly the
+    keys the schema marks as read by training (x-methods), with the schema's defaults."""
+    from sraseg.method_settings import methods_reading
+    from sraseg.train.settings import BlendMapSettings, TrainSettings, parse_train_settings
+
+    blend = SCHEMA["properties"]["blend"]["properties"]
+    maps = dataclass_defaults("sraseg.train.settings", "BlendMapSettings")
+    assert set(maps) == set(methods_reading("blend")) == {"kernel", "kernel_size", "sigma", "ratio"}
+    assert maps == {key: blend[key]["default"] for key in maps}
+    assert not {"blend_kernel", "blend_kernel_size", "blend_sigma", "blend_ratio"} & set(SCHEMA["properties"]["train"]["properties"])
+    cfg = parse_train_settings({"method": "sraseg", "blend": {"kernel": "box", "kernel_size": 7}})
+    assert cfg.blend == BlendMapSettings(kernel="box", kernel_size=7) and isinstance(cfg, TrainSettings)
+    assert parse_train_settings({"method": "sraseg"}).blend == BlendMapSettings()
 
 
 def test_every_schema_key_has_a_description_and_a_readme_line():
@@ -154,7 +172,9 @@ def edited_schema(tmp_path, monkeypatch):
         path.write_text(yaml.safe_dump(schema))
         settings.load_schema.cache_clear()
 
+    path.write_text(yaml.safe_dump(schema))  # the copy, unedited until `edit` (the train stage reads its method enum)
     monkeypatch.setattr(settings, "SCHEMA_PATH", path)
+    settings.load_schema.cache_clear()
     yield edit
     settings.load_schema.cache_clear()
 
@@ -163,7 +183,7 @@ def test_schema_default_is_the_parsed_default(edited_schema, capsys):
     from sraseg.cli import main
     from sraseg.generate.sample import validate_settings
     from sraseg.settings import parse_settings
-    from sraseg.train.loop import TrainSettings
+    from sraseg.train.settings import TrainSettings
 
     assert parse_settings(TrainSettings, {"method": "sraseg"}, "train").pretrain_iterations == 10000
     edited_schema("train", "pretrain_iterations", default=1234)
@@ -313,7 +333,6 @@ def test_the_stage_accepts_everything_the_schema_allows(section, key, rule, edge
         ("generator", dict(prediction_type="epsilon", zero_terminal_snr=True), r"'generator\.zero_terminal_snr' needs .*v_prediction"),
         ("train", dict(pretrain_iterations=0, selftrain_iterations=0), r"'train\.pretrain_iterations' \+ 'train\.selftrain_iterations' must be > 0"),
         ("train", dict(channels=[4, 8, 16], dropout=[0.1, 0.2]), r"'train\.channels' and 'train\.dropout' need the same length"),
-        ("train", dict(blend_kernel_size=4), r"'train\.blend_kernel_size' is 4; must be odd"),
         ("blend", dict(kernel_size=4), r"'blend\.kernel_size' is 4; must be odd"),
     ],
 )
@@ -334,9 +353,11 @@ def test_train_method_is_checked_against_the_experiments_enum():
     schema's experiments.<name>.method choices."""
     from sraseg.errors import ConfigError
     from sraseg.settings import parse_settings
-    from sraseg.train.loop import TrainSettings
+    from sraseg.train.methods import METHODS
+    from sraseg.train.settings import TrainSettings
 
-    with pytest.raises(ConfigError, match=r"^'train\.method' is 'fixmatch'; allowed: labeled_only, bcp_real, bcp_synthetic, sraseg$"):
+    assert ", ".join(METHODS).startswith("labeled_only, bcp_real, bcp_synthetic, sraseg")  # the table's order
+    with pytest.raises(ConfigError, match=rf"^'train\.method' is 'fixmatch'; allowed: {', '.join(METHODS)}$"):
         parse_settings(TrainSettings, {"method": "fixmatch"}, "train")
 
 
@@ -346,7 +367,7 @@ def test_formerly_drifted_bounds_agree():
     from sraseg.errors import ConfigError
     from sraseg.generate.train import GeneratorSettings, validate_settings
     from sraseg.settings import config_problems, parse_settings
-    from sraseg.train.loop import TrainSettings
+    from sraseg.train.settings import TrainSettings
 
     assert config_problems({"generator": {"ema_decay": 1.0}}, SCHEMA, check_paths=False) == ["'generator.ema_decay' is 1.0; must be < 1"]
     for given in ({"ema_decay": 1.0}, GeneratorSettings(ema_decay=1.0)):
@@ -362,13 +383,12 @@ def test_formerly_drifted_bounds_agree():
 # Code that dispatches on a setting's values keeps its one table; each equals the schema's enum.
 DISPATCH_TABLES = [
     ("sraseg.blend.maps", "KERNELS", "blend", "kernel"),
-    ("sraseg.blend.maps", "KERNELS", "train", "blend_kernel"),
     ("sraseg.embed.pairing", "PAIRING_RULES", "blend", "pairing"),
     ("sraseg.embed.common", "POOLINGS", "embed", "pooling"),
     ("sraseg.train.data", "AUGMENTATIONS", "train", "augment"),
     ("sraseg.train.data", "PAIR_AUGMENTS", "train", "pair_augment"),
     ("sraseg.train.teacher", "TEACHER_MODES", "train", "teacher_mode"),
-    ("sraseg.train.loop", "METHODS", "experiments", "method"),
+    ("sraseg.train.methods", "METHODS", "experiments", "method"),
 ]
 
 
@@ -416,3 +436,14 @@ def test_the_schema_ships_in_the_package():
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert SCHEMA_PATH.name in pyproject["tool"]["setuptools"]["package-data"]["sraseg"]
     assert not (REPO / "workflow" / "schemas").exists(), "one schema file: the package's"
+
+
+def test_training_refuses_an_even_blend_kernel_as_the_blend_stage_does():
+    from sraseg.errors import ConfigError
+    from sraseg.settings import config_problems
+    from sraseg.train.settings import parse_train_settings
+
+    assert config_problems({"blend": {"kernel_size": 4}}, SCHEMA, check_paths=False) == []
+    with pytest.raises(ConfigError, match=r"'blend\.kernel_size' is 4; must be odd"):
+        parse_train_settings({"method": "sraseg", "blend": {"kernel_size": 4}})
+

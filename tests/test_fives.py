@@ -20,8 +20,9 @@ from sraseg.data import acdc, fives, fives_phantom, fives_splits
 from sraseg.datasets import fives as fives_dataset
 from sraseg.datasets import prepare
 from sraseg.errors import ConfigError, DatasetError
-from sraseg.train import loop
+from sraseg.train import log_table, loop
 from sraseg.train.unet import load_model
+from sraseg.train.validation import validate
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN, TEST, SIZE = 8, 4, 128  # 2 and 1 images per condition
@@ -440,7 +441,7 @@ def test_binary_training_logs_the_vessel_class(prepared_binary, tmp_path):
     settings = dict(TINY, method="bcp_real", num_classes=2, channels=[8, 16, 32], dropout=[0.05, 0.1, 0.2])
     out = loop.run(out_dir=tmp_path / "run", settings=settings, seed=0, prepared_dir=prepared_binary)
     table = pd.read_csv(out / "train_log.csv")
-    assert tuple(table.columns) == loop.log_columns(("vessel",))
+    assert tuple(table.columns) == log_table.log_columns(("vessel",))
     assert "val_dice_rv" not in table.columns and table.val_dice_vessel.between(0, 1).all()
     selftrain = table[table.phase == "selftrain"]
     assert len(selftrain) and selftrain.pl_frac_vessel.between(0, 1).all()
@@ -465,11 +466,11 @@ def test_validate_scores_the_vessel_class_per_image():
     pred[0, 1:3, 1] = 1
     pred[1, 0, :] = 1  # image b: predicted vessel, none true -> 0
     # image c: nothing in either -> 1
-    dice = loop.validate(ReadsIntensity(), torch.from_numpy(pred.astype(np.float32)), torch.from_numpy(truth),
+    dice = validate(ReadsIntensity(), torch.from_numpy(pred.astype(np.float32)), torch.from_numpy(truth),
                          np.array(["a", "b", "c"]), torch.device("cpu"), batch=2)  # fmt: skip
     np.testing.assert_allclose(dice, [(2 * 2 / (2 + 4) + 0 + 1) / 3])
-    assert loop.class_names(2) == ("vessel",) and loop.class_names(4) == ("rv", "myo", "lv")
-    assert loop.log_columns() == loop.LOG_COLUMNS
+    assert log_table.class_names(2) == ("vessel",) and log_table.class_names(4) == ("rv", "myo", "lv")
+    assert log_table.log_columns() == log_table.LOG_COLUMNS
 
 
 def test_per_image_2d_metrics_in_pixels_match_a_hand_computed_case():

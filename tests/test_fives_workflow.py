@@ -46,7 +46,7 @@ def test_fives_phantom_config_plans_every_method_with_the_fives_rules(workdir: P
         settings = json.loads(re.search(r"--settings '(.*)'", train).group(1))
         assert (settings["method"], settings["num_classes"]) == (method, 2)
         # the soft pre-training maps' edge is sraseg's alone (x-methods): the other methods' params leave it out
-        assert settings.get("blend_kernel") == ("box" if method == "sraseg" else None)
+        assert settings.get("blend", {}).get("kernel") == ("box" if method == "sraseg" else None)
         assert f"sraseg predict --dataset fives -m {run}/model.safetensors --prepared-dir results/fives_phantom/prepared" in out
         assert (f"sraseg evaluate --dataset fives --pred-dir {run}/predictions --gt-dir resources/fives_phantom/raw "
                 f"--out-dir {run}/eval") in out  # fmt: skip

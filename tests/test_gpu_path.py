@@ -18,8 +18,10 @@ from sraseg.blend.maps import box_masks, make_blend_maps, soften
 from sraseg.device import claim_gpu, pick_device
 from sraseg.errors import ConfigError
 from sraseg.train import loop, teacher
+from sraseg.train.context import INPUT_FIELDS
 from sraseg.train.data import augment
 from sraseg.train.teacher import largest_components, largest_components_torch, update_ema
+from sraseg.train.validation import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -152,7 +154,7 @@ def test_validate_matches_a_numpy_dice():
     labels = torch.from_numpy(rng.integers(0, 4, (6, 8, 8)).astype(np.uint8))
     labels[:3][labels[:3] == 1] = 0  # case a has no RV in the reference
     cases = np.array(["a"] * 3 + ["b"] * 3)
-    got = loop.validate(Threshold(), images, labels, cases, torch.device("cpu"), batch=4)
+    got = validate(Threshold(), images, labels, cases, torch.device("cpu"), batch=4)
     pred = np.clip((images.numpy() * 4).astype(int), 0, 3)
     want = []
     for case in ("a", "b"):
@@ -229,7 +231,7 @@ def test_step_functions_read_nothing_back_from_the_device(method, ablations, inp
     ctx = copy.copy(cpu.ctx)
     object.__setattr__(ctx, "device", meta)
     object.__setattr__(ctx, "_moved", {})
-    for name in loop._INPUT_FIELDS:
+    for name in INPUT_FIELDS:
         value = getattr(cpu.ctx, name)
         if value is not None:
             setattr(ctx, name, value)  # moved to meta

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sraseg.train import loop
 from sraseg.train.losses import (
     DICE_EPS,
     bcp_region_loss,
@@ -21,6 +20,7 @@ from sraseg.train.losses import (
     soft_dice_ce,
     soft_dice_ce_split,
 )
+from sraseg.train.methods.shared import soft_terms
 
 
 def test_one_hot_equals_dice_plus_cross_entropy():
@@ -89,13 +89,13 @@ def test_pseudo_weight_half_equals_the_hand_value():
     CE: (0.5 * ln 2 + 1 * ln 4/3) / (0.5 + 1)."""
     dice = 1 - (0.5 / (1.0 + DICE_EPS) + 1.5 / (2.0 + DICE_EPS)) / 2
     ce = (0.5 * math.log(2) + math.log(4 / 3)) / 1.5
-    terms = loop._soft_terms(TWO_PIXELS["logits"], TWO_PIXELS["target"], TWO_PIXELS["share"], 0.5)
+    terms = soft_terms(TWO_PIXELS["logits"], TWO_PIXELS["target"], TWO_PIXELS["share"], 0.5)
     assert terms["dice_loss"].item() == pytest.approx(dice, rel=1e-6)
     assert terms["ce_loss"].item() == pytest.approx(ce, rel=1e-6)
     assert terms["loss"].item() == pytest.approx(0.375 + 0.422843, abs=1e-5)
     # pseudo_weight 1 is the plain soft loss, and weights all 1 give it too
     plain = soft_dice_ce(TWO_PIXELS["logits"], TWO_PIXELS["target"])[0]
-    assert torch.equal(loop._soft_terms(TWO_PIXELS["logits"], TWO_PIXELS["target"], TWO_PIXELS["share"], 1.0)["loss"],
+    assert torch.equal(soft_terms(TWO_PIXELS["logits"], TWO_PIXELS["target"], TWO_PIXELS["share"], 1.0)["loss"],
                        plain)
     ones = soft_dice_ce(TWO_PIXELS["logits"], TWO_PIXELS["target"], weight=torch.ones(1, 1, 1, 2))[0]
     assert ones.item() == pytest.approx(plain.item(), rel=1e-6)
@@ -108,7 +108,7 @@ def test_soft_loss_split_is_the_loss_on_each_source():
     pseudo, true = soft_dice_ce_split(TWO_PIXELS["logits"], TWO_PIXELS["target"], TWO_PIXELS["share"])
     assert pseudo.item() == pytest.approx(1 - (1 / (1.5 + DICE_EPS)) / 2 + math.log(2), rel=1e-6)
     assert true.item() == pytest.approx(1 - (1.5 / (1.75 + DICE_EPS)) / 2 + math.log(4 / 3), rel=1e-6)
-    terms = loop._soft_terms(TWO_PIXELS["logits"], TWO_PIXELS["target"], TWO_PIXELS["share"], 1.0)
+    terms = soft_terms(TWO_PIXELS["logits"], TWO_PIXELS["target"], TWO_PIXELS["share"], 1.0)
     assert (terms["loss_pseudo"], terms["loss_true"]) == (pseudo, true)
 
 
@@ -141,12 +141,12 @@ def test_region_form_is_bcps_loss_on_a_hard_map_and_linear_in_the_pseudo_weight(
     mask = torch.ones(2, 1, 6, 6)
     mask[:, :, 1:5, 2:6] = 0
     for w in (0.5, 1.0):
-        region = loop._soft_terms(logits, target, mask, w, "region")
+        region = soft_terms(logits, target, mask, w, "region")
         bcp = bcp_region_loss(logits, target, mask, w, 1.0)
         for key, value in zip(("loss", "dice_loss", "ce_loss"), bcp):
             assert region[key].item() == pytest.approx(value.item(), rel=1e-5), (w, key)
     soft_map = torch.rand(2, 1, 6, 6)
-    terms = {w: loop._soft_terms(logits, target, soft_map, w, "region") for w in (0.0, 0.5)}
+    terms = {w: soft_terms(logits, target, soft_map, w, "region") for w in (0.0, 0.5)}
     assert (terms[0.5]["loss"] - terms[0.0]["loss"]).item() == pytest.approx(0.25 * terms[0.0]["loss_pseudo"].item(),
                                                                              rel=1e-5)
     assert terms[0.0]["loss"].item() == pytest.approx(terms[0.0]["loss_true"].item() / 2, rel=1e-6)

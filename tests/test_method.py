@@ -20,15 +20,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from train_fixtures import TINY, make_all, make_blend, make_fresh_blend
+from train_fixtures import TINY, make_all, make_blend, make_fresh_blend, patch_train
 
 import sraseg.train.data as train_data
 from sraseg.blend.maps import render_blend_maps
 from sraseg.errors import SrasegError
 from sraseg.settings import parse_settings
-from sraseg.train import loop
+from sraseg.train import loop, validation
+from sraseg.train.context import TrainContext
 from sraseg.train.data import augment, augment_pair, load_blend, load_prepared, load_synthetic, sample_indices
 from sraseg.train.losses import one_hot, sigmoid_rampup, soft_dice_ce, soft_dice_ce_split
+from sraseg.train.methods import METHODS, bcp
+from sraseg.train.methods import sraseg as sraseg_method
+from sraseg.train.settings import TrainSettings
 from sraseg.train.teacher import pseudo_labels, teacher_logits, update_ema
 from sraseg.train.unet import UNet
 
@@ -221,10 +225,10 @@ def test_augment_pair_shared_or_separate():
 # --- the steps: a context as run builds it, spies on every input of the mix ------------------------------
 
 
-def make_ctx(inputs: dict, method: str, blend_dir=None, **settings) -> loop.TrainContext:
-    cfg = parse_settings(loop.TrainSettings, dict(TINY, method=method, sa=False, **SMALL_NET, **settings), "train")
+def make_ctx(inputs: dict, method: str, blend_dir=None, **settings) -> TrainContext:
+    cfg = parse_settings(TrainSettings, dict(TINY, method=method, sa=False, **SMALL_NET, **settings), "train")
     prepared = load_prepared(inputs["prepared_dir"])
-    ctx = loop.TrainContext(cfg=cfg, seed=7, device=torch.device("cpu"), generator=torch.Generator().manual_seed(7),
+    ctx = TrainContext(cfg=cfg, seed=7, device=torch.device("cpu"), generator=torch.Generator().manual_seed(7),
                             prepared=prepared, student=None)
     if method == "bcp_real":
         ctx.unlabeled = prepared.unlabeled_images
@@ -260,7 +264,7 @@ class Calls:
     batch_dice: list = field(default_factory=list)  # soft_dice_ce's batch_dice flag of each call
 
 
-def spy(monkeypatch, ctx: loop.TrainContext) -> Calls:
+def spy(monkeypatch, ctx: TrainContext) -> Calls:
     calls = Calls()
 
     def augment_spy(images, labels, generator, mode):
@@ -296,12 +300,12 @@ def spy(monkeypatch, ctx: loop.TrainContext) -> Calls:
         calls.maps.append(maps(count, kind))
         return calls.maps[-1]
 
-    monkeypatch.setattr(loop, "augment", augment_spy)
+    patch_train(monkeypatch, "augment", augment_spy)
     monkeypatch.setattr(train_data, "augment", augment_spy)  # augment_pair's calls (sraseg's pairs)
-    monkeypatch.setattr(loop, "pseudo_labels", pseudo_spy)
-    monkeypatch.setattr(loop, "sample_indices", indices_spy)
-    monkeypatch.setattr(loop, "soft_dice_ce", loss_spy)
-    monkeypatch.setattr(loop, "soft_dice_ce_split", split_spy)
+    patch_train(monkeypatch, "pseudo_labels", pseudo_spy)
+    patch_train(monkeypatch, "sample_indices", indices_spy)
+    patch_train(monkeypatch, "soft_dice_ce", loss_spy)
+    patch_train(monkeypatch, "soft_dice_ce_split", split_spy)
     ctx.blend_maps = maps_spy
     return calls
 
@@ -386,7 +390,7 @@ def test_sraseg_pretrains_with_the_form_of_its_self_training_loss(form, inputs, 
     ctx = make_ctx(inputs, "sraseg", sraseg_loss=form, sraseg_pretrain_loss="same")
     calls = spy(monkeypatch, ctx)
     ctx.student = UNet(**SMALL_NET)
-    terms = loop._pretrain_step(ctx, "gaussian")
+    terms = sraseg_method.pretrain_step(ctx)
     a = calls.maps[0]
     assert calls.batch_dice == {"soft": [False], "batch_soft": [True], "region": [True, True]}[form]
     if form == "region":
@@ -403,7 +407,7 @@ def test_sraseg_pretrain_loss_soft_keeps_the_references_pretraining(inputs, monk
     assert ctx.cfg.sraseg_pretrain_loss == "soft"
     calls = spy(monkeypatch, ctx)
     ctx.student = UNet(**SMALL_NET)
-    loop._pretrain_step(ctx, "gaussian")
+    sraseg_method.pretrain_step(ctx)
     assert calls.weights == [None] and calls.batch_dice == [False]
 
 
@@ -422,7 +426,7 @@ def bcp_expect(calls, ctx):
 
 @pytest.mark.parametrize("method", ["bcp_real", "bcp_synthetic"])
 def test_bcp_selftrain_mixes_both_ways_with_teacher_labels_of_unmixed_images(method, inputs, monkeypatch):
-    calls, ctx, _ = run_step(monkeypatch, inputs, method, loop._bcp_selftrain_step, bcp_expect)
+    calls, ctx, _ = run_step(monkeypatch, inputs, method, bcp.selftrain_step, bcp_expect)
     (_, _, l_img, _), (u_in, u_lab_in, u_img, _) = calls.augment[:2]
     # unlabeled rows come from the method's pool: real unlabeled slices or synthetic images
     pool = ctx.unlabeled
@@ -486,7 +490,7 @@ def _check_sraseg_sources(calls, ctx):
 
 
 def test_sraseg_selftrain_mixes_bank_pairs_with_teacher_labels_of_unmixed_synthetic(inputs, monkeypatch):
-    calls, ctx, losses = run_step(monkeypatch, inputs, "sraseg", loop._sraseg_selftrain_step, sraseg_expect,
+    calls, ctx, losses = run_step(monkeypatch, inputs, "sraseg", sraseg_method.selftrain_step, sraseg_expect,
                                   **SOFT_SHARED)
     _check_sraseg_sources(calls, ctx)
     a = ctx.bank.maps[calls.indices[0]].float()
@@ -499,7 +503,7 @@ def test_sraseg_default_step_region_loss_follows_the_mixed_label(inputs, monkeyp
     """The defaults (region loss over the shares, separate transforms): the student that predicts the label
     mixed as the image scores far below the one that predicts it mixed the other way (run_step's check),
     and the loss holds both label sources' terms."""
-    calls, ctx, _ = run_step(monkeypatch, inputs, "sraseg", loop._sraseg_selftrain_step, sraseg_expect)
+    calls, ctx, _ = run_step(monkeypatch, inputs, "sraseg", sraseg_method.selftrain_step, sraseg_expect)
     assert (ctx.cfg.sraseg_loss, ctx.cfg.pair_augment, ctx.cfg.pseudo_weight) == ("region", "separate", 0.5)
     assert all(calls.batch_dice) and len(calls.batch_dice) == 4  # two weighted terms per mixed image
 
@@ -513,7 +517,7 @@ def fresh_dir(inputs, tmp_path_factory):
 def test_sraseg_fresh_selftrain_mixes_each_draw_with_its_rendered_map(inputs, fresh_dir, monkeypatch):
     """maps: fresh: the step takes this iteration's rows of draws.parquet (entries and hole corners) and mixes
     with maps rendered from them; the training generator draws no entries."""
-    calls, ctx, _ = run_step(monkeypatch, inputs, "sraseg", loop._sraseg_selftrain_step, sraseg_expect,
+    calls, ctx, _ = run_step(monkeypatch, inputs, "sraseg", sraseg_method.selftrain_step, sraseg_expect,
                              blend_dir=fresh_dir, **SOFT_SHARED)
     assert ctx.bank.fresh and ctx.bank.maps is None and calls.indices == []
     _check_sraseg_sources(calls, ctx)
@@ -532,13 +536,13 @@ def test_sraseg_fresh_maps_follow_the_step_whatever_the_run(inputs, fresh_dir):
     seen = []
     for j in range(6):
         ctx.step = ctx.cfg.pretrain_iterations + j
-        idx, a = loop._sraseg_draws(ctx)
+        idx, a = sraseg_method.draws(ctx)
         np.testing.assert_array_equal(idx, ctx.draws["blend_id"].to_numpy()[4 * j : 4 * j + 4])
         other = make_ctx(inputs, "sraseg", blend_dir=fresh_dir, **settings)
         other.generator.manual_seed(99)
         torch.rand(5, generator=other.generator)
         other.step = ctx.step
-        other_idx, other_a = loop._sraseg_draws(other)
+        other_idx, other_a = sraseg_method.draws(other)
         assert torch.equal(a, other_a) and np.array_equal(idx, other_idx)
         for sid, m in zip(ctx.bank.synthetic_ids[idx], a):
             per_image.setdefault(int(sid), []).append(m)
@@ -549,11 +553,11 @@ def test_sraseg_fresh_maps_follow_the_step_whatever_the_run(inputs, fresh_dir):
         assert len(own) == 3 and not torch.equal(own[0], own[1]), sid  # 8 images, once per epoch
     with pytest.raises(IndexError, match="24 self-training draws"):
         ctx.step = ctx.cfg.pretrain_iterations + 6
-        loop._sraseg_draws(ctx)
+        sraseg_method.draws(ctx)
 
 
 def test_sraseg_separate_pair_augmentation_mixes_each_image_with_its_own_transform(inputs, monkeypatch):
-    calls, ctx, _ = run_step(monkeypatch, inputs, "sraseg", loop._sraseg_selftrain_step, sraseg_expect,
+    calls, ctx, _ = run_step(monkeypatch, inputs, "sraseg", sraseg_method.selftrain_step, sraseg_expect,
                              **dict(SOFT_SHARED, pair_augment="separate"))
     idx = calls.indices[0].numpy()
     (s_in, s_lab_in, s, _), (r_in, r_lab_in, r, _) = calls.augment[:2]
@@ -591,7 +595,7 @@ def test_sraseg_pseudo_weight_weighs_the_pseudo_share_of_each_pixel(rampup, inpu
     ctx = make_ctx(inputs, "sraseg", sraseg_loss="soft", pseudo_weight=0.5, unlabeled_rampup=rampup)
     calls = spy(monkeypatch, ctx)
     ctx.student = UNet(**SMALL_NET)
-    terms = loop._sraseg_selftrain_step(ctx)
+    terms = sraseg_method.selftrain_step(ctx)
     a = ctx.bank.maps[calls.indices[0]].float()[:, None]
     h = len(a) // 2
     share = torch.cat([a[:h], 1 - a[h:]])
@@ -610,7 +614,7 @@ def test_sraseg_loss_forms_weigh_the_pseudo_share_with_batch_dice(form, inputs, 
     ctx = make_ctx(inputs, "sraseg", pseudo_weight=0.5, sraseg_loss=form)
     calls = spy(monkeypatch, ctx)
     ctx.student = UNet(**SMALL_NET)
-    terms = loop._sraseg_selftrain_step(ctx)
+    terms = sraseg_method.selftrain_step(ctx)
     a = ctx.bank.maps[calls.indices[0]].float()[:, None]
     h = len(a) // 2
     shares = [a[:h], 1 - a[h:]]
@@ -631,9 +635,9 @@ def test_bcp_soft_loss_mirror_weighs_the_unlabeled_region_by_pseudo_weight(input
     x1 (the unlabeled image where a = 1) and 1 - a in x2; the region loss is not called."""
     ctx = make_ctx(inputs, "bcp_synthetic", bcp_loss="soft", pseudo_weight=0.25)
     calls = spy(monkeypatch, ctx)
-    monkeypatch.setattr(loop, "bcp_region_loss", lambda *a: pytest.fail("region loss called"))
+    monkeypatch.setattr(bcp, "bcp_region_loss", lambda *a: pytest.fail("region loss called"))
     ctx.student = UNet(**SMALL_NET)
-    terms = loop._bcp_selftrain_step(ctx)
+    terms = bcp.selftrain_step(ctx)
     a = calls.maps[0]
     h = len(a) // 2
     share = torch.cat([a[:h], 1 - a[h:]])
@@ -663,8 +667,8 @@ def test_bcp_loss_split_and_pseudo_label_fractions(inputs, monkeypatch):
     the class shares of the pseudo-labels (here all MYO)."""
     ctx = make_ctx(inputs, "bcp_real")
     ctx.student = UNet(**SMALL_NET)
-    monkeypatch.setattr(loop, "pseudo_labels", lambda t, x, c, mode="eval", **k: torch.full((len(x), *x.shape[2:]), 2))
-    terms = loop._bcp_selftrain_step(ctx)
+    patch_train(monkeypatch, "pseudo_labels", lambda t, x, c, mode="eval", **k: torch.full((len(x), *x.shape[2:]), 2))
+    terms = bcp.selftrain_step(ctx)
     torch.testing.assert_close(terms["loss"], terms["loss_true"] + 0.5 * terms["loss_pseudo"])
     assert not torch.allclose(terms["loss"], 0.5 * terms["loss_true"] + terms["loss_pseudo"])
     assert (terms["pl_frac_rv"], terms["pl_frac_myo"], terms["pl_frac_lv"]) == (0.0, 1.0, 0.0)
@@ -674,7 +678,7 @@ def test_sraseg_selftrain_with_the_hard_bank(inputs, tmp_path, monkeypatch):
     """The hard-blend ablation: the step mixes with the bank's {0,1} maps, so every pixel of a mixed image
     is the synthetic or the real pixel and the target is one-hot."""
     hard = make_blend(tmp_path, inputs["prepared_dir"], inputs["synthetic_dir"], kind="hard")
-    calls, ctx, _ = run_step(monkeypatch, inputs, "sraseg", loop._sraseg_selftrain_step, sraseg_expect, blend_dir=hard,
+    calls, ctx, _ = run_step(monkeypatch, inputs, "sraseg", sraseg_method.selftrain_step, sraseg_expect, blend_dir=hard,
                              **SOFT_SHARED)
     _check_sraseg_sources(calls, ctx)
     target = torch.cat(calls.targets)
@@ -710,7 +714,7 @@ def test_teacher_and_model_selection_in_the_loop(inputs, tmp_path, monkeypatch):
         events.append(("val", state_of(model)))
         return np.full(3, dice[sum(e[0] == "val" for e in events) - 1])
 
-    real_pretrain, real_selftrain, real_guard = loop._pretrain_step, loop._bcp_selftrain_step, loop._guard_switch
+    real_pretrain, real_selftrain, real_guard = bcp.pretrain_step, bcp.selftrain_step, loop.guard_switch
     guarding = False
 
     def guard_spy(*args, **kwargs):
@@ -719,9 +723,9 @@ def test_teacher_and_model_selection_in_the_loop(inputs, tmp_path, monkeypatch):
         real_guard(*args, **kwargs)
         guarding = False
 
-    def pretrain_spy(ctx, kind):
+    def pretrain_spy(ctx):
         events.append(("pre", ctx.teacher))
-        return real_pretrain(ctx, kind)
+        return real_pretrain(ctx)
 
     def selftrain_spy(ctx):
         events.append(("self", ctx.teacher, params_of(ctx.teacher), state_of(ctx.student), ctx.student))
@@ -731,11 +735,11 @@ def test_teacher_and_model_selection_in_the_loop(inputs, tmp_path, monkeypatch):
         events.append(("ema", teacher, student, decay))
         update_ema(teacher, student, decay)
 
-    monkeypatch.setattr(loop, "validate", fake_validate)
-    monkeypatch.setattr(loop, "_pretrain_step", pretrain_spy)
-    monkeypatch.setattr(loop, "_bcp_selftrain_step", selftrain_spy)
+    patch_train(monkeypatch, "validate", fake_validate, home=True)
+    monkeypatch.setattr(bcp, "pretrain_step", pretrain_spy)
+    monkeypatch.setattr(bcp, "selftrain_step", selftrain_spy)
     monkeypatch.setattr(loop, "update_ema", ema_spy)
-    monkeypatch.setattr(loop, "_guard_switch", guard_spy)
+    monkeypatch.setattr(loop, "guard_switch", guard_spy)
     out = loop.run(out_dir=tmp_path / "run", settings=settings, seed=2, **inputs)
 
     kinds = [e[0] for e in events if e[0] not in ("val", "teacher_val")]
@@ -778,7 +782,7 @@ def test_a_dense_validation_can_pick_the_kept_model(inputs, tmp_path, monkeypatc
                     dense_val_every=1, dense_val_iterations=2, **SMALL_NET)
     dice, seen = iter([0.5, 0.9, 0.2, 0.3]), []
     teachers = []
-    real_selftrain = loop._bcp_selftrain_step
+    real_selftrain = bcp.selftrain_step
 
     def selftrain_spy(ctx):
         teachers.append(ctx.teacher)
@@ -794,8 +798,8 @@ def test_a_dense_validation_can_pick_the_kept_model(inputs, tmp_path, monkeypatc
         seen.append(state_of(model))
         return np.full(3, next(dice))
 
-    monkeypatch.setattr(loop, "validate", fake_validate)
-    monkeypatch.setattr(loop, "_bcp_selftrain_step", selftrain_spy)
+    patch_train(monkeypatch, "validate", fake_validate, home=True)
+    monkeypatch.setattr(bcp, "selftrain_step", selftrain_spy)
     out = loop.run(out_dir=tmp_path / "run", settings=settings, seed=2, **inputs)
     rows = list(csv.DictReader(open(out / "train_log.csv")))
     assert [(r["phase"], int(r["iteration"])) for r in rows] == [("pretrain", 1), ("switch", 0), ("selftrain", 1),
@@ -834,9 +838,9 @@ def test_validate_scores_each_volume_in_3d():
     pred[2, 3:5, 0] = 1  # A, slice 2: 2 RV px predicted, none true
     images = torch.from_numpy(pred.astype(np.float32) / 3)
     cases = np.array(["A", "B", "A"])
-    dice = loop.validate(ReadsIntensity(), images, torch.from_numpy(truth), cases, torch.device("cpu"), batch=2)
+    dice = validation.validate(ReadsIntensity(), images, torch.from_numpy(truth), cases, torch.device("cpu"), batch=2)
     np.testing.assert_allclose(dice, [0.75, 0.5, 0.5])
-    perfect = loop.validate(ReadsIntensity(), torch.from_numpy(truth / 3).float(), torch.from_numpy(truth), cases,
+    perfect = validation.validate(ReadsIntensity(), torch.from_numpy(truth / 3).float(), torch.from_numpy(truth), cases,
                             torch.device("cpu"), batch=2)
     np.testing.assert_allclose(perfect, [1.0, 1.0, 1.0])
 
@@ -862,7 +866,7 @@ def poisoned(tmp_path_factory):
     return made
 
 
-@pytest.mark.parametrize("method", loop.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_held_out_slices_never_train(method, poisoned, tmp_path, monkeypatch):
     scored = []
 
@@ -871,7 +875,7 @@ def test_held_out_slices_never_train(method, poisoned, tmp_path, monkeypatch):
         assert torch.isnan(images).all()  # validation does read the val slices, and only those
         return np.full(3, 0.5)
 
-    monkeypatch.setattr(loop, "validate", fake_validate)
+    patch_train(monkeypatch, "validate", fake_validate, home=True)
     settings = dict(TINY, method=method, **SMALL_NET)
     loop.run(out_dir=tmp_path / "out", settings=settings, seed=1, **poisoned)
     assert scored and set(scored) == {6}  # patient004: 2 frames x 3 slices
@@ -904,8 +908,8 @@ def test_interrupted_semi_supervised_run_resumes_exactly(method, inputs, tmp_pat
     settings = dict(TINY, method=method, pretrain_iterations=2, selftrain_iterations=3, **SMALL_NET)
     straight = loop.run(out_dir=tmp_path / "straight", settings=settings, seed=4, **inputs)
 
-    name = {"bcp_real": "_bcp_selftrain_step", "sraseg": "_sraseg_selftrain_step"}[method]
-    real_step, trained = getattr(loop, name), []
+    module = {"bcp_real": bcp, "sraseg": sraseg_method}[method]
+    real_step, trained = module.selftrain_step, []
 
     def stop_at_step_3(ctx):
         if ctx.step == 3:
@@ -916,11 +920,11 @@ def test_interrupted_semi_supervised_run_resumes_exactly(method, inputs, tmp_pat
         trained.append(ctx.step)
         return real_step(ctx)
 
-    monkeypatch.setattr(loop, name, stop_at_step_3)
+    monkeypatch.setattr(module, "selftrain_step", stop_at_step_3)
     with pytest.raises(_Stop):
         loop.run(out_dir=tmp_path / "resumed", settings=settings, seed=4, **inputs)
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
-    monkeypatch.setattr(loop, name, counting)
+    monkeypatch.setattr(module, "selftrain_step", counting)
     resumed = loop.run(out_dir=tmp_path / "resumed", settings=settings, seed=4, **inputs)
     assert trained == [3, 4]
     a, b = load_file(str(resumed / "model.safetensors")), load_file(str(straight / "model.safetensors"))

@@ -81,11 +81,12 @@ def test_corrupt_encoder_record_is_one_line_and_writes_nothing(results: Path, tm
 
 
 def test_a_run_whose_teacher_missed_a_class_is_marked(results: Path, monkeypatch):
-    """The train stage's guard record (train.json's `switch`, as `loop.switch_record` writes it) marks the
+    """The train stage's guard record (train.json's `switch`, as `switch.switch_record` writes it) marks the
     experiment in every table and names the seed, class and Dice under Warnings; a run that passed is not."""
     from sraseg.report import figures
     from sraseg.report.run import run as report
-    from sraseg.train.loop import SWITCH_PHASE, TrainSettings, switch_record
+    from sraseg.train.settings import TrainSettings
+    from sraseg.train.switch import SWITCH_PHASE, switch_record
 
     cfg = TrainSettings(method="sraseg")
     for seed, rv in ((1, 0.006), (2, 0.71)):

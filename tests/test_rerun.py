@@ -16,12 +16,13 @@ import torch
 from safetensors.torch import load_file
 from test_generate import TINY as GEN_TINY
 from test_generate import make_prepared as make_generator_prepared
-from train_fixtures import TINY, Interrupted, interrupt_after, make_all
+from train_fixtures import TINY, Interrupted, interrupt_after, make_all, patch_train
 
 from sraseg.generate import train as generator
 from sraseg.progress import Progress
 from sraseg.resume import input_identity
 from sraseg.train import loop
+from sraseg.train.losses import soft_dice_ce
 
 SRC = Path(__file__).resolve().parents[1] / "src"  # the subprocess runs this checkout's code
 SMALL_NET = dict(channels=[8, 16, 32], dropout=[0.05, 0.1, 0.2])
@@ -35,8 +36,8 @@ def inputs(tmp_path):
 
 
 def _count_iterations(monkeypatch) -> list:
-    calls, real_loss = [], loop.soft_dice_ce
-    monkeypatch.setattr(loop, "soft_dice_ce", lambda *a: calls.append(1) or real_loss(*a))
+    calls, real_loss = [], soft_dice_ce
+    patch_train(monkeypatch, "soft_dice_ce", lambda *a: calls.append(1) or real_loss(*a))
     return calls
 
 

@@ -9,10 +9,12 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_fixtures import TINY, interrupt_after, make_all, student_weights
+from train_fixtures import TINY, interrupt_after, make_all, patch_train, student_weights
 
 from sraseg.train import loop
 from sraseg.train.losses import bcp_region_loss, soft_dice_ce
+from sraseg.train.methods import bcp
+from sraseg.train.methods import sraseg as sraseg_method
 
 PRETRAIN = TINY["pretrain_iterations"]
 
@@ -53,15 +55,15 @@ def test_momentum_carries_into_selftraining(method, inputs, tmp_path, monkeypatc
         return optimizer
 
     monkeypatch.setattr(loop, "make_optimizer", make_spy)
-    selftrain = {"bcp_real": "_bcp_selftrain_step", "sraseg": "_sraseg_selftrain_step"}[method]
-    real_step = getattr(loop, selftrain)
+    module = {"bcp_real": bcp, "sraseg": sraseg_method}[method]
+    real_step = module.selftrain_step
 
     def first_selftrain_step(ctx):
         if not at_switch:  # before self-training's first optimizer step
             at_switch.append(_momentum(made[-1]))
         return real_step(ctx)
 
-    monkeypatch.setattr(loop, selftrain, first_selftrain_step)
+    monkeypatch.setattr(module, "selftrain_step", first_selftrain_step)
     loop.run(out_dir=tmp_path, settings=dict(TINY, method=method), seed=5, **inputs)
     assert len(made) == 1  # no second optimizer at the switch
     before = after_step[PRETRAIN - 1]  # after the last pre-train step
@@ -82,9 +84,9 @@ def test_bcp_uses_region_loss_with_pseudo_region_at_half(inputs, tmp_path, monke
         calls.append((target.detach().clone(), mask.clone(), first_weight, second_weight))
         return bcp_region_loss(logits, target, mask, first_weight, second_weight)
 
-    monkeypatch.setattr(loop, "pseudo_labels", all_myo)
-    monkeypatch.setattr(loop, "bcp_region_loss", spy_region)
-    monkeypatch.setattr(loop, "soft_dice_ce", lambda *a: soft_calls.append(1) or soft_dice_ce(*a))
+    patch_train(monkeypatch, "pseudo_labels", all_myo)
+    monkeypatch.setattr(bcp, "bcp_region_loss", spy_region)
+    patch_train(monkeypatch, "soft_dice_ce", lambda *a: soft_calls.append(1) or soft_dice_ce(*a))
     loop.run(out_dir=tmp_path, settings=dict(TINY, method="bcp_real"), seed=5, **inputs)
     assert not soft_calls  # the BCP baseline never uses SRA-Seg's soft loss
     pretrain, selftrain = calls[:PRETRAIN], calls[PRETRAIN:]
@@ -106,7 +108,7 @@ def test_bcp_rampup_scales_the_pseudo_region_weight(inputs, tmp_path, monkeypatc
         weights.append((first_weight, second_weight))
         return bcp_region_loss(logits, target, mask, first_weight, second_weight)
 
-    monkeypatch.setattr(loop, "bcp_region_loss", spy_region)
+    monkeypatch.setattr(bcp, "bcp_region_loss", spy_region)
     loop.run(out_dir=tmp_path, settings=dict(TINY, method="bcp_real", selftrain_iterations=3, unlabeled_rampup=2),
              seed=5, **inputs)
     assert weights[:PRETRAIN] == [(1.0, 1.0)] * PRETRAIN

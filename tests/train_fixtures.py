@@ -179,3 +179,19 @@ def interrupt_after(monkeypatch, step: int, run) -> None:
             run()
     finally:
         monkeypatch.setattr(loop, "save_checkpoint", real_save)
+
+
+def patch_train(monkeypatch, name: str, value, home: bool = False) -> None:
+    """Replace function `name` in every train-stage module that imports it (the loop, the context, the
+    method modules, ...), so a spy sees every call the training makes; with `home`, also in the module that
+    defines it (for its callers there, e.g. `validation.validate_models` calling `validate`)."""
+    import sys
+
+    import sraseg.train.loop  # noqa: F401  (imports every train module a run uses)
+
+    for key in sorted(sys.modules):
+        module = sys.modules[key]
+        if not key.startswith("sraseg.train.") or not callable(getattr(module, name, None)):
+            continue
+        if home or getattr(getattr(module, name), "__module__", key) != key:
+            monkeypatch.setattr(module, name, value)

@@ -144,6 +144,17 @@ def section_settings(args) -> dict:
     return merged
 
 
+def train_settings(args) -> dict:
+    """The train stage's settings: `section_settings`, plus --config's blend map keys (kernel, kernel_size,
+    sigma, ratio; with --experiment's overrides) under `blend`, unless --settings gives `blend` itself."""
+    from sraseg.method_settings import blend_read_by
+    from sraseg.settings import experiment_section
+
+    settings = section_settings(args)
+    maps = blend_read_by(None, experiment_section(args.config or {}, "blend", args.experiment))
+    return {**settings, "blend": maps} if maps and "blend" not in settings else settings
+
+
 def _add_phantom(sub):
     p = _parser(sub, "phantom", "write the built-in cardiac cine-MRI phantom in ACDC layout")
     _path(p, "--out-dir", "--out", required=True, help="output folder (patientXXX/ sub-folders)")
@@ -342,7 +353,7 @@ def _add_train(sub):
         kwargs=lambda a: dict(
             prepared_dir=a.prepared_dir,
             out_dir=a.out_dir,
-            settings=section_settings(a),
+            settings=train_settings(a),
             seed=a.seed,
             synthetic_dir=a.synthetic_dir,
             embed_dir=a.embed_dir,

@@ -11,7 +11,7 @@ from snakemake.utils import validate
 
 sys.path.insert(0, os.path.abspath(os.path.join(workflow.basedir, "..", "src")))
 from sraseg.datasets import dataset_of_source
-from sraseg.method_settings import settings_read_by
+from sraseg.method_settings import blend_read_by, settings_read_by
 from sraseg.settings import SCHEMA_PATH, config_problems, experiment_section
 
 
@@ -125,10 +125,13 @@ def gpu_settings(section):
 
 
 def train_settings(wildcards):
-    """The experiment's training settings: config `train`, its overrides, and its method; only the keys
-    its method reads (the schema's x-methods marks), so a setting of another method does not rerun it."""
-    settings = settings_read_by(method_of(wildcards.exp), experiment_section(config, "train", wildcards.exp))
-    return as_json({**settings, "device": gpu_device(settings)})
+    """The experiment's training settings: config `train`, its overrides, and its method, with the blend
+    section's map keys under `blend`; only the keys its method reads (the schema's x-methods marks), so a
+    setting of another method does not rerun it."""
+    method = method_of(wildcards.exp)
+    settings = settings_read_by(method, experiment_section(config, "train", wildcards.exp))
+    maps = blend_read_by(method, experiment_section(config, "blend", wildcards.exp))
+    return as_json({**settings, "device": gpu_device(settings), **({"blend": maps} if maps else {})})
 
 
 def blend_settings(wildcards):

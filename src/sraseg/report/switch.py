@@ -1,5 +1,5 @@
 """The report's mark on runs whose teacher did not know a class at the switch to self-training: the train
-stage's guard (`sraseg.train.loop._guard_switch`) records its finding in each run's train.json."""
+stage's guard (`sraseg.train.switch.guard_switch`) records its finding in each run's train.json."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from sraseg.errors import ConfigError, DatasetError
 if TYPE_CHECKING:
     import pandas as pd
 
-    from sraseg.train.loop import TrainSettings
+    from sraseg.train.settings import TrainSettings
 
 __all__ = [
     "AUGMENTATIONS",
