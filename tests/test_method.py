@@ -948,3 +948,67 @@ def test_sraseg_settings_leave_the_other_methods_untouched(method, inputs):
     assert out[0].keys() == out[1].keys() and out[0]["loss"] > 0
     for key in out[0]:
         assert torch.equal(out[0][key], out[1][key]), key
+
+
+class _FixedLogits(nn.Module):
+    """A 'teacher' whose logits are given: pixel (0,0) sure of class 2, pixel (0,1) torn between 1 and 3."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(len(x), 4, *x.shape[2:])
+        logits[:, 0] = 5.0  # background, sure, everywhere else
+        logits[:, :, 0, 0] = torch.tensor([0.0, 0.0, 6.0, 0.0])
+        logits[:, :, 0, 1] = torch.tensor([0.0, 1.0, 0.0, 1.1])
+        return logits
+
+
+def test_confident_pseudo_labels_keep_only_where_the_teacher_is_sure():
+    """pseudo_min_confidence: the labels are pseudo_labels' own; keep is 0 exactly where the top
+    probability is below the threshold."""
+    from sraseg.train.teacher import confident_pseudo_labels
+
+    teacher, x = _FixedLogits(), torch.rand(2, 1, 4, 4)
+    labels, keep = confident_pseudo_labels(teacher, x, 4, 0.8, "eval", largest_component=False)
+    assert torch.equal(labels, pseudo_labels(teacher, x, 4, "eval", largest_component=False))
+    assert labels[0, 0, 0] == 2 and labels[0, 0, 1] == 3
+    assert keep.shape == (2, 1, 4, 4) and keep[:, 0, 0, 1].eq(0).all()
+    assert keep.sum() == 2 * 15  # every other pixel: top probability above 0.8
+
+
+@pytest.mark.parametrize("form", ["region", "soft", "batch_soft"])
+def test_a_dropped_pixel_teaches_nothing(form):
+    """mixed_loss with keep: the target of a pixel whose pseudo-labelled share is dropped (keep 0, share 1)
+    does not move the loss; the same change at a kept pixel does; keep all ones is no keep at all."""
+    from sraseg.train.methods.shared import mixed_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 8, 8)
+    target = one_hot(torch.randint(0, 4, (2, 8, 8)), 4)
+    share = torch.zeros(2, 1, 8, 8)
+    share[:, :, :4] = 1.0  # the top half comes from the pseudo-labelled image
+    keep = torch.ones_like(share)
+    keep[0, 0, 0, 0] = 0.0
+    changed = target.clone()
+    changed[0, :, 0, 0] = torch.roll(target[0, :, 0, 0], 1)  # another class at the dropped pixel
+    moved = target.clone()
+    moved[0, :, 0, 1] = torch.roll(target[0, :, 0, 1], 1)  # and at a kept one
+
+    def loss(t, k):
+        return mixed_loss(logits, t, share, 0.5, form, k)["loss"]
+
+    assert torch.equal(loss(target, keep), loss(changed, keep))
+    assert loss(target, keep) != loss(moved, keep)
+    torch.testing.assert_close(loss(target, torch.ones_like(share)), loss(target, None), rtol=1e-6, atol=1e-7)
+    assert loss(target, None) != loss(changed, None)  # without keep the pixel counts
+
+
+def test_pseudo_min_confidence_trains_other_weights_and_logs_the_share_kept(inputs):
+    """sraseg's step with pseudo_min_confidence: the loss differs from the unfiltered step on the same draws,
+    and pl_kept, the share of pixels kept, is in (0, 1]."""
+    out = {}
+    for threshold in (0.0, 0.9):
+        ctx = make_ctx(inputs, "sraseg", pseudo_min_confidence=threshold)
+        torch.manual_seed(0)
+        ctx.student = UNet(**SMALL_NET)
+        out[threshold] = {k: v.detach() for k, v in sraseg_method.selftrain_step(ctx).items()}
+    assert "pl_kept" not in out[0.0] and 0 < out[0.9]["pl_kept"] <= 1
+    assert not torch.equal(out[0.0]["loss"], out[0.9]["loss"])

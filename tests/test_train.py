@@ -162,7 +162,7 @@ def test_instruments_at_the_switch(method, inputs, tmp_path):
     settings = dict(TINY, method=method, selftrain_iterations=4, val_every=4, dense_val_every=1, dense_val_iterations=2)
     out = loop.run(out_dir=tmp_path, settings=settings, seed=5, **inputs)
     table = pd.read_csv(out / "train_log.csv")
-    assert list(table.columns) == FIRST_COLUMNS + INSTRUMENTS
+    assert list(table.columns) == FIRST_COLUMNS + INSTRUMENTS + ["pl_kept"]  # pl_kept: NaN unless pseudo_min_confidence
     assert list(zip(table["phase"], table["iteration"])) == [("pretrain", 2), ("switch", 0), ("selftrain", 1),
                                                              ("selftrain", 2), ("selftrain", 4)]
     pre, self_rows = table[table["phase"] == "pretrain"], table[table["phase"] == "selftrain"]
@@ -189,7 +189,7 @@ def test_instruments_at_the_switch(method, inputs, tmp_path):
 
 def test_default_log_has_the_instrument_columns_and_no_dense_rows(runs):
     table = pd.read_csv(runs["sraseg"] / "train_log.csv")
-    assert list(table.columns) == FIRST_COLUMNS + INSTRUMENTS
+    assert list(table.columns) == FIRST_COLUMNS + INSTRUMENTS + ["pl_kept"]  # pl_kept: NaN unless pseudo_min_confidence
     assert table["iteration"].tolist() == [2, 0, 2]  # val_every 2: dense validation is off by default
 
 

@@ -29,7 +29,8 @@ def class_names(num_classes: int) -> tuple[str, ...]:
 
 def term_columns(names: tuple[str, ...] = CLASS_NAMES) -> tuple[str, ...]:
     """The step terms a row averages over the iterations since the previous row (NaN where a phase has none)."""
-    return ("loss", "dice_loss", "ce_loss", "sa_loss", "loss_true", "loss_pseudo", *(f"pl_frac_{n}" for n in names))
+    return ("loss", "dice_loss", "ce_loss", "sa_loss", "loss_true", "loss_pseudo", *(f"pl_frac_{n}" for n in names),
+            "pl_kept")
 
 
 def log_columns(names: tuple[str, ...] = CLASS_NAMES) -> tuple[str, ...]:
@@ -39,7 +40,7 @@ def log_columns(names: tuple[str, ...] = CLASS_NAMES) -> tuple[str, ...]:
         "phase", "iteration", "step", "loss", "dice_loss", "ce_loss", "sa_loss",
         *(f"val_dice_{n}" for n in names), "val_dice_mean", "lr", "seconds",
         *(f"teacher_val_dice_{n}" for n in names), "teacher_val_dice_mean",
-        "loss_true", "loss_pseudo", *(f"pl_frac_{n}" for n in names),
+        "loss_true", "loss_pseudo", *(f"pl_frac_{n}" for n in names), "pl_kept",
     )  # fmt: skip
 
 

@@ -59,6 +59,8 @@ class TrainSettings:
             dropout off) while the teacher pseudo-labels.
         largest_component: keep only each class's largest blob per slice in the pseudo-labels (the
             reference; off for structures in many pieces, such as FIVES's vessels).
+        pseudo_min_confidence: sraseg only; a synthetic image's pixel whose teacher top probability is below
+            this drops out of the self-training loss; 0 (the default, the reference): every pixel counts.
         pseudo_weight: weight of the pseudo-labelled part of sraseg's self-training loss (0.5, BCP's ratio;
             1: the reference). Pixels weigh 1 - (1 - w)*m, m the pixel's pseudo-labelled share.
         unlabeled_rampup: iterations of the sigmoid ramp-up exp(-5 (1 - t)^2) that multiplies the pseudo
@@ -106,6 +108,7 @@ class TrainSettings:
     ema_decay: float = 0.99
     teacher_mode: str = "train"
     largest_component: bool = True
+    pseudo_min_confidence: float = 0.0
     pseudo_weight: float = 0.5
     unlabeled_rampup: int = 0
     selftrain_reduction: str = "mean"

@@ -278,3 +278,20 @@ def pseudo_labels(teacher: nn.Module, images: torch.Tensor, num_classes: int, mo
     """
     labels = teacher_logits(teacher, images, mode).argmax(dim=1)
     return largest_components(labels, num_classes) if largest_component else labels
+
+
+@torch.no_grad()
+def confident_pseudo_labels(teacher: nn.Module, images: torch.Tensor, num_classes: int, min_confidence: float,
+                            mode: str = "eval", largest_component: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pseudo_labels` and, from the same teacher pass, where the teacher is sure of them
+    (`train.pseudo_min_confidence`).
+
+    Returns:
+        (labels long [B,H,W], keep float [B,1,H,W]: 1 where the teacher's top softmax probability is at
+        least `min_confidence`, else 0).
+    """
+    logits = teacher_logits(teacher, images, mode).float()
+    labels = logits.argmax(dim=1)
+    labels = largest_components(labels, num_classes) if largest_component else labels
+    keep = (logits.softmax(dim=1).amax(dim=1, keepdim=True) >= min_confidence).float()
+    return labels, keep

@@ -41,7 +41,7 @@ def _sum_terms(*terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def mixed_loss(logits: torch.Tensor, target: torch.Tensor, share: torch.Tensor, first_weight: float,
-               form: str) -> dict[str, torch.Tensor]:
+               form: str, keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """SRA-Seg's loss (loss, dice_loss, ce_loss) of mixed images whose first source holds share m = `share`
     [B,1,H,W] of each pixel (self-training: the pseudo-labelled image, weighted w = `first_weight`;
     pre-training: a labeled image, w = 1). form (`train.sraseg_loss`), in both phases:
@@ -50,25 +50,28 @@ def mixed_loss(logits: torch.Tensor, target: torch.Tensor, share: torch.Tensor, 
     - batch_soft: the same with batch Dice (sums over the sub-batch's pixels, BCP's Dice);
     - region: BCP's region loss over the shares, (w*L(m) + L(1-m)) / 2 with L(m) the batch-Dice soft loss
       weighted by m: each source's pixels normalised by their own mass. With a hard map it is exactly
-      `bcp_region_loss` with weights w and 1."""
+      `bcp_region_loss` with weights w and 1.
+    `keep` [B,1,H,W] (`pseudo_min_confidence`): where it is 0, the first source's share of the pixel drops
+    out of the loss (its label is one the teacher is unsure of); None keeps every pixel."""
     batch_dice = form != "soft"
+    kept = share if keep is None else share * keep  # the first source's share its label may teach
     if form == "region":
-        first = soft_dice_ce(logits, target, weight=share, batch_dice=True)
+        first = soft_dice_ce(logits, target, weight=kept, batch_dice=True)
         second = soft_dice_ce(logits, target, weight=1.0 - share, batch_dice=True)
         return {key: (first_weight * f + s) / 2.0 for key, f, s in zip(("loss", "dice_loss", "ce_loss"), first, second)}
-    if first_weight == 1.0:
-        loss, dice, ce = soft_dice_ce(logits, target, batch_dice=batch_dice)
-    else:
-        loss, dice, ce = soft_dice_ce(logits, target, weight=1.0 - (1.0 - first_weight) * share, batch_dice=batch_dice)
+    weight = None if first_weight == 1.0 else 1.0 - (1.0 - first_weight) * share
+    if keep is not None:
+        weight = (1.0 - share + kept) * (1.0 if weight is None else weight)
+    loss, dice, ce = soft_dice_ce(logits, target, weight=weight, batch_dice=batch_dice)
     return {"loss": loss, "dice_loss": dice, "ce_loss": ce}
 
 
 def soft_terms(logits: torch.Tensor, target: torch.Tensor, pseudo_share: torch.Tensor,
-               pseudo_weight: float, form: str = "soft") -> dict[str, torch.Tensor]:
+               pseudo_weight: float, form: str = "soft", keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """SRA-Seg's self-training loss of mixed images whose pseudo-labelled image holds share m =
     `pseudo_share` of each pixel (`mixed_loss`), and its parts loss_pseudo, loss_true
     (`soft_dice_ce_split`, no gradient; batch Dice for batch_soft and region, as the loss)."""
-    terms = mixed_loss(logits, target, pseudo_share, pseudo_weight, form)
+    terms = mixed_loss(logits, target, pseudo_share, pseudo_weight, form, keep)
     with torch.no_grad():
         terms["loss_pseudo"], terms["loss_true"] = soft_dice_ce_split(logits.detach(), target, pseudo_share,
                                                                       batch_dice=form != "soft")

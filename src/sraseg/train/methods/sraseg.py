@@ -22,7 +22,7 @@ from sraseg.train.methods.shared import (
     unlabeled_rampup,
 )
 from sraseg.train.settings import TrainSettings
-from sraseg.train.teacher import pseudo_labels
+from sraseg.train.teacher import confident_pseudo_labels, pseudo_labels
 
 __all__ = ["phases", "pretrain_step", "selftrain_step", "draws"]
 
@@ -76,8 +76,14 @@ def selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
     r_raw = ctx.to_device(ctx.rows(prepared.labeled_images, real_pos)[:, None])
     r_label = ctx.to_device(ctx.rows(prepared.labeled_labels, real_pos)[:, None].float())  # on the device
     s, r, r_label = augment_pair(s_raw, r_raw, r_label, ctx.generator, cfg.augment, cfg.pair_augment)
-    y_s = one_hot(pseudo_labels(ctx.teacher, s, cfg.num_classes, cfg.teacher_mode,
-                                     largest_component=cfg.largest_component), cfg.num_classes)
+    keep = None  # with pseudo_min_confidence: 1 where the teacher is sure of the synthetic image's label
+    if cfg.pseudo_min_confidence > 0:
+        labels_s, keep = confident_pseudo_labels(ctx.teacher, s, cfg.num_classes, cfg.pseudo_min_confidence,
+                                                 cfg.teacher_mode, cfg.largest_component)
+    else:
+        labels_s = pseudo_labels(ctx.teacher, s, cfg.num_classes, cfg.teacher_mode,
+                                 largest_component=cfg.largest_component)
+    y_s = one_hot(labels_s, cfg.num_classes)
     y_r = one_hot(r_label[:, 0].round().long(), cfg.num_classes)
     half = len(idx) // 2
     x1 = mix(a[:half], s[:half], r[:half])
@@ -86,9 +92,12 @@ def selftrain_step(ctx: TrainContext) -> dict[str, torch.Tensor]:
     y2 = mix(a[half:], y_r[half:], y_s[half:])
     logits = ctx.student(torch.cat([x1, x2]))
     weight = cfg.pseudo_weight * unlabeled_rampup(ctx)
-    terms = selftrain_terms(cfg, [soft_terms(logits[:half], y1, a[:half], weight, cfg.sraseg_loss),
-                                  soft_terms(logits[half:], y2, 1.0 - a[half:], weight, cfg.sraseg_loss)], y_s,
-                            average=cfg.selftrain_reduction == "mean")
+    keep1, keep2 = (None, None) if keep is None else (keep[:half], keep[half:])
+    terms = selftrain_terms(cfg, [soft_terms(logits[:half], y1, a[:half], weight, cfg.sraseg_loss, keep1),
+                                  soft_terms(logits[half:], y2, 1.0 - a[half:], weight, cfg.sraseg_loss, keep2)],
+                            y_s, average=cfg.selftrain_reduction == "mean")
+    if keep is not None:
+        terms["pl_kept"] = keep.mean()
     if cfg.sa:
         k = min(cfg.sa_batch, len(idx))
         features = ctx.student.encode(torch.cat([s_raw[:k], r_raw[:k]]))
