@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 NO_CUDA_FIX = (
     "the installed torch {torch} (CUDA {cuda}) sees no CUDA device: check `nvidia-smi`; if the driver is "
     "older than torch's CUDA needs, install the CUDA 12 wheels (pip install torch==2.14.1 torchvision==0.29.1 "
-    "--index-url https://download.pytorch.org/whl/cu126, README 'GPUs and other CUDA versions'), or set "
+    "--index-url https://download.pytorch.org/whl/cu126, docs/how-to/gpus.md), or set "
     "device: cpu in the config to run on the CPU on purpose"
 )
 

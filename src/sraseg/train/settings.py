@@ -67,7 +67,7 @@ class TrainSettings:
             part's weight (sraseg's pseudo_weight, BCP's 0.5) from self-training's first iteration; 0: none.
         selftrain_reduction: mean (the default) or sum (the reference: L(x1,y1) + L(x2,y2)) of sraseg's
             two mixed images' losses in self-training. Pre-training has one mixed term, so the sum doubles
-            the step at the switch; with soft maps the student then fell (README, issue 22). BCP sums.
+            the step at the switch; with soft maps the student then fell (docs/studies/switch-dip.md, issue 22). BCP sums.
         pair_augment: separate (one transform each for sraseg's synthetic image and its real partner, the
             reference's) or shared.
         sraseg_loss: region (BCP's region loss over the blend's shares, the pseudo-labelled share weighted by
