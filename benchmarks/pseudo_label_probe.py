@@ -47,6 +47,30 @@ def label_images(model: torch.nn.Module, images: np.ndarray, num_classes: int, m
     return np.concatenate(labels), np.concatenate(confidence)
 
 
+def pseudo_label_table(pl: np.ndarray, conf: np.ndarray, gt: np.ndarray, names: list[str],
+                       syn_pl: np.ndarray | None = None, syn_conf: np.ndarray | None = None) -> pd.DataFrame:
+    """Per class (1..len(names)): how the pseudo-labels `pl` [N,H,W] of real slices compare with their ground
+    truth `gt`, the teacher's confidence `conf` on them, and, given synthetic pseudo-labels, their
+    presence, area and confidence; a last row for the slices with no foreground at all."""
+    rows = {}
+    for c, name in enumerate(names, start=1):
+        has_gt, has_pl = (gt == c).any((1, 2)), (pl == c).any((1, 2))
+        row = dict(
+            gt_presence=has_gt.mean(), pl_presence=has_pl.mean(),
+            pl_on_absent=(has_pl & ~has_gt).sum() / max((~has_gt).sum(), 1),
+            pl_missed=(~has_pl & has_gt).sum() / max(has_gt.sum(), 1),
+            pixel_dice=2 * ((pl == c) & (gt == c)).sum() / max((pl == c).sum() + (gt == c).sum(), 1),
+            conf=conf[pl == c].mean() if (pl == c).any() else np.nan,
+        )  # fmt: skip
+        if syn_pl is not None:
+            row.update(syn_presence=(syn_pl == c).any((1, 2)).mean(), **{"syn_area_%": (syn_pl == c).mean() * 100},
+                       syn_conf=syn_conf[syn_pl == c].mean() if (syn_pl == c).any() else np.nan)
+        rows[name] = row
+    empty = ~(gt > 0).any((1, 2))  # slices outside the heart
+    rows["no foreground"] = dict(gt_presence=empty.mean(), pl_on_absent=(pl[empty] > 0).any((1, 2)).mean())
+    return pd.DataFrame(rows).T
+
+
 def probe(model_dir: str, prepared_dir: str, synthetic_dir: str | None, mode: str, n: int, seed: int = 0) -> pd.DataFrame:
     model, meta = load_model(model_weights(model_dir))
     num_classes = int(meta.get("num_classes", 4))
@@ -57,25 +81,10 @@ def probe(model_dir: str, prepared_dir: str, synthetic_dir: str | None, mode: st
     images = np.load(f"{prepared_dir}/images.npy", mmap_mode="r")
     gt = np.asarray(np.load(f"{prepared_dir}/labels.npy", mmap_mode="r")[pool])
     pl, conf = label_images(model, images[pool], num_classes, mode)
-    rows = {}
+    syn_pl = syn_conf = None
     if synthetic_dir:
         syn_pl, syn_conf = label_images(model, np.load(f"{synthetic_dir}/images.npy")[:n], num_classes, mode)
-    for c, name in enumerate(names, start=1):
-        has_gt, has_pl = (gt == c).any((1, 2)), (pl == c).any((1, 2))
-        row = dict(
-            gt_presence=has_gt.mean(), pl_presence=has_pl.mean(),
-            pl_on_absent=(has_pl & ~has_gt).sum() / max((~has_gt).sum(), 1),
-            pl_missed=(~has_pl & has_gt).sum() / max(has_gt.sum(), 1),
-            pixel_dice=2 * ((pl == c) & (gt == c)).sum() / max((pl == c).sum() + (gt == c).sum(), 1),
-            conf=conf[pl == c].mean() if (pl == c).any() else np.nan,
-        )  # fmt: skip
-        if synthetic_dir:
-            row.update(syn_presence=(syn_pl == c).any((1, 2)).mean(), **{"syn_area_%": (syn_pl == c).mean() * 100},
-                       syn_conf=syn_conf[syn_pl == c].mean() if (syn_pl == c).any() else np.nan)
-        rows[name] = row
-    empty = ~(gt > 0).any((1, 2))  # slices outside the heart
-    rows["no foreground"] = dict(gt_presence=empty.mean(), pl_on_absent=(pl[empty] > 0).any((1, 2)).mean())
-    return pd.DataFrame(rows).T
+    return pseudo_label_table(pl, conf, gt, names, syn_pl, syn_conf)
 
 
 def main() -> None:

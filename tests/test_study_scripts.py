@@ -32,3 +32,26 @@ def test_false_positives_are_split_by_whether_the_slice_has_the_class(tmp_path: 
     assert lv["fn"] == 0
     assert lv["pred/gt"] == 12 / 4
     assert lv["absent_slices_hit"] == 1 / 2  # slices 0 and 2 lack an LV; one of them got one
+
+
+def test_pseudo_label_table_scores_presence_against_the_ground_truth():
+    from pseudo_label_probe import pseudo_label_table
+
+    gt = np.zeros((4, 4, 4), np.int64)
+    gt[0, 1, 1] = 3  # slice 0 has an LV; slices 1-3 have none (3 is empty of any class too)
+    gt[1, 2, 2] = 1
+    gt[2, 0, 0] = 2
+    pl = gt.copy()
+    pl[1, 3, 3] = 3  # an LV drawn on slice 1, which has none
+    pl[3, 0, 0] = 3  # and on slice 3, which has no foreground at all
+    conf = np.full(gt.shape, 0.9)
+    conf[1, 3, 3] = 0.5
+    table = pseudo_label_table(pl, conf, gt, ["RV", "MYO", "LV"], syn_pl=pl[:2], syn_conf=conf[:2])
+    lv = table.loc["LV"]
+    assert lv["gt_presence"] == 1 / 4 and lv["pl_presence"] == 3 / 4
+    assert lv["pl_on_absent"] == 2 / 3 and lv["pl_missed"] == 0
+    assert lv["pixel_dice"] == 2 * 1 / (3 + 1)
+    assert np.isclose(lv["conf"], (0.9 + 0.5 + 0.9) / 3)
+    assert lv["syn_presence"] == 1.0 and np.isclose(lv["syn_conf"], 0.7)
+    assert table.loc["RV", "pl_on_absent"] == 0
+    assert table.loc["no foreground", "gt_presence"] == 1 / 4 and table.loc["no foreground", "pl_on_absent"] == 1.0
