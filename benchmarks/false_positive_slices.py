@@ -53,14 +53,13 @@ def false_positive_table(run: Path, raw_dir: Path) -> pd.DataFrame:
             n["absent_hit"] += p[:, :, absent].any(axis=(0, 1)).sum()
     rows = {
         name: {
-            "pred/gt": n["pred"] / n["gt"],
-            "fp_on_absent": n["fp_on_absent"] / n["gt"],
-            "fp_beside": n["fp_beside"] / n["gt"],
-            "fn": n["fn"] / n["gt"],
+            **{key: n[part] / n["gt"] if n["gt"] else np.nan  # a class absent from every test volume: no ratio
+               for key, part in (("pred/gt", "pred"), ("fp_on_absent", "fp_on_absent"), ("fp_beside", "fp_beside"),
+                                 ("fn", "fn"))},
             "absent_slices_hit": n["absent_hit"] / max(n["absent"], 1),
         }
         for name, n in counts.items()
-    }
+    }  # fmt: skip
     return pd.DataFrame(rows).T
 
 

@@ -32,6 +32,7 @@ def test_false_positives_are_split_by_whether_the_slice_has_the_class(tmp_path: 
     assert lv["fn"] == 0
     assert lv["pred/gt"] == 12 / 4
     assert lv["absent_slices_hit"] == 1 / 2  # slices 0 and 2 lack an LV; one of them got one
+    assert np.isnan(false_positive_table(tmp_path / "run", tmp_path / "raw").loc["RV", "fn"])  # no RV anywhere
 
 
 def test_pseudo_label_table_scores_presence_against_the_ground_truth():
