@@ -37,7 +37,10 @@ def false_positive_table(run: Path, raw_dir: Path) -> pd.DataFrame:
         raise SystemExit(f"{run / 'predictions'}: no predictions (run the predict stage first)")
     for path in predictions:
         case = path.name.removesuffix(".nii.gz")
-        gt = np.asarray(nib.load(raw_dir / case.split("_")[0] / f"{case}_gt.nii.gz").dataobj).astype(np.int64)
+        gt_path = raw_dir / case.split("_")[0] / f"{case}_gt.nii.gz"
+        if not gt_path.is_file():
+            raise SystemExit(f"{gt_path}: no ground truth for the prediction {path}")
+        gt = np.asarray(nib.load(gt_path).dataobj).astype(np.int64)
         pred = np.asarray(nib.load(path).dataobj).astype(np.int64)
         for c, name in CLASSES.items():
             p, t = pred == c, gt == c

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sraseg.errors import SrasegError
 from sraseg.evaluate.predict import model_weights
 from sraseg.train.teacher import largest_components, teacher_logits
 from sraseg.train.unet import load_model
@@ -98,7 +99,11 @@ def main() -> None:
     pd.set_option("display.width", 200)
     for model in args.models:
         print(f"\n{model} (teacher mode {args.mode}, {args.n} real unlabeled slices and synthetic images)")
-        print(probe(model, args.prepared_dir, args.synthetic_dir, args.mode, args.n).round(3).to_string())
+        try:
+            table = probe(model, args.prepared_dir, args.synthetic_dir, args.mode, args.n)
+        except (SrasegError, OSError) as err:  # a missing model or prepared file: one line, exit 1
+            raise SystemExit(f"pseudo_label_probe: {err}") from None
+        print(table.round(3).to_string())
 
 
 if __name__ == "__main__":
