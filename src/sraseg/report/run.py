@@ -1,8 +1,11 @@
 """The report stage: every experiment's evaluation, mean and standard deviation over seeds, in each of
 the dataset's metric modes, with the encoder's provenance and the synthetic set's FD-DINOv2 on top, plus
 figures. Written once for every dataset: the dataset (`sraseg.datasets`, picked by `--dataset`) says
-what a summary.json holds and how its tables look; a dataset without `full_report` (FIVES) gets the
-tables, results.csv and the training curves only.
+what a summary.json holds and how its tables look; a dataset without `full_report` gets the tables,
+results.csv and the training curves only. Two optional dataset members shape the full report's figures
+(FIVES sets them; `sraseg.datasets.base`, whose code every ACDC stage hashes, does not declare them):
+`overlay_cases` (the prediction figure shows a binary task's true positives, misses and false
+positives; without it, ACDC's class contours) and `transpose_for_display` (default True: [X,Y] slices).
 
 Reads (under results/{ds}/): {exp}/seed{seed}/eval/summary.json, {exp}/seed{seed}/train_log.csv,
 {exp}/seed{seed}/predictions/, prepared/, synthetic/, embed/encoder.json, embed/fd_dinov2.json,
@@ -190,7 +193,7 @@ def content_lines(results_dir: Path) -> list[str]:
         lines.append(
             f"- Intensity: mean {syn['mean']:.3f} synthetic, {real['mean']:.3f} real; mean per-slice minimum "
             f"{syn['mean_min']:.3f} synthetic, {real['mean_min']:.3f} real"
-            + (" (**grey background**: the synthetic slices lack the black background of MRI)"
+            + (" (**grey background**: the synthetic images lack the black background of the real ones)"
                if intensity.get("grey_background") else "")
         )
     except (KeyError, TypeError, ValueError) as err:
@@ -281,15 +284,27 @@ def write_html(frame: pd.DataFrame, path: Path, title: str, provenance: list[str
     path.write_text("\n".join(parts), encoding="utf-8")
 
 
-def _synthetic_figures(results_dir: Path, experiments: dict, staged) -> None:
-    """The full report's figures of the synthetic data, each when its stage ran."""
+def _prediction_figure(data, results_dir: Path, experiments: dict, seed: int, path: Path) -> None:
+    """overlays.png: the dataset's `overlay_cases` as error overlays (FIVES), else ACDC's contours."""
+    from sraseg.report import figures
+
+    cases = getattr(data, "overlay_cases", None)
+    if cases is None:
+        figures.overlays(results_dir, experiments, seed, path)
+    else:
+        figures.error_overlays(cases(results_dir, list(experiments), seed), list(experiments), path)
+
+
+def _synthetic_figures(results_dir: Path, experiments: dict, staged, transpose: bool = True) -> None:
+    """The full report's figures of the synthetic data, each when its stage ran; `transpose`: show the
+    [S,S] images transposed (ACDC's [X,Y] slices)."""
     from sraseg.report import figures
 
     fd_log = results_dir / "generator" / "fd_log.csv"
     if fd_log.is_file():
         figures.generator_fd_curve(fd_log, staged.path("figures/generator_fd_ratio.png"))
     if (results_dir / "synthetic" / "images.npy").is_file():
-        figures.real_vs_synthetic(results_dir, staged.path("figures/real_vs_synthetic.png"))
+        figures.real_vs_synthetic(results_dir, staged.path("figures/real_vs_synthetic.png"), transpose=transpose)
     content_figure = results_dir / "content" / "content.png"
     if content_figure.is_file():
         shutil.copyfile(content_figure, staged.path("figures/synthetic_content.png"))
@@ -329,9 +344,10 @@ def run(results_dir: Path | str, out_dir: Path | str, settings: dict, dataset: s
         write_markdown(frame, staged.path("results.md"), title, provenance, config.seeds, content, warnings, dataset)
         if full:
             write_html(frame, staged.path("results.html"), title, provenance, config.seeds, content, warnings, dataset)
-        figures.training_curves(results_dir, config.experiments, config.seeds, staged.path("figures/training_curves.png"))
+        figures.training_curves(results_dir, config.experiments, config.seeds, staged.path("figures/training_curves.png"),
+                                tuple(data.classes[1:]))  # fmt: skip
         if full:
-            figures.overlays(results_dir, config.experiments, config.seeds[0], staged.path("figures/overlays.png"))
-            _synthetic_figures(results_dir, config.experiments, staged)
+            _prediction_figure(data, results_dir, config.experiments, config.seeds[0], staged.path("figures/overlays.png"))
+            _synthetic_figures(results_dir, config.experiments, staged, getattr(data, "transpose_for_display", True))
     log.info("report for %d experiments written to %s", len(config.experiments), out_dir)
     return frame
