@@ -157,11 +157,15 @@ def _points(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}"
 
 
-def content_lines(results_dir: Path) -> list[str]:
+def content_lines(results_dir: Path, unit: str = "patients") -> list[str]:
     """The content stage's findings (content/content.json) as bullet lines; none when it did not run.
 
     Per class: presence real vs synthetic, the gap and its real-vs-real floor, the area W1 and its floor;
     then the intensity check.
+
+    Args:
+        unit (`str`, "patients"): what the held-out set's distinct patients are called (the dataset's
+            `split_unit`; a FIVES image is its own patient, a case).
     """
     path = results_dir / "content" / "content.json"
     if not path.is_file():
@@ -173,7 +177,7 @@ def content_lines(results_dir: Path) -> list[str]:
         lines = [
             f"- Segmented by the `{record.get('model_method') or 'labeled_only'}` model ({model}): "
             f"{record['n_synthetic']} synthetic images against {record['n_real']} held-out real slices "
-            f"({record['real_set'].replace('_', ' ')}, {record['real_patients']} patients); a class is present "
+            f"({record['real_set'].replace('_', ' ')}, {record['real_patients']} {unit}); a class is present "
             f"where it covers at least {100 * record['min_area']:g}% of the image. Floor: "
             + ("two patient-disjoint halves of the held-out real set (sizes "
                f"{floor['sizes'][0]} and {floor['sizes'][1]})" if floor else "none (fewer than two patients)")
@@ -340,7 +344,7 @@ def run(results_dir: Path | str, out_dir: Path | str, settings: dict, dataset: s
         frame.to_csv(staged.path("results.csv"), index=False)
         title = data.report_title(results_dir)
         provenance = _provenance_lines(results_dir) if full else []
-        content = content_lines(results_dir) if full else []
+        content = content_lines(results_dir, data.split_unit) if full else []
         write_markdown(frame, staged.path("results.md"), title, provenance, config.seeds, content, warnings, dataset)
         if full:
             write_html(frame, staged.path("results.html"), title, provenance, config.seeds, content, warnings, dataset)
