@@ -598,3 +598,89 @@ def test_fives_report_averages_seeds_per_mode_and_names_a_missing_summary(tmp_pa
     assert "| sraseg | sraseg | 60.00 ± 14.14 | 30.00 ± 7.07 | 3.00 ± 0.00 | n/a |" in (tmp_path / "results.md").read_text()
     with pytest.raises(DatasetError, match="seed 3"):
         report.collect_results(tmp_path, {"sraseg": {"method": "sraseg"}}, [3], "fives")
+
+
+# ---- the report's figures ---------------------------------------------------------------------------
+
+
+def _colour_pixels(path: Path) -> dict[str, int]:
+    """How many pixels of the PNG at `path` have each of the report's error colours exactly."""
+    from sraseg.report.figures import ERROR_COLOURS
+
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    return {name: int((rgb == colour).all(axis=2).sum()) for name, colour in ERROR_COLOURS.items()}
+
+
+def test_error_overlay_colours_each_kind_of_pixel():
+    from sraseg.report.figures import ERROR_COLOURS, error_overlay
+
+    image = np.full((4, 4), 0.5, np.float32)
+    truth = np.zeros((4, 4), bool)
+    truth[0, :2] = True  # (0,0) found, (0,1) missed
+    pred = np.zeros((4, 4), bool)
+    pred[0, 0] = pred[3, 3] = True  # (3,3) added
+    rgb = error_overlay(image, truth, pred)
+    assert [tuple(rgb[p]) for p in ((0, 0), (0, 1), (3, 3))] == list(ERROR_COLOURS.values())
+    assert tuple(rgb[2, 2]) == (127, 127, 127)  # the image elsewhere
+    assert (error_overlay(image, truth, None) == 127).all()
+
+
+@pytest.fixture(scope="module")
+def fives_results(raw, prepared_binary, binary_run, tmp_path_factory):
+    """A FIVES results folder as the workflow leaves it, small: the prepared phantom; `shifted` predicts
+    each test image's truth moved 2 px right (found, missed and added vessel pixels), `perfect` the truth
+    itself; both evaluated; synthetic images; the labeled-only model's content stage; a blend preview."""
+    from sraseg.evaluate import content
+    from sraseg.evaluate import run as evaluate
+
+    results = tmp_path_factory.mktemp("fives_report") / "results" / "fives_phantom"
+    shutil.copytree(prepared_binary, results / "prepared")
+    volumes = pd.read_parquet(prepared_binary / "volumes.parquet").query("split == 'test'")
+    for name, shift in (("shifted", 2), ("perfect", 0)):
+        preds = results / name / "seed0" / "predictions"
+        preds.mkdir(parents=True)
+        for row in volumes.itertuples():
+            fives_dataset.write_mask(preds / f"{row.case}.png", np.roll(fives.read_mask(row.gt_path), shift, axis=1))
+        evaluate.run(preds, raw, results / name / "seed0" / "eval", dataset="fives")
+    # synthetic images: the prepared train images mirrored, so the model finds vessels in them
+    real = np.load(prepared_binary / "images.npy")
+    (results / "synthetic").mkdir()
+    np.save(results / "synthetic" / "images.npy", np.ascontiguousarray(real[:6, :, ::-1]))
+    content.run(binary_run / "model.safetensors", results / "synthetic", results / "prepared", results / "content",
+                {"device": "cpu"})  # fmt: skip
+    (results / "blend" / "perfect").mkdir(parents=True)
+    Image.fromarray(np.tile(np.arange(64, dtype=np.uint8)[None], (32, 1))).save(results / "blend" / "perfect" / "preview.png")
+    return results
+
+
+def test_fives_report_draws_the_four_figures(fives_results, tmp_path):
+    from sraseg.report import run as report
+
+    out = tmp_path / "report"
+    report.run(fives_results, out, {"experiments": {"shifted": {"method": "labeled_only"},
+                                                    "perfect": {"method": "sraseg"}}, "seeds": [0]}, "fives")  # fmt: skip
+    figures = out / "figures"
+    # 1. predictions over the fundus images: every kind of pixel of `shifted` in its colour, beyond the legend's
+    legend_only = tmp_path / "legend_only.png"
+    from sraseg.report.figures import error_overlays
+
+    cases = fives_dataset.DATASET.overlay_cases(fives_results, ["shifted", "perfect"], 0)
+    assert [c[0].split()[0] for c in cases] == ["test_1_A", "test_2_D", "test_3_G", "test_4_N"]  # one per condition
+    error_overlays([(t, image, truth, {}) for t, image, truth, _ in cases], ["shifted", "perfect"], legend_only)
+    legend, drawn = _colour_pixels(legend_only), _colour_pixels(figures / "overlays.png")
+    assert all(drawn[kind] > legend[kind] + 200 for kind in drawn), (drawn, legend)
+    perfect_only = tmp_path / "perfect.png"
+    error_overlays([(t, image, truth, {"perfect": p["perfect"]}) for t, image, truth, p in cases], ["perfect"], perfect_only)
+    found, missed, added = _colour_pixels(perfect_only).values()
+    assert found > legend["true positive"] + 200 and (missed, added) == tuple(list(legend.values())[1:])
+    # 2. synthetic beside real, not blank; 3. the blend preview as the blend stage wrote it
+    samples = np.asarray(Image.open(figures / "real_vs_synthetic.png").convert("L"), dtype=np.float32)
+    assert samples.std() > 20
+    assert (figures / "blend_perfect.png").read_bytes() == (fives_results / "blend" / "perfect" / "preview.png").read_bytes()
+    # 4. the content check names the vessel class, in its figure and the report's lines
+    record = json.loads((fives_results / "content" / "content.json").read_text())
+    assert record["classes"] == ["vessel"] and record["per_class"]["vessel"]["area_w1_floor"] is not None
+    assert (figures / "synthetic_content.png").read_bytes() == (fives_results / "content" / "content.png").read_bytes()
+    text = (out / "results.md").read_text()
+    assert "## What the synthetic images contain" in text and "- vessel: present in" in text
+    assert (out / "results.html").is_file() and (figures / "training_curves.png").is_file()

@@ -35,8 +35,10 @@ def test_fives_phantom_config_plans_every_method_with_the_fives_rules(workdir: P
     assert {rule: stats.get(rule) for rule in fives_rules} == {
         "fives_phantom": 1, "prepare": 1, "train": 4, "predict": 4, "evaluate": 4, "report": 1}  # fmt: skip
     assert {"train_generator", "sample", "embed", "index", "blend_fresh"} <= set(stats)
-    # the ACDC phantom and the content rule (ACDC-only for now) are not planned
-    assert not {"phantom", "content"} & set(stats)
+    # the content check of the vessel class, with the labeled-only model; the ACDC phantom is not planned
+    assert stats.get("content") == 1 and "phantom" not in stats
+    assert ("python -m sraseg content --model results/fives_phantom/labeled_only/seed0/model.safetensors "
+            "--synthetic-dir results/fives_phantom/synthetic --prepared-dir results/fives_phantom/prepared") in out
     assert "python -m sraseg fives-phantom --out-dir resources/fives_phantom/raw --train 48 --test 16 --size 256" in out
     assert re.search(r"python -m sraseg prepare --dataset fives --raw-dir resources/fives_phantom/raw "
                      r"--splits-dir config/splits/fives_phantom --labeled \S+/labeled_4.txt --image-size 64", out)  # fmt: skip
@@ -134,7 +136,8 @@ def test_tiny_fives_run_goes_to_a_report_and_a_rerun_does_nothing(fives_tiny_run
     assert summary["stacked"]["n_cases"] == 16
     report = (workdir / "results" / "fives_tiny" / "report" / "results.md").read_text()
     assert "| labeled_only | labeled_only |" in report and "Stacked, the reference's mode (16 test images" in report
-    assert (workdir / "results" / "fives_tiny" / "report" / "figures" / "training_curves.png").is_file()
+    figures = workdir / "results" / "fives_tiny" / "report" / "figures"
+    assert {p.name for p in figures.iterdir()} == {"training_curves.png", "overlays.png"}  # no synthetic data here
     again = snakemake(workdir, config="fives_tiny.yaml")
     assert "Nothing to be done" in again.stdout + again.stderr
     shutil.rmtree(workdir / "resources")
@@ -152,8 +155,9 @@ SRASEG_REAL_JOBS = REAL_POOL | blend_of("sraseg_real") | runs("sraseg_real", 0, 
 # Changes to the FIVES tiny config (labeled_only, seed 0) after its complete run, each with exactly its jobs.
 FIVES_CHANGES = [
     ("add bcp_real", "experiments.bcp_real", {"method": "bcp_real"}, runs("bcp_real", 0, FIVES_RUNS) | FIVES_REPORT),
+    # with synthetic images and a labeled-only model, the content check runs too
     ("add sraseg", "experiments.sraseg", FIVES_SRASEG,
-     SYNTHETIC | blend_of("sraseg") | runs("sraseg", 0, FIVES_RUNS) | FIVES_REPORT),
+     SYNTHETIC | {("content", "")} | blend_of("sraseg") | runs("sraseg", 0, FIVES_RUNS) | FIVES_REPORT),
     ("add sraseg on real data", "experiments.sraseg_real", FIVES_SRASEG_REAL, SRASEG_REAL_JOBS),
     ("add a seed", "seeds", [0, 1], runs("labeled_only", 1, FIVES_RUNS) | FIVES_REPORT),
     ("change a setting one experiment reads", "experiments.labeled_only.train", {"labeled_batch": 3},

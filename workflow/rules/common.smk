@@ -228,8 +228,8 @@ def content_experiment():
 
 def content_enabled():
     """The content rule exists when there is a labeled-only model and some experiment uses synthetic data
-    (ACDC only: the content stage names the cardiac classes)."""
-    return DATASET == "acdc" and content_experiment() is not None and uses("synthetic")
+    (any dataset: the content stage names the classes from prepare.json, FIVES's vessel)."""
+    return content_experiment() is not None and uses("synthetic")
 
 
 def content_model():
@@ -240,9 +240,9 @@ def content_model():
 
 def full_report():
     """Whether the report adds provenance, content, the HTML page and the synthetic-data figures: the
-    dataset's `full_report` (sraseg.datasets.acdc sets it; fives, not), read without importing the
-    dataset module here, which would load its readers into every workflow run."""
-    return DATASET == "acdc"
+    dataset's `full_report` (sraseg.datasets.acdc and fives set it), read without importing the dataset
+    module here, which would load its readers into every workflow run."""
+    return DATASET in ("acdc", "fives")
 
 
 def report_optional_inputs():
@@ -262,6 +262,13 @@ def report_optional_inputs():
     return inputs
 
 
+def caption_file(name):
+    """A report figure's caption: workflow/report/<name>_<dataset>.rst where the dataset has its own
+    (FIVES: vessels, not cardiac classes), else workflow/report/<name>.rst; relative to this file."""
+    own = f"{name}_{DATASET}.rst"
+    return f"../report/{own}" if os.path.isfile(os.path.join(workflow.basedir, "report", own)) else f"../report/{name}.rst"
+
+
 def report_outputs():
     """The report's files; each figure carries its caption for `snakemake --report`."""
     out = f"{RESULTS}/report"
@@ -271,41 +278,40 @@ def report_outputs():
             "markdown": f"{out}/results.md",
             "curves": f"{out}/figures/training_curves.png",
         }
-    caption = "../report/{}.rst"
     outputs = {
-        "table": report(f"{out}/results.csv", caption=caption.format("results"), category="Results"),
+        "table": report(f"{out}/results.csv", caption=caption_file("results"), category="Results"),
         "markdown": f"{out}/results.md",
         # the table itself in the HTML report (a .csv there is only a download)
-        "html": report(f"{out}/results.html", caption=caption.format("results"), category="Results"),
+        "html": report(f"{out}/results.html", caption=caption_file("results"), category="Results"),
         "curves": report(
-            f"{out}/figures/training_curves.png", caption=caption.format("curves"), category="Training"
+            f"{out}/figures/training_curves.png", caption=caption_file("curves"), category="Training"
         ),
         "overlays": report(
-            f"{out}/figures/overlays.png", caption=caption.format("overlays"), category="Predictions"
+            f"{out}/figures/overlays.png", caption=caption_file("overlays"), category="Predictions"
         ),
     }
     if uses("synthetic"):
         outputs["samples"] = report(
-            f"{out}/figures/real_vs_synthetic.png", caption=caption.format("samples"), category="Synthetic data"
+            f"{out}/figures/real_vs_synthetic.png", caption=caption_file("samples"), category="Synthetic data"
         )
     if content_enabled():
         outputs["content"] = report(
-            f"{out}/figures/synthetic_content.png", caption=caption.format("content"), category="Synthetic data"
+            f"{out}/figures/synthetic_content.png", caption=caption_file("content"), category="Synthetic data"
         )
     if uses("embed"):
         outputs["projection"] = report(
             f"{out}/figures/embedding_projection.png",
-            caption=caption.format("projection"),
+            caption=caption_file("projection"),
             category="Synthetic data",
         )
     if any(needs(exp, "blend") for exp in EXPERIMENTS):
         outputs["partner_use"] = report(
-            f"{out}/figures/partner_use.png", caption=caption.format("partner_use"), category="Blend bank"
+            f"{out}/figures/partner_use.png", caption=caption_file("partner_use"), category="Blend bank"
         )
     for exp in EXPERIMENTS:
         if needs(exp, "blend"):
             outputs[f"blend_{exp}"] = report(
-                f"{out}/figures/blend_{exp}.png", caption=caption.format("blend"), category="Blend bank"
+                f"{out}/figures/blend_{exp}.png", caption=caption_file("blend"), category="Blend bank"
             )
     return outputs
 

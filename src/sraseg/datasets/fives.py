@@ -24,7 +24,10 @@ Evaluate, two modes (metrics_per_case.csv rows: case, class, mode, dice, jaccard
   HD95/ASD measure distances across unrelated images and mean little; Dice and Jaccard are pooled
   over all pixels). Needs every image at the same size; otherwise this mode is left out.
 
-The report shows one table per mode, experiments as rows, and the training curves.
+The report shows one table per mode, experiments as rows, the training curves and the full report's
+figures (`full_report`): its prediction figure draws, over a few test images (`overlay_cases`), vessel
+pixels found, missed and added; prepared and synthetic images are shown as stored (rows, cols), not
+transposed as ACDC's [X,Y] slices are (`transpose_for_display`).
 """
 
 from __future__ import annotations
@@ -46,11 +49,11 @@ from sraseg.data.fives_phantom import CONDITION_NAMES, CONDITIONS, MASK_DIR
 from sraseg.data.problems import raise_problems
 from sraseg.datasets.base import Cut, Dataset
 from sraseg.errors import ConfigError, DatasetError, WeightsError
-from sraseg.io import portable_path
+from sraseg.io import portable_path, read_table
 from sraseg.metrics import METRICS, dice, jaccard, peer_scores
 
 __all__ = ["MODES", "resize", "predict_image", "write_mask", "ground_truth_path", "image_scores", "summarise",
-           "FivesDataset", "DATASET"]  # fmt: skip
+           "overlay_picks", "FivesDataset", "DATASET"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +166,17 @@ _HEADINGS = {
 _COLUMNS = [("Dice (%)", "dice"), ("Jaccard (%)", "jaccard"), ("HD95 (px)", "hd95"), ("ASD (px)", "asd")]
 
 
+def overlay_picks(volumes: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The test images the report's prediction figure shows: the first test image (in volumes.parquet
+    order) of each condition in turn, so the same images every run and every condition before a second
+    image of any; at most `n` rows."""
+    test = volumes[volumes["split"] == "test"].copy()
+    test["rank"] = test.groupby("condition", sort=False).cumcount()
+    order = {c: i for i, c in enumerate(CONDITIONS)}
+    test["order"] = test["condition"].map(order).fillna(len(order))
+    return test.sort_values(["rank", "order"], kind="stable").head(n).drop(columns=["rank", "order"])
+
+
 class FivesDataset(Dataset):
     """The FIVES release layout (`sraseg.data.fives`): one case per image."""
 
@@ -171,6 +185,10 @@ class FivesDataset(Dataset):
     suffix = _SUFFIX
     shape_word = "size"  # an image's rows x cols
     modes = MODES
+    full_report = True
+    # report members sraseg.datasets.base does not declare (its code is hashed by every ACDC stage):
+    # prepared images are rows x cols, shown as they are
+    transpose_for_display = False
 
     def cut(self, raw_dir: Path, splits: dict[str, list[str]], size: int) -> tuple[int, Iterator[Cut]]:
         def cases() -> Iterator[Cut]:
@@ -288,6 +306,33 @@ class FivesDataset(Dataset):
 
     def report_tables(self, mode: str, n_cases: int) -> tuple[str, list]:
         return _HEADINGS[mode].format(n=n_cases), [(None, _COLUMNS)]
+
+    def overlay_cases(self, results_dir: Path, experiments: list[str], seed: int, n: int = 4) -> list[tuple]:
+        """What the report's prediction figure shows: `overlay_picks` of the prepared test images, each
+        at its own size.
+
+        Returns:
+            [(title, image float32 [H,W] in [0,1] (grey, as predict reads it), truth bool [H,W],
+            {experiment: its prediction bool [H,W], or None when results/<exp>/seed<seed>/predictions
+            holds no <case>.png})].
+
+        Raises:
+            DatasetError: an unreadable image, mask or prediction, or a prediction of another size.
+        """
+        volumes = read_table(results_dir / "prepared" / "volumes.parquet", ("case", "split", "condition", "image_path",
+                                                                            "gt_path"))  # fmt: skip
+        cases = []
+        for row in overlay_picks(volumes, n).itertuples():
+            image, truth = read_image(row.image_path), read_mask(row.gt_path).astype(bool)
+            predictions = {}
+            for name in experiments:
+                path = results_dir / name / f"seed{seed}" / "predictions" / f"{row.case}{_SUFFIX}"
+                predictions[name] = read_mask(path).astype(bool) if path.is_file() else None
+                if predictions[name] is not None and predictions[name].shape != truth.shape:
+                    raise DatasetError(f"{path}: prediction size {predictions[name].shape} differs from the "
+                                       f"ground truth {row.gt_path} size {truth.shape}")  # fmt: skip
+            cases.append((f"{row.case} ({CONDITION_NAMES.get(row.condition, row.condition)})", image, truth, predictions))
+        return cases
 
 
 DATASET = FivesDataset()

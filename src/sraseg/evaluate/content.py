@@ -1,10 +1,11 @@
 """The content stage: what the synthetic images contain, as a segmenter sees them.
 
 The Fréchet distance says how far the synthetic set is from the real one in an encoder's feature
-space, not whether the images hold a heart. Here the workflow's `labeled_only` U-Net (it never saw a
-synthetic image nor an unlabeled real one) segments (a) the synthetic images and (b) a held-out real
-set of the same size: unlabeled train slices, drawn without replacement with a fixed seed. Per
-foreground class (1 RV, 2 MYO, 3 LV for the cardiac models):
+space, not whether the images hold a heart (or vessels). Here the workflow's `labeled_only` U-Net (it
+never saw a synthetic image nor an unlabeled real one) segments (a) the synthetic images and (b) a
+held-out real set of the same size: unlabeled train slices, drawn without replacement with a fixed
+seed. Per foreground class (1 RV, 2 MYO, 3 LV for the cardiac models; 1 vessel for FIVES, named by
+prepare.json's `classes`):
 
 - presence rate: the fraction of images whose predicted class covers at least `MIN_AREA` of the image;
 - the area fraction of each image, its mean, and the 1-D Wasserstein distance (W1) between the
@@ -32,7 +33,7 @@ import pandas as pd
 import torch
 
 from sraseg.errors import DatasetError
-from sraseg.io import load_array, portable_path, read_table, staged_outputs, write_json
+from sraseg.io import load_array, portable_path, read_json, read_table, staged_outputs, write_json
 from sraseg.metrics import CLASS_NAMES
 from sraseg.settings import parse_settings, settings_dict
 
@@ -40,6 +41,7 @@ __all__ = [
     "ContentSettings",
     "MIN_AREA",
     "class_names",
+    "prepared_class_names",
     "area_fractions",
     "compare_areas",
     "content_stats",
@@ -84,6 +86,16 @@ class ContentSettings:
 def class_names(num_classes: int) -> list[str]:
     """Names of the foreground classes 1..num_classes-1: RV, MYO, LV for the cardiac labels, else class<k>."""
     return [CLASS_NAMES.get(c, f"class{c}") if num_classes == 4 else f"class{c}" for c in range(1, num_classes)]
+
+
+def prepared_class_names(prepared_dir: Path, num_classes: int) -> list[str]:
+    """The foreground class names prepare.json lists (`classes`, background first: FIVES's vessel) when
+    they fit the model's class count, else `class_names(num_classes)` (ACDC's prepare.json lists none)."""
+    path = Path(prepared_dir) / "prepare.json"
+    listed = read_json(path).get("classes") if path.is_file() else None
+    if isinstance(listed, list) and len(listed) == num_classes:
+        return [str(name) for name in listed[1:]]
+    return class_names(num_classes)
 
 
 def area_fractions(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -261,7 +273,8 @@ def _held_out_real(prepared_dir: Path, n: int, seed: int) -> tuple[np.ndarray, p
 
 def plot_content(stats: dict, real: np.ndarray, synthetic: np.ndarray, names: list[str], path: Path,
                  title: str) -> None:  # fmt: skip
-    """Presence rate per class (real vs synthetic bars) and one area-fraction histogram per class."""
+    """Presence rate per class (real vs synthetic bars) and one area-fraction histogram per class, titled
+    with its area W1 and, when `stats` holds it (`area_w1_floor`), the real-vs-real floor."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -287,7 +300,9 @@ def plot_content(stats: dict, real: np.ndarray, synthetic: np.ndarray, names: li
         ax.locator_params(axis="x", nbins=5)
         ax.set_xlabel(f"{name} area (% of the image)")
         ax.set_ylabel("images" if k == 1 else "")
-        ax.set_title(f"{name}: area W1 {stats[name]['area_w1']:.4f}", fontsize=8)
+        floor = stats[name].get("area_w1_floor")  # real half against real half, when there is a floor
+        ax.set_title(f"{name}: area W1 {stats[name]['area_w1']:.4f}"
+                     + ("" if floor is None else f" (floor {floor:.4f})"), fontsize=8)  # fmt: skip
         if k == 1:
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
@@ -384,7 +399,7 @@ def run(model: Path | str, synthetic_dir: Path | str, prepared_dir: Path | str, 
     size = int(meta.get("image_size", real.shape[1]))
     _check_sizes(size, weights, (synthetic_dir / "images.npy", synthetic), (prepared_dir / "images.npy", real))
     num_classes = int(meta["num_classes"])
-    names = class_names(num_classes)
+    names = prepared_class_names(prepared_dir, num_classes)
     log.info("segmenting %d synthetic and %d held-out real (%s) images at %d px with %s on %s",
              len(synthetic), len(real), real_source, size, weights, device)  # fmt: skip
 

@@ -1,4 +1,5 @@
-"""Report figures (matplotlib, no display needed): training curves, prediction overlays, real
+"""Report figures (matplotlib, no display needed): training curves, prediction overlays (cardiac
+contours; for a binary task such as FIVES, vessel pixels found, missed and added in three colours), real
 versus synthetic slices, the generator's FD curve and how the pairing rules spread partners."""
 
 from __future__ import annotations
@@ -16,11 +17,18 @@ import pandas as pd  # noqa: E402
 
 from sraseg.io import load_array, read_table  # noqa: E402
 
-__all__ = ["curve_data", "training_curves", "overlays", "real_vs_synthetic", "partner_use", "partner_use_figure"]
+__all__ = ["curve_data", "training_curves", "overlays", "ERROR_COLOURS", "error_overlay", "error_overlays",
+           "real_vs_synthetic", "partner_use", "partner_use_figure"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 CLASS_COLOURS = {1: "tab:red", 2: "tab:green", 3: "tab:blue"}  # RV, MYO, LV
+# A binary prediction against its truth, RGB 0-255 (blue, vermillion, yellow: told apart with the common
+# colour-vision deficiencies, and from a grey image)
+ERROR_COLOURS = {"true positive": (40, 120, 255), "false negative (missed)": (230, 60, 0),
+                 "false positive (added)": (255, 220, 0)}  # fmt: skip
+# the longest side of an error-overlay panel; a larger image is shrunk (area average) to fit
+PANEL_PIXELS = 512
 
 
 def _val_dice_column(table: pd.DataFrame) -> str | None:
@@ -70,9 +78,11 @@ def curve_data(
     return curves, phases
 
 
-def training_curves(results_dir: Path, experiments: dict, seeds: list[int], path: Path) -> None:
+def training_curves(results_dir: Path, experiments: dict, seeds: list[int], path: Path,
+                    classes: tuple[str, ...] = ("RV", "MYO", "LV")) -> None:  # fmt: skip
     """Validation Dice against the global iteration, one line per experiment (mean over seeds, min-max band),
-    broken at phase changes; phase boundaries drawn and named."""
+    broken at phase changes; phase boundaries drawn and named. `classes`: the foreground classes the
+    validation Dice averages (named on the axis)."""
     curves, phases = curve_data(results_dir, experiments, seeds)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     # phase spans: labeled_only's single "supervised" phase covers the whole axis, so name it only alone
@@ -92,7 +102,8 @@ def training_curves(results_dir: Path, experiments: dict, seeds: list[int], path
             if part["seeds"].max() > 1:
                 ax.fill_between(part["step"], part["low"], part["high"], color=colour, alpha=0.15, linewidth=0)
     ax.set_xlabel("iteration (all phases)")
-    ax.set_ylabel("validation Dice (mean of RV, MYO, LV)")
+    ax.set_ylabel(f"validation Dice (mean of {', '.join(classes)})" if len(classes) > 1 else
+                  f"validation Dice ({classes[0]})")  # fmt: skip
     ax.grid(alpha=0.3)
     if curves:
         ax.legend(fontsize=8, loc="lower right")
@@ -138,8 +149,78 @@ def overlays(results_dir: Path, experiments: dict, seed: int, path: Path, n_case
     plt.close(fig)
 
 
-def real_vs_synthetic(results_dir: Path, path: Path, n: int = 8, seed: int = 0) -> None:
-    """A row of real training slices above a row of synthetic ones, picked at random."""
+def error_overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray | None) -> np.ndarray:
+    """A grey image with a binary prediction's pixels coloured by `ERROR_COLOURS`.
+
+    Args:
+        image: float [H,W] in [0,1]; truth, prediction: bool [H,W] (prediction None: the image alone).
+
+    Returns:
+        uint8 [H,W,3]: true positives, false negatives and false positives in their colours, the grey
+        image elsewhere.
+    """
+    grey = np.clip(np.asarray(image, dtype=np.float32) * 255, 0, 255).astype(np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    if prediction is not None:
+        truth, prediction = np.asarray(truth, bool), np.asarray(prediction, bool)
+        for mask, colour in zip((truth & prediction, truth & ~prediction, ~truth & prediction), ERROR_COLOURS.values()):
+            rgb[mask] = colour
+    return rgb
+
+
+def _fit_panel(rgb: np.ndarray) -> np.ndarray:
+    """`rgb` shrunk (area average) so its longer side is at most PANEL_PIXELS; unchanged when it is."""
+    from PIL import Image
+
+    scale = PANEL_PIXELS / max(rgb.shape[:2])
+    if scale >= 1:
+        return rgb
+    size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
+
+
+def error_overlays(cases: list[tuple], names: list[str], path: Path) -> None:
+    """Test images (columns) under each experiment's binary prediction (rows), pixels coloured by
+    `error_overlay`, each panel with its Dice; the first row is the image alone.
+
+    Args:
+        cases: [(title, image float [H,W] in [0,1], truth bool [H,W], {name: prediction bool [H,W] or None})]
+            (a dataset's `overlay_cases`).
+        names: the experiments, one row each, in order.
+    """
+    from matplotlib.patches import Patch
+
+    rows = ["image", *names]
+    fig, axes = plt.subplots(len(rows), max(1, len(cases)), figsize=(2.7 * max(1, len(cases)), 2.7 * len(rows) + 0.5),
+                             squeeze=False)  # fmt: skip
+    for col, (title, image, truth, predictions) in enumerate(cases):
+        for row, name in enumerate(rows):
+            ax = axes[row, col]
+            prediction = None if row == 0 else predictions.get(name)
+            ax.imshow(_fit_panel(error_overlay(image, truth, prediction)), interpolation="nearest")
+            if row == 0:
+                ax.set_title(title, fontsize=8)
+            elif prediction is None:
+                ax.set_xlabel("no prediction", fontsize=7)
+            else:
+                overlap = 2 * int((truth & prediction).sum())
+                total = int(truth.sum()) + int(prediction.sum())
+                ax.set_xlabel(f"Dice {overlap / total:.3f}" if total else "Dice n/a (both empty)", fontsize=7)
+            if col == 0:
+                ax.set_ylabel(name, fontsize=9)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [Patch(facecolor=np.array(c) / 255, label=label) for label, c in ERROR_COLOURS.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.5 / (2.7 * len(rows) + 0.5), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def real_vs_synthetic(results_dir: Path, path: Path, n: int = 8, seed: int = 0, transpose: bool = True) -> None:
+    """A row of real training slices above a row of synthetic ones, picked at random; `transpose`: show
+    each [S,S] array transposed (ACDC's slices are [X,Y]; FIVES images rows x cols are shown as stored)."""
     rng = np.random.default_rng(seed)
     slices = read_table(results_dir / "prepared" / "slices.parquet", ("slice_id", "split"))
     real = load_array(results_dir / "prepared" / "images.npy")
@@ -155,7 +236,8 @@ def real_vs_synthetic(results_dir: Path, path: Path, n: int = 8, seed: int = 0) 
             ax = axes[row, col]
             ax.axis("off")
             if col < len(ids):
-                ax.imshow(np.asarray(images[ids[col]]).T, cmap="gray", vmin=0, vmax=1)
+                picture = np.asarray(images[ids[col]])
+                ax.imshow(picture.T if transpose else picture, cmap="gray", vmin=0, vmax=1)
         axes[row, 0].set_title(label, fontsize=9, loc="left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,8 +1,11 @@
 """The report stage: every experiment's evaluation, mean and standard deviation over seeds, in each of
 the dataset's metric modes, with the encoder's provenance and the synthetic set's FD-DINOv2 on top, plus
 figures. Written once for every dataset: the dataset (`sraseg.datasets`, picked by `--dataset`) says
-what a summary.json holds and how its tables look; a dataset without `full_report` (FIVES) gets the
-tables, results.csv and the training curves only.
+what a summary.json holds and how its tables look; a dataset without `full_report` gets the tables,
+results.csv and the training curves only. Two optional dataset members shape the full report's figures
+(FIVES sets them; `sraseg.datasets.base`, whose code every ACDC stage hashes, does not declare them):
+`overlay_cases` (the prediction figure shows a binary task's true positives, misses and false
+positives; without it, ACDC's class contours) and `transpose_for_display` (default True: [X,Y] slices).
 
 Reads (under results/{ds}/): {exp}/seed{seed}/eval/summary.json, {exp}/seed{seed}/train_log.csv,
 {exp}/seed{seed}/predictions/, prepared/, synthetic/, embed/encoder.json, embed/fd_dinov2.json,
@@ -154,11 +157,15 @@ def _points(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}"
 
 
-def content_lines(results_dir: Path) -> list[str]:
+def content_lines(results_dir: Path, unit: str = "patients") -> list[str]:
     """The content stage's findings (content/content.json) as bullet lines; none when it did not run.
 
     Per class: presence real vs synthetic, the gap and its real-vs-real floor, the area W1 and its floor;
     then the intensity check.
+
+    Args:
+        unit (`str`, "patients"): what the held-out set's distinct patients are called (the dataset's
+            `split_unit`; a FIVES image is its own patient, a case).
     """
     path = results_dir / "content" / "content.json"
     if not path.is_file():
@@ -170,7 +177,7 @@ def content_lines(results_dir: Path) -> list[str]:
         lines = [
             f"- Segmented by the `{record.get('model_method') or 'labeled_only'}` model ({model}): "
             f"{record['n_synthetic']} synthetic images against {record['n_real']} held-out real slices "
-            f"({record['real_set'].replace('_', ' ')}, {record['real_patients']} patients); a class is present "
+            f"({record['real_set'].replace('_', ' ')}, {record['real_patients']} {unit}); a class is present "
             f"where it covers at least {100 * record['min_area']:g}% of the image. Floor: "
             + ("two patient-disjoint halves of the held-out real set (sizes "
                f"{floor['sizes'][0]} and {floor['sizes'][1]})" if floor else "none (fewer than two patients)")
@@ -190,7 +197,7 @@ def content_lines(results_dir: Path) -> list[str]:
         lines.append(
             f"- Intensity: mean {syn['mean']:.3f} synthetic, {real['mean']:.3f} real; mean per-slice minimum "
             f"{syn['mean_min']:.3f} synthetic, {real['mean_min']:.3f} real"
-            + (" (**grey background**: the synthetic slices lack the black background of MRI)"
+            + (" (**grey background**: the synthetic images lack the black background of the real ones)"
                if intensity.get("grey_background") else "")
         )
     except (KeyError, TypeError, ValueError) as err:
@@ -281,15 +288,27 @@ def write_html(frame: pd.DataFrame, path: Path, title: str, provenance: list[str
     path.write_text("\n".join(parts), encoding="utf-8")
 
 
-def _synthetic_figures(results_dir: Path, experiments: dict, staged) -> None:
-    """The full report's figures of the synthetic data, each when its stage ran."""
+def _prediction_figure(data, results_dir: Path, experiments: dict, seed: int, path: Path) -> None:
+    """overlays.png: the dataset's `overlay_cases` as error overlays (FIVES), else ACDC's contours."""
+    from sraseg.report import figures
+
+    cases = getattr(data, "overlay_cases", None)
+    if cases is None:
+        figures.overlays(results_dir, experiments, seed, path)
+    else:
+        figures.error_overlays(cases(results_dir, list(experiments), seed), list(experiments), path)
+
+
+def _synthetic_figures(results_dir: Path, experiments: dict, staged, transpose: bool = True) -> None:
+    """The full report's figures of the synthetic data, each when its stage ran; `transpose`: show the
+    [S,S] images transposed (ACDC's [X,Y] slices)."""
     from sraseg.report import figures
 
     fd_log = results_dir / "generator" / "fd_log.csv"
     if fd_log.is_file():
         figures.generator_fd_curve(fd_log, staged.path("figures/generator_fd_ratio.png"))
     if (results_dir / "synthetic" / "images.npy").is_file():
-        figures.real_vs_synthetic(results_dir, staged.path("figures/real_vs_synthetic.png"))
+        figures.real_vs_synthetic(results_dir, staged.path("figures/real_vs_synthetic.png"), transpose=transpose)
     content_figure = results_dir / "content" / "content.png"
     if content_figure.is_file():
         shutil.copyfile(content_figure, staged.path("figures/synthetic_content.png"))
@@ -325,13 +344,14 @@ def run(results_dir: Path | str, out_dir: Path | str, settings: dict, dataset: s
         frame.to_csv(staged.path("results.csv"), index=False)
         title = data.report_title(results_dir)
         provenance = _provenance_lines(results_dir) if full else []
-        content = content_lines(results_dir) if full else []
+        content = content_lines(results_dir, data.split_unit) if full else []
         write_markdown(frame, staged.path("results.md"), title, provenance, config.seeds, content, warnings, dataset)
         if full:
             write_html(frame, staged.path("results.html"), title, provenance, config.seeds, content, warnings, dataset)
-        figures.training_curves(results_dir, config.experiments, config.seeds, staged.path("figures/training_curves.png"))
+        figures.training_curves(results_dir, config.experiments, config.seeds, staged.path("figures/training_curves.png"),
+                                tuple(data.classes[1:]))  # fmt: skip
         if full:
-            figures.overlays(results_dir, config.experiments, config.seeds[0], staged.path("figures/overlays.png"))
-            _synthetic_figures(results_dir, config.experiments, staged)
+            _prediction_figure(data, results_dir, config.experiments, config.seeds[0], staged.path("figures/overlays.png"))
+            _synthetic_figures(results_dir, config.experiments, staged, getattr(data, "transpose_for_display", True))
     log.info("report for %d experiments written to %s", len(config.experiments), out_dir)
     return frame
