@@ -56,3 +56,32 @@ def test_pseudo_label_table_scores_presence_against_the_ground_truth():
     assert lv["syn_presence"] == 1.0 and np.isclose(lv["syn_conf"], 0.7)
     assert table.loc["RV", "pl_on_absent"] == 0
     assert table.loc["no foreground", "gt_presence"] == 1 / 4 and table.loc["no foreground", "pl_on_absent"] == 1.0
+
+
+def test_fives_real_size_measures_every_stage_and_checks_the_masks(tmp_path: Path):
+    """benchmarks/fives_real_size.py on a tiny phantom: every stage timed with a peak, masks at the input size."""
+    import json
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fives_real_size.py"
+    cmd = [sys.executable, str(script), "--out-dir", str(tmp_path), "--size", "96", "--train", "8", "--test", "4",
+           "--image-size", "32"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "fives_real_size.json").read_text())
+    stages = result["stages"]
+    assert set(stages) == {"prepare", "predict", "evaluate", "evaluate_vessels"}
+    assert [stages["prepare"][n]["images"] for n in ("all", "half")] == [12, 8]  # train 4, val 4, test 4; half
+    for stage, runs in stages.items():
+        assert runs["all"]["images"] > runs["half"]["images"] > 0, stage
+        for name in ("all", "half"):
+            assert 0 < runs[name]["wall_s"] < 600 and 50 < runs[name]["peak_mb"] < 16000, (stage, runs[name])
+        full = runs["full_release"]
+        assert full["images"] in (200, 800) and full["peak_mb"] >= runs["all"]["peak_mb"] > 0
+    predict = stages["predict"]["all"]
+    assert predict["masks"] == 4 and predict["mask_sizes"] == ["96 x 96"] and predict["binary"]
+    assert len(list((tmp_path / "predictions_all").glob("*.png"))) == 4
+    evaluated = json.loads((tmp_path / "evaluate_vessels_all" / "summary.json").read_text())
+    assert 0 < evaluated["image"]["mean"]["dice"] < 1 and evaluated["stacked"]["n_cases"] == 4  # vessels scored
+    assert "| prepare | 12 |" in (tmp_path / "fives_real_size.md").read_text()

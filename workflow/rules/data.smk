@@ -71,9 +71,11 @@ rule prepare:
         f"{LOGS}/prepare.log",
     threads: 1
     resources:
-        # Every slice of the dataset is held in memory once (ACDC at 256 px: about 1 GB); FIVES decodes
-        # every 2048 x 2048 RGB image at full size once, one at a time, and takes longer.
-        mem_mb=8000,
+        # Every slice of the dataset is held in memory once (ACDC at 256 px: about 1 GB). FIVES decodes its
+        # 2048 x 2048 RGB images one at a time: 0.8 GB peak measured for 16 and 32 of them, flat over the
+        # count (benchmarks/fives_real_size.py, docs/studies/fives-real-size.md); the prepared arrays'
+        # pages add 0.33 MB an image at 256 px, 0.26 GB for the release's 800.
+        mem_mb=2000 if DATASET == "fives" else 8000,
         runtime=120 if DATASET == "fives" else 60,
     conda:
         "../../envs/cpu.yaml"

@@ -19,7 +19,9 @@ rule predict:
     threads: CPU_THREADS
     resources:
         gpu=1,
-        mem_mb=8000,
+        # FIVES: 0.8 GB peak measured on the CPU for 4 and 8 images of 2048 x 2048, flat over the count
+        # (benchmarks/fives_real_size.py); a GPU's runtime adds host memory that was not measured.
+        mem_mb=4000 if DATASET == "fives" else 8000,
         runtime=60,
     conda:
         "../../envs/gpu.yaml"
@@ -43,10 +45,10 @@ rule evaluate:
         f"{LOGS}/evaluate_{{exp}}_seed{{seed}}.log",
     threads: 1
     resources:
-        # FIVES's stacked mode runs distance transforms over all test images at once: for the release's
-        # 200 images of 2048 x 2048 about 17 GB (int32 feature indices and float64 distances of 800M
-        # voxels; an estimate, not measured). ACDC scores one volume at a time.
-        mem_mb=24000 if DATASET == "fives" else 4000,
+        # FIVES's stacked mode scores all test images as one volume: measured 1.2 GB for 8 images of
+        # 2048 x 2048 and 71 MB more per image (benchmarks/fives_real_size.py,
+        # docs/studies/fives-real-size.md), so 15 GB for the release's 200. ACDC scores one volume at a time.
+        mem_mb=18000 if DATASET == "fives" else 4000,
         runtime=60 if DATASET == "fives" else 30,
     conda:
         "../../envs/cpu.yaml"
