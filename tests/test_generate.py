@@ -359,6 +359,25 @@ def test_sample_image_size_override(generator, prepared, tmp_path):
     assert np.load(out / "images.npy").shape == (2, 16, 16)
 
 
+def test_real_pool_draws_as_many_images_as_unlabeled_train_slices(generator, prepared, tmp_path):
+    slices = pd.read_parquet(prepared / "slices.parquet")
+    unlabeled = int(((slices["split"] == "train") & ~slices["labeled"]).sum())
+    assert 0 < unlabeled < int((slices["split"] == "train").sum())  # the count is neither all train nor none
+    out = sample.run(generator, prepared, tmp_path / "s", dict(n_images="real_pool", inference_steps=2))
+    assert np.load(out / "images.npy").shape[0] == unlabeled
+    meta = json.loads((out / "sample.json").read_text())
+    assert meta["n_images"] == unlabeled and meta["settings"]["n_images"] == "real_pool"
+
+
+def test_real_pool_without_unlabeled_slices_raises(generator, tmp_path):
+    every_train_labeled = make_prepared(tmp_path / "prepared")
+    slices = pd.read_parquet(every_train_labeled / "slices.parquet")
+    slices.assign(labeled=slices["split"] == "train").to_parquet(every_train_labeled / "slices.parquet", index=False)
+    with pytest.raises(DatasetError, match="no unlabeled slice"):
+        sample.run(generator, every_train_labeled, tmp_path / "s", dict(n_images="real_pool"))
+    assert not (tmp_path / "s").exists()
+
+
 def test_zero_images_raises(generator, prepared, tmp_path):
     with pytest.raises(ConfigError, match="n_images"):
         sample.run(generator, prepared, tmp_path / "s", dict(n_images=0))
@@ -415,6 +434,8 @@ def test_bad_sample_settings_raise():
         sample.validate_settings(dict(sampler="euler"))
     with pytest.raises(ConfigError, match="inference_steps"):
         sample.validate_settings(dict(inference_steps=0))
+    with pytest.raises(ConfigError, match="n_images"):
+        sample.validate_settings(dict(n_images="all"))
 
 
 def test_default_inference_steps(generator):

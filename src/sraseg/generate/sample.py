@@ -28,6 +28,7 @@ from sraseg.settings import parse_settings, settings_dict
 __all__ = [
     "SampleSettings",
     "validate_settings",
+    "resolve_count",
     "image_seed",
     "load_generator",
     "make_sampler",
@@ -53,7 +54,7 @@ class SampleSettings:
     prepared size.
     """
 
-    n_images: int = 256
+    n_images: int | str = 256
     sampler: str = "ddim"
     inference_steps: int | None = None
     batch_size: int = 32
@@ -72,6 +73,23 @@ def validate_settings(settings: dict | SampleSettings | None) -> SampleSettings:
     if isinstance(settings, SampleSettings):
         settings = settings_dict(settings)  # an instance is held to the same bounds as a config
     return parse_settings(SampleSettings, settings, SECTION)
+
+
+def resolve_count(n_images: int | str, prepared_dir: Path) -> int:
+    """The number of images to draw: `n_images`, or for "real_pool" the prepared train split's unlabeled
+    slices (what SRA-Seg's synthetic set replaces; the paper draws as many).
+
+    Raises:
+        DatasetError: "real_pool" on a prepared folder whose train split has no unlabeled slice.
+    """
+    if isinstance(n_images, int):
+        return n_images
+    slices = read_slices(prepared_dir)
+    count = int(((slices["split"] == "train") & ~slices["labeled"].astype(bool)).sum())
+    if count == 0:
+        raise DatasetError(f"{prepared_dir / 'slices.parquet'}: '{SECTION}.n_images: real_pool' but the train split "
+                           "has no unlabeled slice; give a number of images")
+    return count
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -241,24 +259,25 @@ def run(
     image_size = s.image_size or prepared_image_size(prepared_dir)
     scheduler, steps = make_sampler(train_scheduler, s.sampler, s.inference_steps)
     unet = unet.to(device)
-    seeds = [image_seed(s.seed, i) for i in range(s.n_images)]
+    n_images = resolve_count(s.n_images, prepared_dir)
+    seeds = [image_seed(s.seed, i) for i in range(n_images)]
     log.info("sample: %d images, %s %d steps, %d px -> %d px, device %s",
-             s.n_images, s.sampler, steps, unet.config.sample_size, image_size, device)  # fmt: skip
+             n_images, s.sampler, steps, unet.config.sample_size, image_size, device)  # fmt: skip
 
     started = time.perf_counter()
     with staged_outputs(out_dir) as staged:
         images = np.lib.format.open_memmap(
-            staged.path("images.npy"), mode="w+", dtype=np.float32, shape=(s.n_images, image_size, image_size)
+            staged.path("images.npy"), mode="w+", dtype=np.float32, shape=(n_images, image_size, image_size)
         )
         # chunks of a few batches keep memory flat while images stream into the memmap
         chunk = s.batch_size * 4
-        for start in track(range(0, s.n_images, chunk), "sample", unit="chunk", logger=log):
+        for start in track(range(0, n_images, chunk), "sample", unit="chunk", logger=log):
             part = sample_images(unet, scheduler, seeds[start : start + chunk], device, s.batch_size)
             images[start : start + part.shape[0]] = resize_stack(part, image_size).clamp(0.0, 1.0)[:, 0].numpy()
         images.flush()
         seconds = time.perf_counter() - started
         pd.DataFrame(
-            {"synthetic_id": np.arange(s.n_images, dtype=np.int64), "seed": np.asarray(seeds, dtype=np.int64)}
+            {"synthetic_id": np.arange(n_images, dtype=np.int64), "seed": np.asarray(seeds, dtype=np.int64)}
         ).to_parquet(staged.path("synthetic.parquet"), index=False)
         _preview(
             staged.path("preview.png"),
@@ -276,13 +295,13 @@ def run(
                 "inference_steps": steps,
                 "generator_resolution": unet.config.sample_size,
                 "image_size": image_size,
-                "n_images": s.n_images,
+                "n_images": n_images,
                 "seed_rule": f"seed_i = (seed * {SEED_STRIDE} + i) mod 2**63",
                 "seconds": seconds,
-                "seconds_per_image": seconds / s.n_images,
+                "seconds_per_image": seconds / n_images,
                 "device": str(device),
             },
         )
         del images
-    log.info("sample: %d images in %.1f s, written to %s", s.n_images, seconds, out_dir)
+    log.info("sample: %d images in %.1f s, written to %s", n_images, seconds, out_dir)
     return out_dir
