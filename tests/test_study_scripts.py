@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -85,3 +86,41 @@ def test_fives_real_size_measures_every_stage_and_checks_the_masks(tmp_path: Pat
     evaluated = json.loads((tmp_path / "evaluate_vessels_all" / "summary.json").read_text())
     assert 0 < evaluated["image"]["mean"]["dice"] < 1 and evaluated["stacked"]["n_cases"] == 4  # vessels scored
     assert "| prepare | 12 |" in (tmp_path / "fives_real_size.md").read_text()
+
+
+def test_count_curve_sets_are_whole_patients_and_nested_prefixes(tmp_path: Path):
+    import pandas as pd
+    from count_curve import collect, real_sets, synthetic_sets, write_table_and_figure
+
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    # 4 unlabeled train patients (2, 3, 1, 2 slices), one labeled, one val: only the unlabeled train ones count
+    patients = ["p3"] * 2 + ["p1"] * 3 + ["p4"] + ["p2"] * 2 + ["p0", "p5"]
+    pd.DataFrame({"slice_id": range(10), "patient": patients, "split": ["train"] * 9 + ["val"],
+                  "labeled": [False] * 8 + [True, False]}).to_parquet(prepared / "slices.parquet")  # fmt: skip
+    np.save(prepared / "images.npy", np.arange(10, dtype=np.float32)[:, None, None] * np.ones((1, 2, 2), np.float32))
+    sets = real_sets(prepared, ["2", "all"], tmp_path / "sets")
+    first_two = pd.read_parquet(sets["real_2"] / "synthetic.parquet")
+    assert first_two["slice_id"].tolist() == [2, 3, 4, 6, 7]  # p1 and p2, every slice of each
+    assert np.load(sets["real_2"] / "images.npy")[:, 0, 0].tolist() == [2, 3, 4, 6, 7]
+    assert first_two["synthetic_id"].tolist() == list(range(5))
+    assert len(pd.read_parquet(sets["real_all"] / "synthetic.parquet")) == 8
+
+    sample = tmp_path / "sample"
+    sample.mkdir()
+    np.save(sample / "images.npy", np.random.default_rng(0).random((6, 2, 2), dtype=np.float32))
+    pd.DataFrame({"synthetic_id": range(6), "seed": range(100, 106)}).to_parquet(sample / "synthetic.parquet")
+    small, large = synthetic_sets(sample, [2, 5], tmp_path / "sets").values()
+    np.testing.assert_array_equal(np.load(small / "images.npy"), np.load(large / "images.npy")[:2])
+    assert pd.read_parquet(large / "synthetic.parquet")["seed"].tolist() == [100, 101, 102, 103, 104]
+
+    for name, dice in (("labeled_only", 0.70), ("synthetic_2", 0.74), ("real_2", 0.80)):
+        run = tmp_path / "runs" / name / "seed1" / "eval"
+        run.mkdir(parents=True)
+        per_class = {c: {"dice": dice} for c in ("RV", "MYO", "LV")}
+        (run / "summary.json").write_text(json.dumps({"peer": {"mean": {"dice": dice}, "per_class": per_class}}))
+    frame = collect(tmp_path)
+    assert dict(zip(frame["set"], frame["n_images"])) == {"labeled_only": 0, "real_2": 5, "synthetic_2": 2}
+    write_table_and_figure(frame, tmp_path)
+    assert "| real_2 | 5 | 80.00 | 80.00 |" in (tmp_path / "count_curve.md").read_text()
+    assert (tmp_path / "count_curve.png").stat().st_size > 10_000
