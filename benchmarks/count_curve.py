@@ -10,7 +10,14 @@ unlabeled sets of several sizes, each with the run's own settings, and labeled-o
   whole patients as the real pool is cut in practice; `real_all` is the whole pool (`sraseg_real`).
 
 Each set gets its own embed, index and blend, then one SRA-Seg training per seed (`train.unlabeled: real`
-for the real sets, as the `sraseg_real` experiment), then test predictions and the evaluation. The
+for the real sets, as the `sraseg_real` experiment), then test predictions and the evaluation. Two
+variants of a set say what else than the count separates synthetic from real images (off the curve):
+
+- `--blur SET:SIGMA`: SET's images under a Gaussian blur of SIGMA px (real slices made as smooth as samples);
+- `--realism SET:N`: the N images of SET whose embeddings lie closest to the real training slices (mean
+  cosine to their 5 nearest, in SET's own embed folder): curation by the FAISS index.
+
+The
 trainings run `--jobs` at a time with `--threads` torch threads each. Writes under --out-dir:
 count_curve.csv (one row per set and seed), count_curve.md and count_curve.png. Reruns skip what has
 finished. From the repository root with the venv on PATH, after `make demo`:
@@ -83,6 +90,37 @@ def synthetic_sets(source: Path, counts: list[int], out: Path) -> dict[str, Path
     return sets
 
 
+def blurred_set(source: Path, sigma: float, out: Path) -> Path:
+    """SET_blurSIGMA: every image of `source` under a Gaussian blur of `sigma` px."""
+    from scipy import ndimage
+
+    name = out / f"{source.name}_blur{sigma:g}"
+    if not (name / "synthetic.parquet").is_file():
+        images = np.load(source / "images.npy")
+        blurred = np.stack([ndimage.gaussian_filter(image, sigma) for image in images])
+        write_set(name, blurred, pd.read_parquet(source / "synthetic.parquet").drop(columns="synthetic_id"))
+    return name
+
+
+def realism_scores(embed_dir: Path, k: int = 5) -> np.ndarray:
+    """Per image of the set, the mean cosine of its embedding to its k nearest real training slices."""
+    from sraseg.embed.embeddings import load_embeddings
+    from sraseg.embed.index import cosine_knn
+
+    real, _, synthetic, _ = load_embeddings(embed_dir)
+    return cosine_knn(real, synthetic, k)[2].mean(axis=1)
+
+
+def realism_set(source: Path, n: int, out: Path) -> Path:
+    """SET_realismN: the n images of `source` that score highest in `realism_scores` (needs its embed)."""
+    name = out / f"{source.name}_realism{n}"
+    if not (name / "synthetic.parquet").is_file():
+        keep = np.sort(np.argsort(-realism_scores(source / "embed"), kind="stable")[:n])
+        table = pd.read_parquet(source / "synthetic.parquet").iloc[keep].rename(columns={"synthetic_id": "source_id"})
+        write_set(name, np.load(source / "images.npy")[keep], table.reset_index(drop=True))
+    return name
+
+
 def prepare_set(folder: Path, a) -> None:
     """embed, index and blend of one unlabeled set, with the run's settings (the sraseg experiment's blend)."""
     if (folder / "blend" / "blend.json").is_file():
@@ -126,7 +164,8 @@ def collect(out_dir: Path) -> pd.DataFrame:
         name, seed = summary.parents[2].name, int(summary.parents[1].name.removeprefix("seed"))
         peer = json.loads(summary.read_text())["peer"]
         n = 0 if name == "labeled_only" else len(pd.read_parquet(out_dir / "sets" / name / "synthetic.parquet"))
-        rows.append(dict(set=name, kind=name.split("_")[0], n_images=n, seed=seed, dice=100 * peer["mean"]["dice"],
+        kind = "variant" if "_blur" in name or "_realism" in name else name.split("_")[0]  # off the curve
+        rows.append(dict(set=name, kind=kind, n_images=n, seed=seed, dice=100 * peer["mean"]["dice"],
                          **{c: 100 * peer["per_class"][c]["dice"] for c in CLASSES}))  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -176,6 +215,8 @@ def main() -> None:
     parser.add_argument("--synthetic", type=int, nargs="+", default=[200, 1000, 1352], help="synthetic set sizes")
     parser.add_argument("--real-patients", nargs="+", default=["5", "10", "all"], help="real sets, in patients")
     parser.add_argument("--synthetic-dir", type=Path, help="a sample folder with enough images (default: sample anew)")
+    parser.add_argument("--blur", nargs="*", default=[], metavar="SET:SIGMA", help="a blurred copy of a set")
+    parser.add_argument("--realism", nargs="*", default=[], metavar="SET:N", help="a set's n most real-like images")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1339])
     parser.add_argument("--jobs", type=int, default=2, help="trainings at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
@@ -198,6 +239,13 @@ def main() -> None:
         sets.update(real_sets(a.prepared, a.real_patients, a.out_dir / "sets"))
         for folder in sets.values():
             prepare_set(folder, a)
+        variants = [blurred_set(sets[name], float(sigma), a.out_dir / "sets") for name, sigma in
+                    (spec.split(":") for spec in a.blur)]  # fmt: skip
+        variants += [realism_set(sets[name], int(n), a.out_dir / "sets") for name, n in
+                     (spec.split(":") for spec in a.realism)]  # fmt: skip
+        for folder in variants:
+            prepare_set(folder, a)
+            sets[folder.name] = folder
         work = [("labeled_only", None, s) for s in a.seeds] + [(n, f, s) for n, f in sets.items() for s in a.seeds]
         with ThreadPoolExecutor(a.jobs) as pool:
             list(pool.map(lambda job: train_and_score(*job, a), work))

@@ -90,7 +90,7 @@ def test_fives_real_size_measures_every_stage_and_checks_the_masks(tmp_path: Pat
 
 def test_count_curve_sets_are_whole_patients_and_nested_prefixes(tmp_path: Path):
     import pandas as pd
-    from count_curve import collect, real_sets, synthetic_sets, write_table_and_figure
+    from count_curve import blurred_set, collect, real_sets, realism_set, synthetic_sets, write_table_and_figure
 
     prepared = tmp_path / "prepared"
     prepared.mkdir()
@@ -114,13 +114,27 @@ def test_count_curve_sets_are_whole_patients_and_nested_prefixes(tmp_path: Path)
     np.testing.assert_array_equal(np.load(small / "images.npy"), np.load(large / "images.npy")[:2])
     assert pd.read_parquet(large / "synthetic.parquet")["seed"].tolist() == [100, 101, 102, 103, 104]
 
-    for name, dice in (("labeled_only", 0.70), ("synthetic_2", 0.74), ("real_2", 0.80)):
+    # the variants: a blurred copy, and curation keeping the images nearest the real embeddings
+    blurred = np.load(blurred_set(large, 1.0, tmp_path / "sets") / "images.npy")
+    assert blurred.shape == (5, 2, 2) and not np.allclose(blurred, np.load(large / "images.npy"))
+    embed = large / "embed"
+    embed.mkdir()
+    np.save(embed / "real.npy", np.array([[1, 0, 0], [1, 0.1, 0], [1, 0, 0.1], [0.9, 0.1, 0.1], [1, 0.2, 0]], np.float32))
+    pd.DataFrame({"row": range(5), "slice_id": range(5)}).to_parquet(embed / "real.parquet")
+    np.save(embed / "synthetic.npy", np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1], [1, 0.1, 0.1], [-1, 0, 0]], np.float32))
+    pd.DataFrame({"row": range(5), "synthetic_id": range(5)}).to_parquet(embed / "synthetic.parquet")
+    kept = pd.read_parquet(realism_set(large, 2, tmp_path / "sets") / "synthetic.parquet")
+    assert kept["source_id"].tolist() == [1, 3] and kept["synthetic_id"].tolist() == [0, 1]
+
+    for name, dice in (("labeled_only", 0.70), ("synthetic_2", 0.74), ("real_2", 0.80), ("synthetic_5_blur1", 0.6)):
         run = tmp_path / "runs" / name / "seed1" / "eval"
         run.mkdir(parents=True)
         per_class = {c: {"dice": dice} for c in ("RV", "MYO", "LV")}
         (run / "summary.json").write_text(json.dumps({"peer": {"mean": {"dice": dice}, "per_class": per_class}}))
     frame = collect(tmp_path)
-    assert dict(zip(frame["set"], frame["n_images"])) == {"labeled_only": 0, "real_2": 5, "synthetic_2": 2}
+    assert dict(zip(frame["set"], frame["n_images"])) == {"labeled_only": 0, "real_2": 5, "synthetic_5_blur1": 5,
+                                                          "synthetic_2": 2}  # fmt: skip
+    assert dict(zip(frame["set"], frame["kind"]))["synthetic_5_blur1"] == "variant"  # off the curve
     write_table_and_figure(frame, tmp_path)
     assert "| real_2 | 5 | 80.00 | 80.00 |" in (tmp_path / "count_curve.md").read_text()
     assert (tmp_path / "count_curve.png").stat().st_size > 10_000
