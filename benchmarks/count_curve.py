@@ -15,7 +15,9 @@ variants of a set say what else than the count separates synthetic from real ima
 
 - `--blur SET:SIGMA`: SET's images under a Gaussian blur of SIGMA px (real slices made as smooth as samples);
 - `--realism SET:N`: the N images of SET whose embeddings lie closest to the real training slices (mean
-  cosine to their 5 nearest, in SET's own embed folder): curation by the FAISS index.
+  cosine to their 5 nearest, in SET's own embed folder): curation by the FAISS index;
+- `--shuffle SET:SEED`: SET's images in another order (a permutation drawn from SEED). The order decides
+  which image each self-training draw takes, so this row measures how far the order alone moves a result.
 
 The
 trainings run `--jobs` at a time with `--threads` torch threads each. Writes under --out-dir:
@@ -102,6 +104,16 @@ def blurred_set(source: Path, sigma: float, out: Path) -> Path:
     return name
 
 
+def shuffled_set(source: Path, seed: int, out: Path) -> Path:
+    """SET_shuffleSEED: the images of `source` in the order of a permutation drawn from `seed`."""
+    name = out / f"{source.name}_shuffle{seed}"
+    if not (name / "synthetic.parquet").is_file():
+        order = np.random.default_rng(seed).permutation(len(pd.read_parquet(source / "synthetic.parquet")))
+        table = pd.read_parquet(source / "synthetic.parquet").iloc[order].rename(columns={"synthetic_id": "source_id"})
+        write_set(name, np.load(source / "images.npy")[order], table.reset_index(drop=True))
+    return name
+
+
 def realism_scores(embed_dir: Path, k: int = 5) -> np.ndarray:
     """Per image of the set, the mean cosine of its embedding to its k nearest real training slices."""
     from sraseg.embed.embeddings import load_embeddings
@@ -164,7 +176,7 @@ def collect(out_dir: Path) -> pd.DataFrame:
         name, seed = summary.parents[2].name, int(summary.parents[1].name.removeprefix("seed"))
         peer = json.loads(summary.read_text())["peer"]
         n = 0 if name == "labeled_only" else len(pd.read_parquet(out_dir / "sets" / name / "synthetic.parquet"))
-        kind = "variant" if "_blur" in name or "_realism" in name else name.split("_")[0]  # off the curve
+        kind = "variant" if any(v in name for v in ("_blur", "_realism", "_shuffle")) else name.split("_")[0]
         rows.append(dict(set=name, kind=kind, n_images=n, seed=seed, dice=100 * peer["mean"]["dice"],
                          **{c: 100 * peer["per_class"][c]["dice"] for c in CLASSES}))  # fmt: skip
     return pd.DataFrame(rows)
@@ -217,6 +229,7 @@ def main() -> None:
     parser.add_argument("--synthetic-dir", type=Path, help="a sample folder with enough images (default: sample anew)")
     parser.add_argument("--blur", nargs="*", default=[], metavar="SET:SIGMA", help="a blurred copy of a set")
     parser.add_argument("--realism", nargs="*", default=[], metavar="SET:N", help="a set's n most real-like images")
+    parser.add_argument("--shuffle", nargs="*", default=[], metavar="SET:SEED", help="a set in another order")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1339])
     parser.add_argument("--jobs", type=int, default=2, help="trainings at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
@@ -243,6 +256,8 @@ def main() -> None:
                     (spec.split(":") for spec in a.blur)]  # fmt: skip
         variants += [realism_set(sets[name], int(n), a.out_dir / "sets") for name, n in
                      (spec.split(":") for spec in a.realism)]  # fmt: skip
+        variants += [shuffled_set(sets[name], int(seed), a.out_dir / "sets") for name, seed in
+                     (spec.split(":") for spec in a.shuffle)]  # fmt: skip
         for folder in variants:
             prepare_set(folder, a)
             sets[folder.name] = folder

@@ -90,7 +90,15 @@ def test_fives_real_size_measures_every_stage_and_checks_the_masks(tmp_path: Pat
 
 def test_count_curve_sets_are_whole_patients_and_nested_prefixes(tmp_path: Path):
     import pandas as pd
-    from count_curve import blurred_set, collect, real_sets, realism_set, synthetic_sets, write_table_and_figure
+    from count_curve import (
+        blurred_set,
+        collect,
+        real_sets,
+        realism_set,
+        shuffled_set,
+        synthetic_sets,
+        write_table_and_figure,
+    )
 
     prepared = tmp_path / "prepared"
     prepared.mkdir()
@@ -114,6 +122,10 @@ def test_count_curve_sets_are_whole_patients_and_nested_prefixes(tmp_path: Path)
     np.testing.assert_array_equal(np.load(small / "images.npy"), np.load(large / "images.npy")[:2])
     assert pd.read_parquet(large / "synthetic.parquet")["seed"].tolist() == [100, 101, 102, 103, 104]
 
+    shuffled = shuffled_set(large, 3, tmp_path / "sets")
+    order = pd.read_parquet(shuffled / "synthetic.parquet")["source_id"].to_numpy()
+    assert sorted(order) == list(range(5)) and order.tolist() != list(range(5))
+    np.testing.assert_array_equal(np.load(shuffled / "images.npy"), np.load(large / "images.npy")[order])
     # the variants: a blurred copy, and curation keeping the images nearest the real embeddings
     blurred = np.load(blurred_set(large, 1.0, tmp_path / "sets") / "images.npy")
     assert blurred.shape == (5, 2, 2) and not np.allclose(blurred, np.load(large / "images.npy"))
