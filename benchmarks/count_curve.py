@@ -212,7 +212,7 @@ def write_table_and_figure(frame: pd.DataFrame, out_dir: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("unlabeled images (log scale)")
     ax.set_ylabel("test Dice (%), mean over seeds; dots: seeds")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(out_dir / "count_curve.png", dpi=120)
     print((out_dir / "count_curve.md").read_text())
