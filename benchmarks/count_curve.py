@@ -218,6 +218,21 @@ def write_table_and_figure(frame: pd.DataFrame, out_dir: Path) -> None:
     print((out_dir / "count_curve.md").read_text())
 
 
+def parse_variants(option: str, specs: list[str], known: list[str], kind: type) -> list[tuple[str, float | int]]:
+    """`SET:VALUE` strings as (set, value); a malformed one, or one naming no set of the curve, stops the
+    study with one line before anything runs."""
+    parsed = []
+    for spec in specs:
+        name, _, value = spec.partition(":")
+        try:
+            parsed.append((name, kind(value)))
+        except ValueError:
+            raise SystemExit(f"count_curve: {option} {spec!r}: expected SET:{kind.__name__.upper()}") from None
+        if name not in known:
+            raise SystemExit(f"count_curve: {option} {spec!r}: no set {name!r}; the curve's sets: {', '.join(known)}")
+    return parsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=Path("config/config.yaml"))
@@ -237,11 +252,16 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="only write the table and figure of what has run")
     a = parser.parse_args()
     a.prepared = a.results_dir / "prepared"
-    a.out_dir.mkdir(parents=True, exist_ok=True)
     if not a.table:
         for needed in (a.prepared / "slices.parquet", a.config, a.gt_dir):
             if not needed.exists():
                 raise SystemExit(f"count_curve: {needed} is missing (run the workflow first)")
+        known = [f"synthetic_{n}" for n in a.synthetic] + [f"real_{k}" for k in a.real_patients]
+        variants = [(blurred_set, spec) for spec in parse_variants("--blur", a.blur, known, float)]
+        variants += [(realism_set, spec) for spec in parse_variants("--realism", a.realism, known, int)]
+        variants += [(shuffled_set, spec) for spec in parse_variants("--shuffle", a.shuffle, known, int)]
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    if not a.table:
         source = a.synthetic_dir or a.out_dir / "sample"
         if a.synthetic_dir is None and not (source / "synthetic.parquet").is_file():
             sraseg(["sample", "--generator-dir", str(a.results_dir / "generator"), "--prepared-dir", str(a.prepared),
@@ -252,13 +272,8 @@ def main() -> None:
         sets.update(real_sets(a.prepared, a.real_patients, a.out_dir / "sets"))
         for folder in sets.values():
             prepare_set(folder, a)
-        variants = [blurred_set(sets[name], float(sigma), a.out_dir / "sets") for name, sigma in
-                    (spec.split(":") for spec in a.blur)]  # fmt: skip
-        variants += [realism_set(sets[name], int(n), a.out_dir / "sets") for name, n in
-                     (spec.split(":") for spec in a.realism)]  # fmt: skip
-        variants += [shuffled_set(sets[name], int(seed), a.out_dir / "sets") for name, seed in
-                     (spec.split(":") for spec in a.shuffle)]  # fmt: skip
-        for folder in variants:
+        for make, (name, value) in variants:
+            folder = make(sets[name], value, a.out_dir / "sets")
             prepare_set(folder, a)
             sets[folder.name] = folder
         work = [("labeled_only", None, s) for s in a.seeds] + [(n, f, s) for n, f in sets.items() for s in a.seeds]

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import nibabel as nib
+import pytest
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -126,6 +127,12 @@ def test_count_curve_sets_are_whole_patients_and_nested_prefixes(tmp_path: Path)
     order = pd.read_parquet(shuffled / "synthetic.parquet")["source_id"].to_numpy()
     assert sorted(order) == list(range(5)) and order.tolist() != list(range(5))
     np.testing.assert_array_equal(np.load(shuffled / "images.npy"), np.load(large / "images.npy")[order])
+    # a variant's SET:VALUE is checked before anything runs: one line naming the option and the value
+    assert parse_variants("--blur", ["real_2:0.7"], ["real_2"], float) == [("real_2", 0.7)]
+    with pytest.raises(SystemExit, match="--blur 'real_2': expected SET:FLOAT"):
+        parse_variants("--blur", ["real_2"], ["real_2"], float)
+    with pytest.raises(SystemExit, match="no set 'real_9'"):
+        parse_variants("--shuffle", ["real_9:1"], ["real_2"], int)
     # the variants: a blurred copy, and curation keeping the images nearest the real embeddings
     blurred = np.load(blurred_set(large, 1.0, tmp_path / "sets") / "images.npy")
     assert blurred.shape == (5, 2, 2) and not np.allclose(blurred, np.load(large / "images.npy"))
