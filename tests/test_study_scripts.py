@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import nibabel as nib
-import pytest
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from false_positive_slices import false_positive_table  # noqa: E402
@@ -94,6 +94,7 @@ def test_count_curve_sets_are_whole_patients_and_nested_prefixes(tmp_path: Path)
     from count_curve import (
         blurred_set,
         collect,
+        parse_variants,
         real_sets,
         realism_set,
         shuffled_set,
